@@ -1,0 +1,44 @@
+"""gradus.objectives: the pure tensor math of PPO, GRPO, DAPO, GSPO and SAPO.
+
+Every function takes tensors (log-probs, rewards, values, masks), never models, so it plugs into
+any training loop. Shapes: [B, T] per token, `loss_mask` 1 where a token counts. See
+docs/objectives.md for the formulas, defaults and references.
+"""
+
+from gradus.objectives.advantages import (
+    ADV_SCALES,
+    gae,
+    group_advantages,
+    masked_whiten,
+    outcome_token_rewards,
+)
+from gradus.objectives.aggregation import AGG_MODES, agg_loss
+from gradus.objectives.kl import KL_ESTIMATORS, kl_penalty
+from gradus.objectives.policy import objective_loss, policy_loss
+from gradus.objectives.presets import PRESETS, PolicyObjective, resolve_objective, valid_knobs
+from gradus.objectives.sequence import perplexity, sequence_log_ratio
+from gradus.objectives.shaping import dynamic_sampling_keep, overlong_penalty
+from gradus.objectives.value import value_loss
+
+__all__ = [
+    "ADV_SCALES",
+    "AGG_MODES",
+    "KL_ESTIMATORS",
+    "PRESETS",
+    "PolicyObjective",
+    "agg_loss",
+    "dynamic_sampling_keep",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "masked_whiten",
+    "objective_loss",
+    "outcome_token_rewards",
+    "overlong_penalty",
+    "perplexity",
+    "policy_loss",
+    "resolve_objective",
+    "sequence_log_ratio",
+    "valid_knobs",
+    "value_loss",
+]

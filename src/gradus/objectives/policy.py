@@ -1,0 +1,209 @@
+"""Policy objectives of the ladder PPO -> GRPO -> DAPO -> GSPO -> SAPO (+ Dr. GRPO, CISPO).
+
+All take log-probs only, never models. Shapes: [B, T] per token (B completions, T completion
+positions), `loss_mask` 1 where a token counts; advantages [B] (per sequence) or [B, T].
+The returned loss is the scalar to minimise, -J without any KL term.
+
+Per-token losses, with r = pi_theta / pi_old and A the advantage:
+
+- clip (PPO, Schulman et al. 2017, eq. 7; GRPO, Shao et al. 2024, eq. 3; DAPO, Yu et al. 2025,
+  eq. 8 with eps_low != eps_high):   l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
+  dual clip (Ye et al. 2020): for A < 0 also bounded above by -A c, i.e. l = min(l, -c A).
+- GSPO (Zheng et al. 2025, eq. 5-7): the same clip, on s_i = exp(mean_t log r_it), one per sequence.
+- GSPO-token (eq. 13): s_it = sg[s_i] * pi_theta(y_it) / sg[pi_theta(y_it)], clipped per token:
+  the value of s_i with the gradient of a per-token ratio, so advantages may vary per token.
+- SAPO (Gao et al. 2025): l = -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau,
+  tau = tau_pos if A > 0 else tau_neg. d f / d r = 4 sigma (1 - sigma): 1 at r = 1.
+- CISPO (MiniMax-M1, 2025, eq. 4): l = -sg[clip(r, 1 - eps_low, 1 + eps_high)] A log pi_theta;
+  every token keeps a gradient, the clipped importance weight only scales it.
+
+Departures, all deliberate: log-ratios are clamped to +-20 before exp (finite for any finite input;
+inside the bound nothing changes); for GSPO, advantages given per token are reduced to their
+masked mean per sequence (use gspo_token for truly per-token advantages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradus.objectives._tensor import (
+    LOG_RATIO_BOUND,
+    at_least_fp32,
+    check_shapes,
+    masked_mean,
+    masked_min_max,
+    per_token,
+    row_lengths,
+)
+from gradus.objectives.aggregation import agg_loss
+from gradus.objectives.presets import PolicyObjective, resolve_objective
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    algo: str,
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+    **overrides: float | str | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy loss of `algo` (a preset; `overrides` change its knobs) and its metrics.
+
+    Args:
+        logp: log pi_theta of the sampled tokens, differentiable. [B, T]
+        old_logp: log pi_old of the same tokens (the sampling policy). [B, T]
+        advantages: per sequence [B] or per token [B, T].
+        loss_mask: 1 where a token counts. [B, T]
+        algo: one of gradus.objectives.PRESETS.
+        num_tokens, num_seqs: global denominators for the aggregation (see agg_loss).
+        overrides: knobs of the preset, e.g. clip_high=0.28, agg="token-mean".
+    Returns:
+        (loss, metrics): loss a 0-dim fp32 (or fp64) tensor; metrics plain floats.
+    """
+    objective = resolve_objective(algo, **overrides)
+    return objective_loss(
+        objective, logp, old_logp, advantages, loss_mask, num_tokens=num_tokens, num_seqs=num_seqs
+    )
+
+
+def objective_loss(
+    obj: PolicyObjective,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`policy_loss` for an already resolved objective (what a trainer calls every step)."""
+    check_shapes("logp", logp, old_logp=old_logp, loss_mask=loss_mask)
+    logp, old_logp = at_least_fp32(logp), at_least_fp32(old_logp).detach()
+    mask = loss_mask.to(logp.dtype)  # [B, T]
+    adv = per_token(at_least_fp32(advantages).detach(), logp).to(logp.dtype)  # [B, T]
+    log_ratio = logp - old_logp  # [B, T]
+
+    if obj.ratio == "sequence":
+        loss_mat, stats = _gspo_sequence(obj, log_ratio, adv, mask)
+    elif obj.ratio == "sequence_token":
+        ratio = _gspo_token_ratio(logp, log_ratio, mask)  # [B, T]
+        loss_mat, stats = _clipped(obj, ratio, adv, mask)
+    else:
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # [B, T]
+        if obj.trust == "clip":
+            loss_mat, stats = _clipped(obj, ratio, adv, mask)
+        elif obj.trust == "gate":
+            loss_mat, stats = _sapo(obj, ratio, adv, mask)
+        else:
+            loss_mat, stats = _cispo(obj, ratio, logp, adv, mask)
+
+    loss = agg_loss(
+        loss_mat, mask, obj.agg, norm=obj.agg_norm, num_tokens=num_tokens, num_seqs=num_seqs
+    )
+    # k3 estimate of KL(pi_old || pi_theta) per token: (r - 1) - log r >= 0.
+    with torch.no_grad():
+        lr = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        stats["approx_kl"] = masked_mean(torch.expm1(lr) - lr, mask)
+    return loss, _to_floats(stats)
+
+
+def _clipped(
+    obj: PolicyObjective, ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate per token (also GRPO, DAPO, Dr. GRPO and GSPO-token). -> [B, T]"""
+    low, high = 1.0 - obj.clip_low, 1.0 + obj.clip_high
+    unclipped = -adv * ratio  # [B, T]
+    clipped = -adv * ratio.clamp(low, high)  # [B, T]
+    loss_mat = torch.maximum(unclipped, clipped)  # [B, T]
+    with torch.no_grad():
+        r = ratio.detach()
+        stats = {
+            "clip_frac_low": masked_mean(((r < low) & (adv < 0)).to(mask.dtype), mask),
+            "clip_frac_high": masked_mean(((r > high) & (adv > 0)).to(mask.dtype), mask),
+        }
+        stats["ratio_min"], stats["ratio_max"] = masked_min_max(r, mask)
+        stats["ratio_mean"] = masked_mean(r, mask)
+    if obj.dual_clip is not None:
+        bound = -adv * obj.dual_clip  # [B, T]
+        dual = torch.where(adv < 0, torch.minimum(loss_mat, bound), loss_mat)  # [B, T]
+        stats["dual_clip_frac"] = masked_mean(((adv < 0) & (loss_mat > bound)).to(mask.dtype), mask)
+        loss_mat = dual
+    return loss_mat, stats
+
+
+def _gspo_sequence(
+    obj: PolicyObjective, log_ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: clip the sequence ratio s_i; the per-sequence loss is spread over its tokens. -> [B, T]"""
+    lengths = row_lengths(mask).clamp(min=1)  # [B]
+    log_s = (log_ratio * mask).sum(-1) / lengths  # [B]
+    s = torch.exp(log_s.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # [B]
+    seq_adv = (adv * mask).sum(-1) / lengths  # [B]
+    low, high = 1.0 - obj.clip_low, 1.0 + obj.clip_high
+    per_seq = torch.maximum(-seq_adv * s, -seq_adv * s.clamp(low, high))  # [B]
+    loss_mat = per_seq[:, None].expand_as(mask)  # [B, T]
+    with torch.no_grad():
+        seq_mask = (row_lengths(mask) > 0).to(mask.dtype)  # [B]
+        sd = s.detach()
+        stats = {
+            # fractions of *sequences*: GSPO clips whole sequences
+            "clip_frac_low": masked_mean(((sd < low) & (seq_adv < 0)).to(mask.dtype), seq_mask),
+            "clip_frac_high": masked_mean(((sd > high) & (seq_adv > 0)).to(mask.dtype), seq_mask),
+            "ratio_mean": masked_mean(sd, seq_mask),
+        }
+        stats["ratio_min"], stats["ratio_max"] = masked_min_max(sd, seq_mask)
+    return loss_mat, stats
+
+
+def _gspo_token_ratio(logp: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)]: value s_i, gradient s_i * grad log pi(y_it). -> [B, T]"""
+    lengths = row_lengths(mask).clamp(min=1)  # [B]
+    log_s = ((log_ratio * mask).sum(-1) / lengths).detach()  # [B]
+    log_s_it = log_s[:, None] + logp - logp.detach()  # [B, T]
+    return torch.exp(log_s_it.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # [B, T]
+
+
+def _sapo(
+    obj: PolicyObjective, ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAPO's soft gate: l = -A * sigmoid(tau (r - 1)) * 4 / tau. -> [B, T]"""
+    # full_like keeps the ratio's dtype (torch.where on Python floats would round tau to fp32)
+    tau = torch.full_like(ratio, obj.tau_neg).masked_fill(adv > 0, obj.tau_pos)  # [B, T]
+    sig = torch.sigmoid(tau * (ratio - 1.0))  # [B, T]
+    loss_mat = -adv * sig * 4.0 / tau  # [B, T]
+    with torch.no_grad():
+        r = ratio.detach()
+        gate_weight = 4.0 * sig.detach() * (1.0 - sig.detach())  # [B, T] d f / d r, 1 on-policy
+        stats = {"gate_weight_mean": masked_mean(gate_weight, mask), "ratio_mean": masked_mean(r, mask)}
+        stats["ratio_min"], stats["ratio_max"] = masked_min_max(r, mask)
+    return loss_mat, stats
+
+
+def _cispo(
+    obj: PolicyObjective, ratio: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: REINFORCE weighted by the clipped, stop-gradient importance ratio. -> [B, T]"""
+    r = ratio.detach()
+    low = None if obj.clip_low is None else 1.0 - obj.clip_low
+    high = 1.0 + obj.clip_high
+    weight = r.clamp(min=low, max=high)  # [B, T]
+    loss_mat = -weight * adv * logp  # [B, T]
+    with torch.no_grad():
+        below = (r < low) if low is not None else torch.zeros_like(r, dtype=torch.bool)
+        stats = {
+            "clip_frac_low": masked_mean(below.to(mask.dtype), mask),
+            "clip_frac_high": masked_mean((r > high).to(mask.dtype), mask),
+            "ratio_mean": masked_mean(r, mask),
+        }
+        stats["ratio_min"], stats["ratio_max"] = masked_min_max(r, mask)
+    return loss_mat, stats
+
+
+def _to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One device-to-host transfer for all metrics."""
+    names = sorted(stats)
+    values = torch.stack([stats[n].detach().to(torch.float64) for n in names]).tolist()
+    return dict(zip(names, values, strict=True))

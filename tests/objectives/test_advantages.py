@@ -1,0 +1,101 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradus.objectives import ADV_SCALES, gae, group_advantages, masked_whiten, outcome_token_rewards
+
+from .oracle import gae_loop, group_adv_loop
+
+
+def test_group_hand_worked():
+    # group (1, 0, 0, 1): mean 0.5, sample std sqrt(4 * 0.25 / 3) = 0.57735 -> +-0.866025
+    # group (1, 1, 1, 1): all equal -> exactly 0
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]), 4, eps=0.0)
+    expected = 0.5 / (1 / 3) ** 0.5
+    torch.testing.assert_close(adv, torch.tensor([expected, -expected, -expected, expected, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("scale", ADV_SCALES)
+@pytest.mark.parametrize("g", [1, 2, 3, 8])
+def test_group_matches_loop(scale, g):
+    rewards = torch.rand(24, generator=torch.Generator().manual_seed(g), dtype=torch.float64).round(decimals=1)
+    rewards[:g] = 0.3  # one all-equal group
+    fast = group_advantages(rewards, g, scale=scale, eps=1e-6)
+    slow = group_adv_loop(rewards.tolist(), g, scale, 1e-6)
+    torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.all(fast[:g] == 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=6), st.integers(1, 5))
+def test_all_equal_groups_are_exactly_zero(values, repeats):
+    for value in values:
+        rewards = torch.full((repeats * 3,), value)
+        for scale in ADV_SCALES:
+            assert torch.all(group_advantages(rewards, repeats, scale=scale) == 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 1), min_size=8, max_size=8))
+def test_group_advantages_are_centred(bits):
+    adv = group_advantages(torch.tensor(bits, dtype=torch.float64), 4)
+    assert abs(adv[:4].sum().item()) < 1e-9 and abs(adv[4:].sum().item()) < 1e-9
+
+
+def test_group_errors():
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.zeros(8), 3)
+    with pytest.raises(ValueError, match="valid: group, batch, none"):
+        group_advantages(torch.zeros(8), 4, scale="std")
+
+
+def _gae_inputs(B, T, seed, holes=False):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    if holes:  # e.g. masked tool output in the middle of a completion
+        mask = mask * (torch.rand(B, T, generator=g) > 0.3).double()
+    return rewards, values, mask
+
+
+@pytest.mark.parametrize("T", [1, 9, 128, 300])  # 300 spans three blocks of 128
+@pytest.mark.parametrize("holes", [False, True])
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.0), (0.99, 1.0)])
+def test_gae_matches_textbook_recursion(T, holes, gamma, lam):
+    rewards, values, mask = _gae_inputs(4, T, seed=T, holes=holes)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=False)
+    adv_ref, ret_ref = gae_loop(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, adv_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_hand_worked():
+    # gamma = 1, lam = 0.5, rewards (0, 0, 1), values (0.5, 0.5, 0.5), V after the end = 0:
+    # delta = (0 + 0.5 - 0.5, 0 + 0.5 - 0.5, 1 + 0 - 0.5) = (0, 0, 0.5)
+    # A_2 = 0.5; A_1 = 0 + 0.5 * 0.5 = 0.25; A_0 = 0 + 0.5 * 0.25 = 0.125; returns = A + V
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0, 9.0]]), torch.full((1, 4), 0.5),
+                   torch.tensor([[1.0, 1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5, whiten=False)
+    torch.testing.assert_close(adv, torch.tensor([[0.125, 0.25, 0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.625, 0.75, 1.0, 0.0]]))
+
+
+def test_gae_whiten():
+    rewards, values, mask = _gae_inputs(6, 20, seed=1)
+    adv, _ = gae(rewards, values, mask, whiten=True)
+    counted = adv[mask > 0]
+    assert abs(counted.mean().item()) < 1e-9
+    assert counted.std().item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.all(adv[mask == 0] == 0)
+    raw, _ = gae(rewards, values, mask, whiten=False)
+    torch.testing.assert_close(masked_whiten(raw, mask), adv)
+
+
+def test_outcome_token_rewards():
+    # score on the last counted token; -kl_coef * kl on every counted token
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    kl = torch.full((3, 3), 0.5)
+    out = outcome_token_rewards(torch.tensor([2.0, 5.0, -1.0]), mask, kl, kl_coef=0.1)
+    torch.testing.assert_close(out, torch.tensor([[-0.05, 1.95, 0.0], [0.0, 0.0, 0.0], [-0.05, -0.05, -1.05]]))
