@@ -1,0 +1,137 @@
+"""Trainer-level algorithm presets: what each algorithm does around its loss.
+
+The loss knobs live in gradus.objectives.PRESETS. Here: KL coefficient (and where it goes), how
+advantages are computed, and DAPO's data operations. Papers' defaults (../shared/seed/NOTES.md):
+GRPO uses a KL term in the loss (beta = 0.04); DAPO, GSPO and SAPO drop it; PPO puts a per-token
+KL penalty in the reward and learns a critic; DAPO turns on dynamic sampling and soft overlong
+punishment; Dr. GRPO does not divide advantages by the group std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gradus.config import AlgoConfig, ConfigError, TrainConfig
+from gradus.objectives import PolicyObjective, resolve_objective, valid_knobs
+
+
+@dataclass(frozen=True)
+class AlgoDefaults:
+    kl_coef: float
+    adv_scale: str | None  # None: GAE from a critic
+    dynamic_sampling: bool
+    overlong_shaping: bool
+
+
+ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
+    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False),
+    "grpo": AlgoDefaults(kl_coef=0.04, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
+    "dapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True),
+    "gspo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
+    "gspo_token": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
+    "sapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
+    "dr_grpo": AlgoDefaults(kl_coef=0.0, adv_scale="none", dynamic_sampling=False, overlong_shaping=False),
+    "cispo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
+}
+
+LOSS_KNOBS = ("clip_low", "clip_high", "dual_clip", "tau_pos", "tau_neg", "agg", "agg_norm")
+PPO_ONLY = ("gamma", "lam", "value_clip", "critic_lr")
+
+
+@dataclass(frozen=True)
+class ResolvedAlgo:
+    """Everything the trainer needs to know about the algorithm, resolved and checked."""
+
+    name: str
+    objective: PolicyObjective
+    kl_coef: float
+    kl_estimator: str
+    kl_in_reward: bool  # PPO: per-token penalty in the reward; others: a term in the loss
+    adv_scale: str | None  # None: GAE from a critic
+    dynamic_sampling: bool
+    max_gen_rounds: int
+    overlong_shaping: bool
+    overlong_cache: int
+    overlong_filter: bool
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.adv_scale is None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef != 0.0
+
+
+def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
+    """Apply the preset to `cfg.algo`, rejecting knobs that make no sense for the algorithm."""
+    a = cfg.algo
+    if a.name not in ALGO_DEFAULTS:
+        raise ConfigError(f"algo.name: unknown algo {a.name!r}; valid: {', '.join(ALGO_DEFAULTS)}")
+    d = ALGO_DEFAULTS[a.name]
+    defaults = AlgoConfig()
+    is_ppo = d.adv_scale is None
+
+    set_knobs = {k: getattr(a, k) for k in LOSS_KNOBS if getattr(a, k) is not None}
+    bad = sorted(set(set_knobs) - set(valid_knobs(a.name)))
+    if bad:
+        raise ConfigError(
+            f"algo.{bad[0]} is not used by algo {a.name!r} (its loss knobs: {', '.join(valid_knobs(a.name))})"
+        )
+    if not is_ppo:
+        changed = [k for k in PPO_ONLY if getattr(a, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"algo.{changed[0]} is only used by ppo (it trains a critic), not by {a.name!r}")
+    if is_ppo and a.adv_scale is not None:
+        raise ConfigError("algo.adv_scale is not used by ppo: its advantages come from GAE with a critic")
+    if a.name == "dr_grpo" and set_knobs.get("agg", "seq-mean-token-sum-norm") == "seq-mean-token-sum-norm":
+        set_knobs.setdefault("agg_norm", float(cfg.rollout.max_new_tokens))
+    try:
+        objective = resolve_objective(a.name, **set_knobs)
+    except ValueError as err:
+        raise ConfigError(f"algo: {err}") from err
+
+    dynamic = d.dynamic_sampling if a.dynamic_sampling is None else a.dynamic_sampling
+    overlong = d.overlong_shaping if a.overlong_shaping is None else a.overlong_shaping
+    if not dynamic and a.max_gen_rounds != defaults.max_gen_rounds:
+        raise ConfigError("algo.max_gen_rounds only applies with algo.dynamic_sampling=true")
+    if not overlong and a.overlong_cache != defaults.overlong_cache:
+        raise ConfigError("algo.overlong_cache only applies with algo.overlong_shaping=true")
+    if overlong and not 0 < a.overlong_cache <= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"algo.overlong_cache must be in 1..rollout.max_new_tokens ({cfg.rollout.max_new_tokens}), "
+            f"got {a.overlong_cache}"
+        )
+    if a.max_gen_rounds < 1:
+        raise ConfigError(f"algo.max_gen_rounds must be >= 1, got {a.max_gen_rounds}")
+    kl_coef = d.kl_coef if a.kl_coef is None else a.kl_coef
+    if kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {kl_coef}")
+    if a.kl_estimator not in ("k1", "k2", "k3"):
+        raise ConfigError(f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    adv_scale = d.adv_scale if a.adv_scale is None else a.adv_scale
+    if adv_scale is not None and adv_scale not in ("group", "batch", "none"):
+        raise ConfigError(f"algo.adv_scale must be group, batch or none, got {adv_scale!r}")
+    return ResolvedAlgo(
+        name=a.name,
+        objective=objective,
+        kl_coef=kl_coef,
+        kl_estimator=a.kl_estimator,
+        kl_in_reward=is_ppo,
+        adv_scale=adv_scale,
+        dynamic_sampling=dynamic,
+        max_gen_rounds=a.max_gen_rounds,
+        overlong_shaping=overlong,
+        overlong_cache=a.overlong_cache,
+        overlong_filter=a.overlong_filter,
+    )
+
+
+def describe(algo: ResolvedAlgo) -> dict[str, object]:
+    """A flat dict of the resolved settings, for `gradus algos` and run summaries."""
+    out: dict[str, object] = {"ratio": algo.objective.ratio, "trust region": algo.objective.trust}
+    out.update(algo.objective.knobs())
+    out.update({k: v for k, v in dataclasses.asdict(algo).items() if k not in ("name", "objective")})
+    out["critic"] = algo.uses_critic
+    return out
