@@ -8,8 +8,8 @@ keyword fields rewards take (``answer`` and the meta keys).
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Callable
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ MATH_TEMPLATE = "{prompt}\nPut the final answer in \\boxed{}."
 
 def math_word_problems_path() -> Path:
     """The grade-school word problems shipped with gradus (fields question, answer, solution)."""
-    return Path(str(files("gradus") / "data" / "math_word_problems.jsonl"))
+    return Path(str(importlib.resources.files("gradus") / "data" / "math_word_problems.jsonl"))
 
 
 def math_file_task(**kwargs: Any) -> FileTask:
