@@ -44,12 +44,18 @@ def is_equivalent(answer: str, completion: str, timeout_s: float | None = 2.0) -
     x, y = parse_number(gold), parse_number(pred)
     if x is not None and y is not None:
         return x == y
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            return call_with_time_limit(_verify, timeout_s, gold, pred)
+        except Exception:  # our timeout, or math_verify raising on exotic input: a wrong answer, not a crash
+            return False
+    lim = None
     try:
-        if threading.current_thread() is threading.main_thread():
-            with time_limit(timeout_s):
-                return _verify(gold, pred)
-        return call_with_time_limit(_verify, timeout_s, gold, pred)
-    except RewardTimeout:
+        with time_limit(timeout_s) as lim:
+            return _verify(gold, pred)
+    except RewardTimeout as exc:
+        if lim is None or exc.limit is not lim:
+            raise  # an enclosing limit (e.g. CombinedReward's) expired: it is not ours to swallow
         return False
     except Exception:  # math_verify may raise on exotic input (sympy errors): a wrong answer, not a crash
         return False
