@@ -1,0 +1,75 @@
+"""Pull the final answer out of a model's completion.
+
+Order of preference (the first rule that finds something wins):
+1. the content of the LAST ``\\boxed{...}`` (braces may nest: ``\\boxed{\\frac{1}{2}}``);
+2. the text after the last "answer is" (case-insensitive), up to the end of its line, without a
+   trailing full stop;
+3. the last number in the text (``-12``, ``3.5``, ``1,000``, ``3/4``).
+Returns None when none of them matches.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_BOXED = "\\boxed"
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+# A number: optional sign, digits with optional thousands commas, optional decimals, optional "/denominator".
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:/\d+)?")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` with balanced braces, or None (also when unclosed)."""
+    start = text.rfind(_BOXED + "{")
+    while start != -1:
+        depth = 0
+        i = start + len(_BOXED)
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+        # Unclosed: try an earlier \boxed{ that may be complete.
+        start = text.rfind(_BOXED + "{", 0, start)
+    return None
+
+
+def answer_is(text: str) -> str | None:
+    """Text after the last "answer is", to the end of that line, without a trailing '.'; or None."""
+    matches = list(_ANSWER_IS.finditer(text))
+    if not matches:
+        return None
+    tail = matches[-1].group(1).splitlines()[0].strip()
+    tail = tail.rstrip(".").strip().strip("$").strip()
+    return tail or None
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in the text, e.g. '1,000' or '-3/4'; or None."""
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer by the rules in the module docstring."""
+    for rule in (last_boxed, answer_is, last_number):
+        found = rule(text)
+        if found:
+            return found
+    return None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """Exact value of a plain number ('3', '-0', '2.50', '1,000', '3/4', '.5'); None for anything else."""
+    s = text.strip()
+    if not _PLAIN_NUMBER.fullmatch(s):
+        return None
+    s = s.replace(",", "")
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
