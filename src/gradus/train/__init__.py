@@ -1,0 +1,1 @@
+"""Training: the RL loop, supervised warm start, evaluation."""

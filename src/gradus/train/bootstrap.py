@@ -1,0 +1,106 @@
+"""Getting the pieces of a run: device, task, policy (a user's HF directory, or the built-in tiny
+model warm-started by SFT and cached), reference and critic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradus.config import ConfigError, TrainConfig
+from gradus.models import ModelLoadError, build_char_tokenizer, build_tiny_model, load_pretrained, save_pretrained
+from gradus.tasks import Task, get_task
+from gradus.train.sft import run_sft
+
+SFT_CACHE_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"run.device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    t = cfg.task
+    kwargs: dict[str, Any] = {"seed": cfg.run.seed}
+    if t.name == "file":
+        if not t.data_file:
+            raise ConfigError("task.data_file is required with task.name=file")
+        kwargs.update(path=t.data_file, prompt_field=t.prompt_field, answer_field=t.answer_field,
+                      template=t.template, on_error=t.on_error)
+    elif t.data_file:
+        raise ConfigError(f"task.data_file is only used with task.name=file, not {t.name!r}")
+    if t.difficulty is not None:
+        if t.name != "arithmetic":
+            raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
+        kwargs["difficulty"] = t.difficulty
+    try:
+        return get_task(t.name, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"task: {err}") from err
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    if cfg.run.cache_dir:
+        return Path(cfg.run.cache_dir)
+    return Path(os.environ.get("GRADUS_CACHE", Path.home() / ".cache" / "gradus"))
+
+
+def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """The built-in tiny model, SFT-warm-started on the task; trained once, then read from cache."""
+    key = {"v": SFT_CACHE_VERSION, "size": cfg.model.tiny_size, "arch": cfg.model.arch, "task": cfg.task.name,
+           "difficulty": cfg.task.difficulty, "sft": vars(cfg.sft), "seed": cfg.run.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root(cfg) / f"tiny-{cfg.model.tiny_size}-{cfg.task.name}-{digest}"
+    if (path / "gradus_sft.json").is_file():
+        return path
+    task = build_task(cfg)
+    tokenizer = build_char_tokenizer()
+    try:
+        model = build_tiny_model(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch, seed=cfg.run.seed)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+    model.to(resolve_device(cfg.run.device))
+    metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=progress)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model.cpu(), tokenizer, tmp)
+    (tmp / "gradus_sft.json").write_text(json.dumps({"key": key, **metrics}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a cache entry that looks complete
+    return path
+
+
+def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    return tiny_model_dir(cfg, progress=progress)
+
+
+def load_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.model.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    try:
+        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+    except ModelLoadError as err:
+        raise ConfigError(f"model.path: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

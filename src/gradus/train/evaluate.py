@@ -1,0 +1,60 @@
+"""Held-out evaluation: greedy accuracy and pass@k with the task's own verifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gradus.rewards import get_reward
+from gradus.rollout import LocalEngine, SamplingParams
+from gradus.tasks import Example, Task, reward_fields
+from gradus.train.data import encode_prompts
+
+
+def correct_flags(task: Task, tokenizer: Any, prompts: list[str], ids: list[list[int]], lengths: list[int],
+                  examples: list[Example]) -> list[bool]:
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths, strict=True)], skip_special_tokens=True)
+    verdict = get_reward(task.default_reward)(prompts, texts, **reward_fields(examples))
+    return [v >= 1.0 for v in verdict]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: list[Example],
+    *,
+    max_new_tokens: int,
+    k: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """{"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
+    samples (only when k > 0), "n": number of problems}."""
+    engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    right, any_right = 0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = encode_prompts(task, tokenizer, chunk)
+        greedy = engine.generate(prompts.ids, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+        right += sum(correct_flags(task, tokenizer, prompts.texts, greedy.completion_ids.tolist(),
+                                   greedy.lengths.tolist(), chunk))
+        if k > 0:
+            sampled = engine.generate(prompts.ids, k, SamplingParams(temperature=temperature,
+                                                                     max_new_tokens=max_new_tokens),
+                                      seed=seed + start)
+            rows = sampled.prompt_index.tolist()
+            flags = correct_flags(task, tokenizer, [prompts.texts[i] for i in rows],
+                                  sampled.completion_ids.tolist(), sampled.lengths.tolist(),
+                                  [chunk[i] for i in rows])
+            solved = torch.tensor(flags).view(len(chunk), k).any(dim=1)  # [chunk]
+            any_right += int(solved.sum())
+    n = len(examples)
+    out = {"accuracy": right / max(n, 1), "n": n}
+    if k > 0:
+        out["pass_at_k"] = any_right / max(n, 1)
+        out["k"] = k
+    return out

@@ -1,0 +1,39 @@
+"""No-grad forward passes over a whole rollout batch, in token-budgeted micro-batches:
+old log-probs, reference log-probs, critic values (step 5 of a training step)."""
+
+from __future__ import annotations
+
+import torch
+
+from gradus.logprobs import completion_logprobs
+from gradus.models import critic_values
+from gradus.rollout import RolloutBatch
+from gradus.train.update import micro_batches
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, *, token_budget: int, temperature: float, chunk_size: int
+) -> torch.Tensor:
+    """Log-probs of every completion token under `model`. -> [N, T] float32 (0 past each row's end)"""
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.device)  # [N, T]
+    for micro in micro_batches(torch.arange(batch.batch_size), batch, token_budget):
+        idx = micro.to(batch.device)
+        sub = batch.select(idx).trim()
+        logp = completion_logprobs(model, sub.input_ids, sub.attention_mask, sub.completion_start,
+                                   temperature=temperature, chunk_size=chunk_size)  # [m, T']
+        out[idx, : logp.shape[1]] = logp * sub.completion_mask
+    return out
+
+
+@torch.no_grad()
+def batch_values(critic: torch.nn.Module, batch: RolloutBatch, *, token_budget: int) -> torch.Tensor:
+    """V(state before completion token t) for every row. -> [N, T] float32 (0 past each row's end)"""
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.device)  # [N, T]
+    for micro in micro_batches(torch.arange(batch.batch_size), batch, token_budget):
+        idx = micro.to(batch.device)
+        sub = batch.select(idx).trim()
+        T = sub.completion_ids.shape[1]
+        values = critic_values(critic, sub.input_ids, sub.attention_mask)  # [m, S]
+        out[idx, :T] = values[:, sub.completion_start - 1 : sub.completion_start - 1 + T] * sub.completion_mask
+    return out

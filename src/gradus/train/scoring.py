@@ -1,0 +1,75 @@
+"""Scoring sampled completions: the task's rewards, correctness, and DAPO's overlong shaping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradus.objectives import overlong_penalty
+from gradus.rewards import CombinedReward, RewardSpec, get_reward
+from gradus.rollout import RolloutBatch
+from gradus.tasks import Example, Task, reward_fields
+
+
+@dataclass
+class Scores:
+    rewards: torch.Tensor  # [N] float32, what advantages are computed from
+    correct: torch.Tensor  # [N] bool, the task's own verifier says right
+    metrics: dict[str, float]
+
+
+def parse_reward_specs(text: str | None, task: Task) -> list[RewardSpec]:
+    """'numeric_match:1.0,format:0.1' -> specs; None -> the task's default reward, weight 1."""
+    if not text:
+        return [RewardSpec(task.default_reward, 1.0)]
+    specs = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and _is_number(tail):
+            name, weight = head, float(tail)
+        specs.append(RewardSpec(name, weight))
+    return specs
+
+
+class Scorer:
+    """Scores completions with the configured rewards; correctness always uses the task's verifier."""
+
+    def __init__(self, task: Task, specs: list[RewardSpec], *, timeout_s: float, strict: bool):
+        self.task = task
+        self.reward = CombinedReward(specs, timeout_s=timeout_s, strict=strict)
+        self._verifier_part = next((s.name_or_path for s in specs if s.name_or_path == task.default_reward), None)
+        self._verifier = None if self._verifier_part else get_reward(task.default_reward)
+
+    def completions_text(self, batch: RolloutBatch, tokenizer: Any) -> list[str]:
+        ids = [row[:n] for row, n in zip(batch.completion_ids.tolist(), batch.lengths.tolist(), strict=True)]
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def score(self, prompts: list[str], completions: list[str], examples: list[Example]) -> Scores:
+        fields = reward_fields(examples)
+        result = self.reward(prompts, completions, **fields)
+        if self._verifier_part is not None:
+            verdict = result.parts[self._verifier_part]
+        else:
+            verdict = self._verifier(prompts, completions, **fields)
+        correct = torch.tensor([v >= 1.0 for v in verdict])
+        metrics = result.metrics("reward/")
+        metrics["reward/accuracy"] = correct.float().mean().item() if len(verdict) else 0.0
+        return Scores(torch.tensor(result.total, dtype=torch.float32), correct, metrics)
+
+
+def add_overlong_penalty(scores: Scores, lengths: torch.Tensor, *, max_len: int, cache_len: int) -> Scores:
+    """DAPO's soft overlong punishment added to the rewards (its mean is logged)."""
+    penalty = overlong_penalty(lengths.cpu(), max_len=max_len, cache_len=cache_len)  # [N]
+    metrics = dict(scores.metrics, **{"reward/overlong_penalty": penalty.mean().item()})
+    return Scores(scores.rewards + penalty, scores.correct, metrics)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

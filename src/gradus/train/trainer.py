@@ -1,0 +1,312 @@
+"""The RL training loop. Each step reads as the seven steps of the method:
+
+1-3. sample G completions for a batch of prompts and score them (DAPO: dynamic sampling)
+4.   advantages: group-normalised (GRPO family) or GAE from the critic (PPO)
+5.   old log-probs (skipped when the update is exactly on-policy), reference log-probs (KL only)
+6.   actor (and critic) updates with the chosen objective
+7.   metrics, evaluation, checkpoint
+
+Generation, scoring, advantages, updates and logging live in their own modules; this file wires
+them together. Nothing here assumes one process: data and seeds are rank-aware and the loss
+denominators are global (see update.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradus.config import ConfigError, TrainConfig, load_config, save_config
+from gradus.models import build_critic, load_critic
+from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
+from gradus.rollout import LocalEngine, SamplingParams
+from gradus.train import bootstrap
+from gradus.train.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
+from gradus.train.data import PromptSource
+from gradus.train.evaluate import evaluate
+from gradus.train.generation import Collected, collect
+from gradus.train.passes import batch_logprobs, batch_values
+from gradus.train.plots import plot_run
+from gradus.train.presets import ResolvedAlgo, resolve_algo
+from gradus.train.runlog import RunLogger, read_metrics
+from gradus.train.scoring import Scorer, parse_reward_specs
+from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, run_updates
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def validate(cfg: TrainConfig) -> ResolvedAlgo:
+    """Every check that can fail before any work, with the field named."""
+    algo = resolve_algo(cfg)
+    r, o = cfg.rollout, cfg.optim
+    if r.group_size < 2 and not algo.uses_critic:
+        raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
+                          f"got {r.group_size}")
+    if r.group_size < 1 or r.prompts_per_step < 1:
+        raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
+    rows = r.group_size * r.prompts_per_step
+    if o.minibatches < 1 or rows % o.minibatches:
+        raise ConfigError(f"optim.minibatches ({o.minibatches}) must divide the batch of "
+                          f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
+    if algo.dynamic_sampling and o.minibatches > r.group_size:
+        raise ConfigError("optim.minibatches must be <= rollout.group_size with dynamic sampling "
+                          "(a short batch still holds at least one group)")
+    for name, value in (("optim.epochs", o.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
+                        o.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    try:
+        SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+    except ValueError as err:
+        raise ConfigError(f"rollout: {err}") from err
+    if r.temperature == 0:
+        raise ConfigError("rollout.temperature must be > 0 for training (0 is greedy: every sample alike)")
+    if cfg.task.heldout_size < 1:
+        raise ConfigError(f"task.heldout_size must be >= 1, got {cfg.task.heldout_size}")
+    return algo
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.algo = validate(cfg)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = bootstrap.resolve_device(cfg.run.device)
+        self.task = bootstrap.build_task(cfg)
+        self.heldout = self.task.heldout(cfg.task.heldout_size)
+        if not self.heldout:
+            raise ConfigError("task: the held-out set is empty")
+        specs = parse_reward_specs(cfg.task.rewards, self.task)
+        try:
+            self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,
+                                 strict=cfg.task.strict_rewards)
+        except ValueError as err:
+            raise ConfigError(f"task.rewards: {err}") from err
+
+        self.run_dir = Path(run_dir) if run_dir else _new_run_dir(cfg, self.algo)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if resume and ckpt is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        state = load_state(ckpt) if ckpt else {}
+
+        torch.manual_seed(cfg.run.seed * 1009 + self.rank)
+        self.initial_dir = Path(state.get("initial_model_dir") or bootstrap.initial_model_dir(
+            cfg, progress=cfg.run.progress and self.rank == 0))
+        self.policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir,
+                                                           cfg, self.device)
+        self.reference = None
+        if self.algo.needs_reference:
+            self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
+            self.reference.eval().requires_grad_(False)
+        self.critic = None
+        if self.algo.uses_critic:
+            self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
+                           else build_critic(self.policy))
+        self.engine = LocalEngine(self.policy, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_ids=[self.tokenizer.eos_token_id])
+        self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                     top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg)
+        self.critic_opt = _optim(self.critic, cfg.algo.critic_lr, cfg) if self.critic is not None else None
+        self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world,
+                                   position=state.get("data_position", 0))
+        self.step = state.get("step", 0)
+        self.bad_streak = state.get("bad_streak", 0)
+        self.elapsed = state.get("elapsed", 0.0)
+        self.eval_before = state.get("eval_before")
+        if ckpt:
+            self.actor_opt.optimizer.load_state_dict(state["actor_optimizer"])
+            self.actor_opt.scheduler.load_state_dict(state["actor_scheduler"])
+            if self.critic_opt is not None:
+                self.critic_opt.optimizer.load_state_dict(state["critic_optimizer"])
+                self.critic_opt.scheduler.load_state_dict(state["critic_scheduler"])
+            restore_rng(state["rng"])
+        save_config(cfg, self.run_dir / "config.yaml")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step,
+                        progress=cfg.run.progress and self.rank == 0, desc=f"{self.algo.name}")
+        try:
+            if self.eval_before is None:
+                self.eval_before = self.evaluate()
+                log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
+            while self.step < cfg.run.steps:
+                start = time.perf_counter()
+                metrics = self.train_step(self.step + 1)
+                self.step += 1
+                self.elapsed += time.perf_counter() - start
+                metrics["time/step_seconds"] = time.perf_counter() - start
+                metrics["time/elapsed"] = self.elapsed
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                log.log(self.step, metrics)
+                log.advance()
+                if cfg.run.save_every and self.step % cfg.run.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            log.write(f"interrupted: saving a checkpoint at step {self.step} in {self.run_dir}")
+            self.save()
+            log.close()
+            raise
+        final = self.evaluate()
+        log.log(self.step, {f"eval/{k}": v for k, v in final.items()})
+        log.close()
+        self.save()
+        return RunResult(self.run_dir, self.write_summary(final))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        # 1-3: sample and score (dynamic sampling inside)
+        self.policy.eval()
+        got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
+                      num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+                      seed=_mix(cfg.run.seed, step, self.rank))
+        metrics = dict(got.metrics)
+        if got.batch is None:
+            metrics["actor/skipped_updates"] = 0.0
+            metrics["actor/updates"] = 0.0
+            return metrics
+        inputs = self.prepare(got, metrics)  # 4-5
+        self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
+        gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
+        update_metrics, skipped = run_updates(
+            inputs, self.actor_opt, self.algo, epochs=cfg.optim.epochs, minibatches=self._minibatches(got),
+            token_budget=cfg.optim.token_budget, temperature=cfg.rollout.temperature,
+            chunk_size=cfg.model.chunk_size, generator=gen, critic=self.critic_opt,
+            value_clip=cfg.algo.value_clip)
+        metrics.update(update_metrics)
+        self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
+        return metrics
+
+    def prepare(self, got: Collected, metrics: dict[str, float]) -> UpdateInputs:
+        """Steps 4-5: advantages, and the log-probs / values the update needs."""
+        cfg, algo, batch = self.cfg, self.algo, got.batch
+        loss_mask = batch.completion_mask.float()  # [N, T]
+        if algo.overlong_filter:
+            loss_mask = loss_mask * (~batch.truncated).float()[:, None]
+        passes = {"token_budget": cfg.optim.token_budget, "temperature": cfg.rollout.temperature,
+                  "chunk_size": cfg.model.chunk_size}
+        on_policy = cfg.optim.epochs == 1 and self._minibatches(got) == 1
+        old_logp = None if on_policy else batch_logprobs(self.policy, batch, **passes)
+        ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
+        rewards = got.rewards.to(self.device)
+        if not algo.uses_critic:
+            advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale)  # [N]
+            metrics["adv/abs_mean"] = advantages.abs().mean().item()
+            return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp)
+        # PPO: per-token KL penalty in the reward, GAE from the critic's values
+        values = batch_values(self.critic, batch, token_budget=cfg.optim.token_budget)  # [N, T]
+        kl = kl_penalty(old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes),
+                        ref_logp, algo.kl_estimator) if ref_logp is not None else None
+        token_rewards = outcome_token_rewards(rewards, loss_mask, kl, algo.kl_coef)  # [N, T]
+        advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
+        metrics["critic/value_mean_rollout"] = (values * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
+        if kl is not None:
+            metrics["actor/kl_ref_reward"] = (kl * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
+        # the KL is in the reward for PPO, so the loss gets no KL term
+        return UpdateInputs(batch, loss_mask, advantages, old_logp, None, old_values=values, returns=returns)
+
+    # ---- evaluation, checkpoints, summary -------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        self.policy.eval()
+        return evaluate(self.policy, self.tokenizer, self.task, self.heldout,
+                        max_new_tokens=self.cfg.rollout.max_new_tokens)
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        models = {"policy": (self.policy, self.tokenizer)}
+        if self.critic is not None:
+            models["critic"] = (self.critic, None)
+        state = {"data_position": self.source.position, "bad_streak": self.bad_streak, "elapsed": self.elapsed,
+                 "initial_model_dir": str(self.initial_dir), "eval_before": self.eval_before,
+                 "actor_optimizer": self.actor_opt.optimizer.state_dict(),
+                 "actor_scheduler": self.actor_opt.scheduler.state_dict()}
+        if self.critic_opt is not None:
+            state["critic_optimizer"] = self.critic_opt.optimizer.state_dict()
+            state["critic_scheduler"] = self.critic_opt.scheduler.state_dict()
+        return save_checkpoint(self.run_dir, self.step, models=models, state=state,
+                               keep=self.cfg.run.keep_checkpoints)
+
+    def write_summary(self, final: dict[str, float]) -> dict[str, Any]:
+        records = read_metrics(self.run_dir / "metrics.jsonl")
+        rewards = [r["reward/mean"] for r in records if isinstance(r.get("reward/mean"), int | float)]
+        tail = rewards[-10:]
+        summary = {
+            "algo": self.algo.name,
+            "task": self.cfg.task.name,
+            "steps": self.step,
+            "wall_time_s": round(self.elapsed, 2),
+            "heldout_accuracy_before": self.eval_before["accuracy"],
+            "heldout_accuracy_after": final["accuracy"],
+            "heldout_n": final["n"],
+            "final_reward": sum(tail) / len(tail) if tail else None,
+            "run_dir": str(self.run_dir),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_run(records, self.run_dir / "curves.png", title=f"{self.algo.name} on {self.cfg.task.name}")
+        return summary
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _minibatches(self, got: Collected) -> int:
+        """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
+        return max(1, min(self.cfg.optim.minibatches, got.batch.batch_size // self.cfg.rollout.group_size))
+
+    def _check_finite(self, skipped: int, total: int) -> None:
+        self.bad_streak = self.bad_streak + 1 if total and skipped == total else 0
+        if self.bad_streak >= self.cfg.optim.max_bad_steps:
+            raise NonFiniteUpdate(
+                f"{self.bad_streak} steps in a row had only NaN/inf losses or gradients; stopping. "
+                "Try a lower optim.lr, optim.grad_clip, or model.dtype=float32.")
+
+
+def train(cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False) -> RunResult:
+    return Trainer(cfg, run_dir=run_dir, resume=resume).fit()
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The saved config of a run, with `overrides` (e.g. a larger run.steps)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
+    return load_config(path, overrides)
+
+
+def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig) -> Optim:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
+    warm = max(1, cfg.optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return Optim(model, opt, sched, cfg.optim.grad_clip)
+
+
+def _mix(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (the same in every process and on resume)."""
+    h = 0x9E3779B1
+    for p in parts:
+        h = (h * 0x01000193 ^ (p & 0xFFFFFFFF)) & 0x7FFFFFFF
+    return h
+
+
+def _new_run_dir(cfg: TrainConfig, algo: ResolvedAlgo) -> Path:
+    name = cfg.run.name or f"{algo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.run.out_dir) / name
+
+
+__all__ = ["RunResult", "Trainer", "resume_config", "train", "validate"]

@@ -1,0 +1,195 @@
+"""Step 6 of a training step: the actor (and, for PPO, critic) updates over a rollout batch.
+
+`epochs` passes; each splits the rows into `minibatches` optimizer steps; each minibatch is run in
+micro-batches of at most `token_budget` (rows x padded length) tokens, with gradients accumulated.
+Aggregation denominators are those of the whole minibatch (summed over data-parallel ranks when
+torch.distributed is initialised), so accumulation and sharding give the gradient of the
+minibatch loss exactly. Micro-batches are trimmed to their own longest prompt and completion:
+no compute is spent on padding columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradus.logprobs import completion_logprobs
+from gradus.models import critic_values
+from gradus.objectives import agg_loss, kl_penalty, objective_loss, value_loss
+from gradus.rollout import RolloutBatch
+from gradus.train.presets import ResolvedAlgo
+
+
+@dataclass
+class UpdateInputs:
+    """Per-row training targets, aligned with `batch` rows and its completion columns."""
+
+    batch: RolloutBatch
+    loss_mask: torch.Tensor  # [N, T] 1 = token counts in the loss
+    advantages: torch.Tensor  # [N] or [N, T]
+    old_logp: torch.Tensor | None  # [N, T]; None: exactly on-policy, use the current logp detached
+    ref_logp: torch.Tensor | None  # [N, T]; None: no KL term in the loss
+    old_values: torch.Tensor | None = None  # [N, T] PPO
+    returns: torch.Tensor | None = None  # [N, T] PPO
+
+
+@dataclass
+class Optim:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_clip: float
+
+
+class NonFiniteUpdate(RuntimeError):
+    """Too many consecutive updates had a NaN or inf loss or gradient."""
+
+
+def global_count(x: torch.Tensor) -> torch.Tensor:
+    """A count summed over data-parallel ranks (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The global denominator `agg_loss` needs for `mode`, from a minibatch's mask."""
+    if mode == "token-mean":
+        return {"num_tokens": global_count(loss_mask.sum().float())}
+    return {"num_seqs": global_count((loss_mask.sum(-1) > 0).sum().float())}
+
+
+def micro_batches(rows: torch.Tensor, batch: RolloutBatch, token_budget: int) -> list[torch.Tensor]:
+    """Split `rows` into consecutive pieces whose rows x (prompt + longest completion) <= budget."""
+    prompt_len = batch.prompt_mask[rows].sum(-1)  # [R]
+    total = (prompt_len + batch.lengths[rows]).tolist()
+    pieces, current, width = [], [], 0
+    for r, n in zip(rows.tolist(), total, strict=True):
+        new_width = max(width, n)
+        if current and new_width * (len(current) + 1) > token_budget:
+            pieces.append(current)
+            current, new_width = [], n
+        current.append(r)
+        width = new_width
+    if current:
+        pieces.append(current)
+    return [torch.tensor(p, dtype=torch.long) for p in pieces]
+
+
+def run_updates(
+    inputs: UpdateInputs,
+    actor: Optim,
+    algo: ResolvedAlgo,
+    *,
+    epochs: int,
+    minibatches: int,
+    token_budget: int,
+    temperature: float,
+    chunk_size: int,
+    generator: torch.Generator,
+    critic: Optim | None = None,
+    value_clip: float | None = None,
+) -> tuple[dict[str, float], int]:
+    """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps)."""
+    n = inputs.batch.batch_size
+    if minibatches > n:
+        raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
+    sums: dict[str, float] = defaultdict(float)
+    steps = skipped = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator) if epochs * minibatches > 1 else torch.arange(n)
+        for rows in order.tensor_split(minibatches):
+            metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, token_budget=token_budget,
+                                      temperature=temperature, chunk_size=chunk_size, critic=critic,
+                                      value_clip=value_clip)
+            steps += 1
+            if metrics is None:
+                skipped += 1
+                continue
+            for k, v in metrics.items():
+                sums[k] += v
+    done = max(steps - skipped, 1)
+    out = {k: v / done for k, v in sums.items()}
+    out["actor/updates"] = float(steps - skipped)
+    out["actor/skipped_updates"] = float(skipped)
+    return out, skipped
+
+
+def _minibatch_step(
+    inputs: UpdateInputs,
+    rows: torch.Tensor,
+    actor: Optim,
+    algo: ResolvedAlgo,
+    *,
+    token_budget: int,
+    temperature: float,
+    chunk_size: int,
+    critic: Optim | None,
+    value_clip: float | None,
+) -> dict[str, float] | None:
+    """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
+    Returns None (and applies nothing) when a loss or gradient is not finite."""
+    obj = algo.objective
+    device = inputs.batch.device
+    mask_mb = inputs.loss_mask[rows.to(device)]
+    counts = agg_counts(obj.agg, mask_mb)
+    value_counts = agg_counts("token-mean", mask_mb)
+    sums: dict[str, float] = defaultdict(float)
+    finite = True
+    for micro in micro_batches(rows, inputs.batch, token_budget):
+        idx = micro.to(device)
+        sub = inputs.batch.select(idx).trim()
+        T = sub.completion_ids.shape[1]
+        mask = inputs.loss_mask[idx, :T]  # [m, T]
+        logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
+                                            temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+        old = logp.detach() if inputs.old_logp is None else inputs.old_logp[idx, :T]
+        loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
+                                 else inputs.advantages[idx, :T], mask, **counts)
+        m["pg_loss"] = loss.item()
+        if inputs.ref_logp is not None:
+            kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
+                          norm=obj.agg_norm, **counts)
+            loss = loss + algo.kl_coef * kl
+            m["kl_ref"] = kl.item()
+        weight = mask.sum().item() / max(mask_mb.sum().item(), 1)
+        m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        loss.backward()
+        for k, v in m.items():
+            sums[f"actor/{k}"] += v * weight
+        if critic is not None:
+            values = critic_values(critic.model, sub.input_ids, sub.attention_mask)[
+                :, sub.completion_start - 1 : sub.completion_start - 1 + T]  # [m, T] V(state before token t)
+            vloss, vm = value_loss(values, inputs.old_values[idx, :T], inputs.returns[idx, :T], mask,
+                                   clip=value_clip, agg="token-mean", **value_counts)
+            if not torch.isfinite(vloss):
+                finite = False
+                break
+            vloss.backward()
+            sums["critic/loss"] += vloss.item()
+            for k, v in vm.items():
+                sums[f"critic/{k}"] += v * weight
+    models = [actor] + ([critic] if critic is not None else [])
+    norms = [torch.nn.utils.clip_grad_norm_(o.model.parameters(), o.grad_clip) for o in models] if finite else []
+    if not finite or not all(math.isfinite(float(x)) for x in norms):
+        for o in models:
+            o.optimizer.zero_grad(set_to_none=True)
+        return None
+    for o in models:
+        o.optimizer.step()
+        o.scheduler.step()
+        o.optimizer.zero_grad(set_to_none=True)
+    sums["actor/grad_norm"] = float(norms[0])
+    sums["actor/lr"] = actor.scheduler.get_last_lr()[0]
+    if critic is not None:
+        sums["critic/grad_norm"] = float(norms[1])
+    return dict(sums)
