@@ -1,0 +1,237 @@
+"""Per-token log-probabilities of sampled tokens, in bounded memory.
+
+Every objective in gradus (PPO, GRPO, DAPO, GSPO, SAPO) needs log π(o_t | q, o_<t) for the sampled
+tokens only, not the whole [N, V] distribution. With V ~ 150k, materialising float32 logits for
+N = 8 x 1024 tokens takes ~5 GB, and log_softmax plus its backward triples that. `token_logprobs`
+instead walks the tokens `chunk_size` at a time:
+
+- forward: logits of one chunk [C, V] in float32, keep only log p(target) and the log-sum-exp [C];
+- backward: recompute the chunk's logits from (hidden, weight), turn them into
+  d log p / d logits = (onehot(target) - softmax) / temperature in place, and multiply out the
+  gradients of hidden, weight and bias; the chunk buffer is then reused.
+
+Peak extra memory is O(chunk_size x V) instead of O(N x V), for one more matmul per chunk in backward
+(the logit recompute). Arithmetic is float32 (float64 for float64 inputs) whatever the input dtype;
+gradients come back in the inputs' dtypes.
+
+Position ids: gradus computes them from the attention mask as `cumsum(mask) - 1`, clamped at 0, so a
+left-padded row gets the same positions as the unpadded one. This matches HF `generate` on left-padded
+batches (which fills pad positions with 1 instead of 0; pad positions are masked out, so the value
+there does not matter). The rollout engine uses the same `position_ids_from_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens: [B, S] mask (1 = token) -> [B, S] int64."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float32, or float64 when any input is float64 (so gradcheck can run in double precision)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor is not None:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """(hidden @ weight^T + bias) / temperature for one chunk; hidden/weight/bias already in compute dtype."""
+    if bias is None:
+        logits = hidden @ weight.T  # [C, V]
+    else:
+        logits = torch.addmm(bias, hidden, weight.T)  # [C, V]
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ W^T / T)[target], chunked over tokens; the entropy output has no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+        dtype = _compute_dtype(hidden, weight, bias)
+        n_tokens = hidden.shape[0]
+        logp = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
+        lse = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
+        entropy = hidden.new_empty(n_tokens if with_entropy else 0, dtype=dtype)  # [N] or [0]
+        # Autocast would run the matmul in bf16; the point here is float32 logits.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # [V, H]; no copy when weight is already in dtype
+            b = None if bias is None else bias.to(dtype)  # [V]
+            for start in range(0, n_tokens, chunk_size):
+                stop = min(start + chunk_size, n_tokens)
+                logits = _chunk_logits(hidden[start:stop].to(dtype), w, b, temperature)  # [C, V]
+                target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)  # [C]
+                row_max = logits.amax(dim=1, keepdim=True)  # [C, 1]
+                shifted = logits.sub_(row_max)  # [C, V], in place: z - max
+                if with_entropy:
+                    exp = shifted.exp()  # [C, V]
+                    total = exp.sum(dim=1)  # [C]
+                    # H = lse - sum_v p_v z_v = log(total) - sum_v exp_v (z_v - max) / total
+                    weighted = exp.mul_(shifted).sum(dim=1)  # [C]
+                    entropy[start:stop] = total.log() - weighted / total
+                else:
+                    total = shifted.exp_().sum(dim=1)  # [C]
+                lse[start:stop] = row_max.squeeze(1) + total.log()
+                logp[start:stop] = target_logit - lse[start:stop]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype = lse.dtype
+        n_tokens = hidden.shape[0]
+        grad_hidden = grad_weight = grad_bias = None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # [V, H]
+            b = None if bias is None else bias.to(dtype)  # [V]
+            # d logp / d z = (onehot - p) / T where z = hidden @ W^T + b; fold 1/T into the upstream grad.
+            scale = grad_logp.to(dtype) / ctx.temperature  # [N]
+            if need_hidden:
+                grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype)  # [N, H]
+            if need_weight:
+                grad_weight = torch.zeros_like(w)  # [V, H]
+            if need_bias:
+                grad_bias = torch.zeros_like(b)  # [V]
+            for start in range(0, n_tokens, ctx.chunk_size):
+                stop = min(start + ctx.chunk_size, n_tokens)
+                h = hidden[start:stop].to(dtype)  # [C, H]
+                g = scale[start:stop, None]  # [C, 1]
+                logits = _chunk_logits(h, w, b, ctx.temperature)  # [C, V]
+                # In place, one buffer: logits -> softmax -> -g * softmax -> g * (onehot - softmax).
+                grad_z = logits.sub_(lse[start:stop, None]).exp_().mul_(-g)  # [C, V]
+                grad_z.scatter_add_(1, targets[start:stop, None], g)
+                if need_hidden:
+                    torch.mm(grad_z, w, out=grad_hidden[start:stop])  # [C, H]
+                if need_weight:
+                    grad_weight.addmm_(grad_z.T, h)  # [V, H]
+                if need_bias:
+                    grad_bias += grad_z.sum(dim=0)  # [V]
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    bias: torch.Tensor | None = None,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) under softmax((hidden @ weight^T + bias) / temperature), never materialising [N, V].
+
+    hidden [N, H] or [B, T, H]; weight [V, H] (the lm head); targets [N] or [B, T] int64; bias [V] or None.
+    Returns float32 log-probs shaped like targets (float64 if an input is float64), differentiable wrt
+    hidden, weight and bias. With `with_entropy=True` returns `(logprobs, entropy)`, the entropy of the
+    same tempered distribution per token, DETACHED (no gradient flows through it: it is a metric, and
+    an entropy bonus would need its own backward).
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + [H]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    flat_targets = targets.reshape(-1).long()  # [N]
+    logp, entropy = _ChunkedTokenLogprobs.apply(
+        flat_hidden, weight, bias, flat_targets, float(temperature), chunk_size, with_entropy
+    )
+    logp = logp.view(targets.shape)  # [N] or [B, T]
+    if with_entropy:
+        return logp, entropy.view(targets.shape)
+    return logp
+
+
+# Config fields with which a causal LM's logits are NOT just lm_head(final hidden state); computing
+# hidden @ W^T for such a model would silently give wrong log-probs. Value = the neutral setting.
+_LOGIT_FEATURES: dict[str, float | None] = {
+    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping of the logits
+    "logit_scale": 1.0,  # Cohere: logits multiplied by a constant
+    "logits_scaling": 1.0,  # Granite: logits divided by a constant
+    "output_multiplier_scale": 1.0,
+    "lm_head_multiplier": 1.0,
+    "dim_model_base": None,  # MiniCPM: hidden states rescaled before the head
+}
+
+
+def check_plain_lm_head(model: PreTrainedModel) -> torch.nn.Module:
+    """Return the model's output embedding, or raise ValueError if its logits are not `hidden @ W^T + b`."""
+    config = model.config.get_text_config()
+    for name, neutral in _LOGIT_FEATURES.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"{type(model).__name__} has config.{name}={value!r}: its logits are not a plain "
+                "lm_head(hidden) product, which completion_logprobs computes; not supported"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"expected the output embedding to be nn.Linear, got {type(head).__name__}")
+    return head
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of input_ids[:, completion_start:] given all tokens before them: [B, S - completion_start].
+
+    input_ids and attention_mask are [B, S] (prompts left-padded so every completion starts at column
+    `completion_start`; completions may be right-padded, their values there are computed and meant to
+    be masked by the caller). Runs the model's decoder once with gradus' position ids and applies the
+    lm head only to the hidden states at positions completion_start-1 .. S-2, which predict the
+    completion tokens. Float32; with `with_entropy` also returns the detached entropy (see
+    `token_logprobs`).
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be [B, S]")
+    seq_len = input_ids.shape[1]
+    if not 1 <= completion_start < seq_len:
+        raise ValueError(
+            f"completion_start must be in [1, {seq_len - 1}] for S={seq_len}, got {completion_start}"
+        )
+    head = check_plain_lm_head(model)
+    position_ids = position_ids_from_mask(attention_mask)  # [B, S]
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, S, H], final norm applied
+    predicting = hidden[:, completion_start - 1 : seq_len - 1]  # [B, L, H], L = S - completion_start
+    targets = input_ids[:, completion_start:]  # [B, L]
+    return token_logprobs(
+        predicting, head.weight, targets, temperature=temperature, chunk_size=chunk_size,
+        bias=head.bias, with_entropy=with_entropy,
+    )

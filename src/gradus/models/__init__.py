@@ -1,0 +1,29 @@
+"""Models for gradus: a local char tokenizer, tiny Qwen2/Llama LMs, HF save/load, and the PPO critic."""
+
+from gradus.models.critic import build_critic, critic_values
+from gradus.models.loading import (
+    ModelLoadError,
+    check_model_dir,
+    load_critic,
+    load_pretrained,
+    save_pretrained,
+)
+from gradus.models.tiny import TINY_SIZES, TinySize, build_tiny_model, tiny_config
+from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
+
+__all__ = [
+    "DEFAULT_ALPHABET",
+    "SPECIAL_TOKENS",
+    "TINY_SIZES",
+    "ModelLoadError",
+    "TinySize",
+    "build_char_tokenizer",
+    "build_critic",
+    "build_tiny_model",
+    "check_model_dir",
+    "critic_values",
+    "load_critic",
+    "load_pretrained",
+    "save_pretrained",
+    "tiny_config",
+]

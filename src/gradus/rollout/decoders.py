@@ -1,0 +1,223 @@
+"""Incremental decoders used by `LocalEngine`: prefill the prompts, then one token per step.
+
+Two implementations with one contract (`prefill`, `step`, `keep`), both returning float next-token logits:
+
+- `HFDecoder` calls the model's own forward with a `DynamicCache`: works for any causal LM, and is the
+  exact reference the fast path is tested against.
+- `DirectDecoder` runs the decoder layers of stock Llama / Qwen2 models itself, with the same weights
+  and the same arithmetic as their HF forward, but without its per-step overhead: a pre-allocated
+  KV cache (no `torch.cat` per layer per step), cos/sin of every position computed once, the key
+  padding mask built once, no mask-building, output records or hooks per step, and one shared rotary
+  call for q and k. On tiny models per-step overhead is most of the cost, so this is where speed is won.
+
+Position ids follow the gradus convention (`(mask.cumsum(-1) - 1).clamp(min=0)`), like HF `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+_DIRECT_MODELS = {"Qwen2ForCausalLM": "Qwen2", "LlamaForCausalLM": "Llama"}
+_STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq does not depend on the sequence seen so far
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Gradus position-id convention: count of real tokens before each column; 0 on left padding."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+
+
+def direct_unsupported_reason(model: nn.Module) -> str | None:
+    """Why `DirectDecoder` cannot run `model` exactly, or None when it can."""
+    prefix = _DIRECT_MODELS.get(type(model).__name__)
+    if prefix is None:
+        return f"model class {type(model).__name__} is not one of {sorted(_DIRECT_MODELS)}"
+    config = model.config
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return "sliding-window attention layers"
+    if getattr(model.model.rotary_emb, "rope_type", "default") not in _STATIC_ROPE:
+        return f"rope type {model.model.rotary_emb.rope_type!r} is not static"
+    expected = {"layer": "DecoderLayer", "self_attn": "Attention", "mlp": "MLP",
+                "input_layernorm": "RMSNorm", "post_attention_layernorm": "RMSNorm"}
+    for layer in model.model.layers:
+        for name, suffix in expected.items():
+            module = layer if name == "layer" else getattr(layer, name, None)
+            if type(module).__name__ != prefix + suffix:
+                return f"{name} is {type(module).__name__}, not the stock {prefix + suffix}"
+    if type(model.model.norm).__name__ != prefix + "RMSNorm":
+        return "final norm is not the stock RMSNorm"
+    return None
+
+
+class HFDecoder:
+    """Exact fallback for any causal LM: the model's forward with a DynamicCache."""
+
+    def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self._keep_kw = ({"logits_to_keep": 1}
+                         if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> torch.Tensor:
+        """ids, mask: [N, P] left-padded unique prompts; returns logits [N*repeats, V] of the next token."""
+        self.cache = DynamicCache(config=self.model.config)
+        pos = position_ids_from_mask(mask)  # [N, P]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, **self._keep_kw)
+        if repeats > 1:
+            self.cache.batch_repeat_interleave(repeats)
+        full = torch.cat([mask, mask.new_ones(mask.shape[0], self.max_new_tokens)], dim=1)  # [N, P+T]
+        self.mask = full.repeat_interleave(repeats, dim=0)  # [B, P+T]
+        self.next_pos = (pos[:, -1] + 1).repeat_interleave(repeats)  # [B]
+        self.length = ids.shape[1]  # columns held in the cache
+        return out.logits[:, -1].float().repeat_interleave(repeats, dim=0)  # [B, V]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B] the last sampled tokens; returns logits [B, V] of the next ones."""
+        self.length += 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask[:, : self.length],
+                         position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1  # [B]
+        return out.logits[:, -1].float()  # [B, V]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in `rows` (sorted indices) from the cache and the bookkeeping."""
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask.index_select(0, rows)  # [R, P+T]
+        self.next_pos = self.next_pos.index_select(0, rows)  # [R]
+
+
+def _cat_weights(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (weight, bias) for several Linear layers on the same input: outputs concatenated."""
+    weight = torch.cat([lin.weight for lin in linears])  # [sum out, in]
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                      for lin in linears])  # [sum out]
+    return weight, bias
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same arithmetic as Qwen2RMSNorm / LlamaRMSNorm (normalise in float32, scale in the input dtype)."""
+    if x.dtype == torch.float32:  # the fused op, same formula, one call
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class DirectDecoder:
+    """Stock Llama / Qwen2 decoding with a static KV cache; see the module docstring."""
+
+    def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
+        reason = direct_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"DirectDecoder cannot run this model exactly: {reason}")
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        attn = model.model.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.n_heads = model.config.num_attention_heads
+        self.n_kv = model.config.num_key_value_heads
+        self.scaling = attn.scaling
+        # q/k/v and gate/up are fused into one matmul each (fewer calls per step; each output element
+        # is still one dot product over the same weights). The fused copies are rebuilt every generate
+        # call, so they always match the live weights the trainer updates in place.
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            act = F.silu if isinstance(m.act_fn, nn.SiLU) else m.act_fn
+            self.layers.append((
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                _cat_weights(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight, a.o_proj.bias,
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                _cat_weights(m.gate_proj, m.up_proj), m.down_proj.weight, m.down_proj.bias, act,
+            ))
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> torch.Tensor:
+        """ids, mask: [N, P] left-padded unique prompts; returns logits [N*repeats, V] of the next token."""
+        N, P = ids.shape
+        L = P + self.max_new_tokens
+        device = ids.device
+        x = self.model.model.embed_tokens(ids)  # [N, P, H]
+        valid = mask.bool()  # [N, P]
+        pos = position_ids_from_mask(mask)  # [N, P]
+        gen_pos = pos[:, -1:] + 1 + torch.arange(self.max_new_tokens, device=device)  # [N, T]
+        cos, sin = self.model.model.rotary_emb(x, torch.cat([pos, gen_pos], dim=1))  # [N, L, D] each
+        half = self.head_dim // 2
+        # rotate_half(q) * sin == roll(q, D/2) * [-sin_1, sin_2]: negation is exact, so this is the
+        # same arithmetic as HF's apply_rotary_pos_emb with one op fewer per call.
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [N, L, D]
+        self.cos, self.sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [N, L, 1, D]
+        # Prefill mask: causal and key not padding; a padding query attends itself only, so that
+        # no softmax row is empty (NaN) while real queries never see padding.
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
+        eye = torch.eye(P, dtype=torch.bool, device=device)  # [P, P]
+        pre_mask = (causal & valid[:, None, None, :]) | eye  # [N, 1, P, P]
+        self.key_valid = torch.cat([valid, valid.new_ones(N, self.max_new_tokens)], dim=1)  # [N, L]
+        kv_shape = (N, self.n_kv, L, self.head_dim)
+        self.k_cache = [x.new_empty(kv_shape) for _ in self.layers]  # [N, Hkv, L, D] each
+        self.v_cache = [x.new_empty(kv_shape) for _ in self.layers]  # [N, Hkv, L, D] each
+        self.length = 0
+        h = self._forward(x, pre_mask)  # [N, P, H]
+        if repeats > 1:
+            self._repeat(repeats)
+        last = h[:, -1].repeat_interleave(repeats, dim=0)  # [B, H]
+        return self._logits(last)  # [B, V]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B] the last sampled tokens; returns logits [B, V] of the next ones."""
+        x = self.model.model.embed_tokens(tokens[:, None])  # [B, 1, H]
+        mask = self.key_valid[:, None, None, : self.length + 1]  # [B, 1, 1, t+1]
+        h = self._forward(x, mask)  # [B, 1, H]
+        return self._logits(h[:, -1])  # [B, V]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in `rows` from the cache and the bookkeeping."""
+        self.k_cache = [k.index_select(0, rows) for k in self.k_cache]
+        self.v_cache = [v.index_select(0, rows) for v in self.v_cache]
+        self.cos, self.sin = self.cos.index_select(0, rows), self.sin.index_select(0, rows)
+        self.key_valid = self.key_valid.index_select(0, rows)
+
+    def _repeat(self, n: int) -> None:
+        self.k_cache = [k.repeat_interleave(n, dim=0) for k in self.k_cache]  # [B, Hkv, L, D]
+        self.v_cache = [v.repeat_interleave(n, dim=0) for v in self.v_cache]  # [B, Hkv, L, D]
+        self.cos, self.sin = self.cos.repeat_interleave(n, dim=0), self.sin.repeat_interleave(n, dim=0)
+        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)  # [B, L]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        norm = self.model.model.norm
+        h = _rms_norm(h, norm.weight, norm.variance_epsilon)  # [B, H]
+        head = self.model.lm_head
+        return F.linear(h, head.weight, head.bias).float()  # [B, V]
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run all layers on x [B, S, H] at cache columns length .. length+S-1; returns [B, S, H]."""
+        B, S, _ = x.shape
+        t0, t1 = self.length, self.length + S
+        cos, sin = self.cos[:, t0:t1], self.sin[:, t0:t1]  # [B, S, 1, D]
+        nq, nkv, D = self.n_heads, self.n_kv, self.head_dim
+        for li, (w_in, eps_in, (w_qkv, b_qkv), w_o, b_o, w_post, eps_post, (w_gu, b_gu), w_d, b_d, act) \
+                in enumerate(self.layers):
+            h = _rms_norm(x, w_in, eps_in)  # [B, S, H]
+            qkv = F.linear(h, w_qkv, b_qkv).view(B, S, nq + 2 * nkv, D)  # [B, S, Hq+2Hkv, D]
+            qk = qkv[:, :, : nq + nkv]  # [B, S, Hq+Hkv, D] rotary on q and k in one go
+            qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # [B, S, Hq+Hkv, D]
+            q = qk[:, :, :nq].transpose(1, 2)  # [B, Hq, S, D]
+            self.k_cache[li][:, :, t0:t1] = qk[:, :, nq:].transpose(1, 2)  # [B, Hkv, S, D]
+            self.v_cache[li][:, :, t0:t1] = qkv[:, :, nq + nkv:].transpose(1, 2)  # [B, Hkv, S, D]
+            a = F.scaled_dot_product_attention(
+                q, self.k_cache[li][:, :, :t1], self.v_cache[li][:, :, :t1], attn_mask=mask,
+                scale=self.scaling, enable_gqa=nq != nkv,
+            )  # [B, Hq, S, D]
+            a = a.transpose(1, 2).reshape(B, S, nq * D)  # [B, S, Hq*D]
+            x = x + F.linear(a, w_o, b_o)  # [B, S, H]
+            h = _rms_norm(x, w_post, eps_post)  # [B, S, H]
+            gate, up = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)  # [B, S, I] each
+            x = x + F.linear(act(gate) * up, w_d, b_d)  # [B, S, H]
+        self.length = t1
+        return x

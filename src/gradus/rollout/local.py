@@ -1,0 +1,156 @@
+"""`LocalEngine`: batched sampling in-process with the policy model itself.
+
+Per `generate` call:
+1. Left-pad the unique prompts and prefill them once; the KV cache is then repeated n times (the n
+   completions of a prompt share its prefill).
+2. Decode one token per step for all live rows; log-probs come from the full tempered distribution.
+3. Rows that emit an EOS id are finished; once enough of them have piled up they are dropped from
+   the batch and the KV cache, so finished rows stop costing compute.
+
+The decoder is `DirectDecoder` (fast, exact, stock Llama / Qwen2) when it supports the model, else
+`HFDecoder` (the model's own forward). The sampled tokens are the same either way, up to float
+rounding in the last bits of the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
+from gradus.rollout.sampling import next_tokens
+from gradus.rollout.types import RolloutBatch, SamplingParams
+
+Backend = Literal["auto", "direct", "hf"]
+
+# Dropping rows copies the whole KV cache, so wait until this fraction of the live rows has finished
+# (finished rows still decode meanwhile; their tokens are discarded).
+_DROP_FRACTION = 0.125
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids [N, P] long, mask [N, P] long), left-padded to the longest prompt."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)  # [N, P]
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)  # [N, P]
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class LocalEngine:
+    """Samples completions with `model` (a HF causal LM) in this process; implements `RolloutEngine`."""
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_ids: Sequence[int] | int,
+                 backend: Backend = "auto") -> None:
+        if backend not in ("auto", "direct", "hf"):
+            raise ValueError(f"backend must be 'auto', 'direct' or 'hf', got {backend!r}")
+        if backend == "direct" and (reason := direct_unsupported_reason(model)) is not None:
+            raise ValueError(f"backend 'direct' cannot run this model: {reason}")
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+        eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+        self.eos_token_ids = [int(e) for e in eos]
+        self.backend = backend
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def uses_direct(self) -> bool:
+        """Whether generate runs the fast `DirectDecoder` (else the model's own forward)."""
+        if self.backend == "auto":
+            return direct_unsupported_reason(self.model) is None
+        return self.backend == "direct"
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy weights into the engine's model (strict: every key must match)."""
+        with torch.no_grad():
+            self.model.load_state_dict(dict(state_dict), strict=True)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, *,
+                 seed: int | None = None) -> RolloutBatch:
+        """n completions per prompt; rows j*n .. j*n+n-1 belong to prompts[j]. Same seed -> same batch."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                batch = self._generate(prompts, n, params, seed)
+        finally:
+            self.model.train(was_training)
+        # Inference tensors cannot enter autograd (the trainer embeds completion_ids), so hand back
+        # ordinary copies, made outside inference mode.
+        return batch.clone()
+
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                  seed: int | None) -> RolloutBatch:
+        device = self.device
+        T = params.max_new_tokens
+        ids, mask = left_pad(prompts, self.pad_token_id, device)  # [N, P] each
+        B = ids.shape[0] * n
+        generator = None
+        if not params.greedy:
+            if seed is None:  # draw one from torch's global RNG, so torch.manual_seed still governs it
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        decoder = (DirectDecoder if self.uses_direct() else HFDecoder)(self.model, T)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)  # [E]
+
+        out_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=device)  # [B, T]
+        out_logp = torch.zeros(B, T, dtype=torch.float32, device=device)  # [B, T]
+        lengths = torch.full((B,), T, dtype=torch.long, device=device)  # [B] T unless an EOS comes
+        rows = torch.arange(B, device=device)  # [R] original row of each live batch row
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # [R] emitted an EOS already
+        live_len = torch.full((B,), T, dtype=torch.long, device=device)  # [R]
+
+        logits = decoder.prefill(ids, mask, n)  # [B, V]
+        steps = 0
+        while True:
+            tokens, logp = next_tokens(logits, params, generator)  # [R], [R]
+            out_ids[:, steps].index_copy_(0, rows, tokens)
+            out_logp[:, steps].index_copy_(0, rows, logp)
+            steps += 1
+            if eos.numel() > 0:
+                ended = torch.isin(tokens, eos) & ~done  # [R] first EOS of the row
+                live_len = torch.where(ended, steps, live_len)  # [R]
+                done = done | ended  # [R]
+                n_done = int(done.sum().item())  # one host sync per step, as in HF generate
+                if n_done == done.numel():
+                    break
+            if steps == T:
+                break
+            if eos.numel() > 0 and n_done >= max(1.0, _DROP_FRACTION * done.numel()):
+                lengths.index_copy_(0, rows[done], live_len[done])
+                keep = (~done).nonzero().squeeze(1)  # [R']
+                decoder.keep(keep)
+                rows, tokens = rows[keep], tokens[keep]  # [R']
+                done, live_len = done[keep], live_len[keep]  # [R']
+            logits = decoder.step(tokens)  # [R, V]
+        lengths.index_copy_(0, rows, live_len)
+
+        completion_mask = (torch.arange(steps, device=device) < lengths[:, None]).long()  # [B, t]
+        completion_ids = out_ids[:, :steps].masked_fill(completion_mask == 0, self.pad_token_id)  # [B, t]
+        sampling_logp = out_logp[:, :steps] * completion_mask  # [B, t] 0 at padding
+        last = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B]
+        truncated = ~torch.isin(last, eos)  # [B] no EOS at the end -> stopped by max_new_tokens
+        return RolloutBatch(
+            prompt_ids=ids.repeat_interleave(n, dim=0),  # [B, P]
+            prompt_mask=mask.repeat_interleave(n, dim=0),  # [B, P]
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            sampling_logp=sampling_logp,
+            lengths=lengths,
+            truncated=truncated,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(n),  # [B]
+            pad_token_id=self.pad_token_id,
+        )
