@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from gradus.config import ConfigError, TrainConfig
-from gradus.models import ModelLoadError, build_char_tokenizer, build_tiny_model, load_pretrained, save_pretrained
+from gradus.models import (
+    ModelLoadError,
+    build_char_tokenizer,
+    build_tiny_model,
+    check_model_dir,
+    load_pretrained,
+    save_pretrained,
+)
 from gradus.tasks import Task, get_task
 from gradus.train.sft import run_sft
 
@@ -85,6 +92,14 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
         shutil.rmtree(path)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a cache entry that looks complete
     return path
+
+
+def check_model_path(path: str) -> None:
+    """Fail early, naming the field, when model.path is not a loadable model directory."""
+    try:
+        check_model_dir(path)
+    except ModelLoadError as err:
+        raise ConfigError(f"model.path: {err}") from err
 
 
 def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:

@@ -84,6 +84,8 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = bootstrap.resolve_device(cfg.run.device)
+        if cfg.model.path:
+            bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
         self.heldout = self.task.heldout(cfg.task.heldout_size)
         if not self.heldout:

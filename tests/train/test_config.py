@@ -1,0 +1,61 @@
+import pytest
+
+from gradus.config import ConfigError, all_keys, field_doc, load_config
+from gradus.train.presets import ALGO_DEFAULTS, resolve_algo
+from gradus.train.trainer import validate
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  name: dapo\n  clip_high: 0.3\nrun:\n  steps: 7\n")
+    cfg = load_config(path, ["run.steps=9", "algo.dynamic_sampling=false"])
+    assert (cfg.algo.name, cfg.algo.clip_high, cfg.run.steps, cfg.algo.dynamic_sampling) == ("dapo", 0.3, 9, False)
+    assert load_config().algo.name == "grpo"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("algo.clip_hihg=0.3", "did you mean 'algo.clip_high'"),
+    ("clip_high=0.3", "did you mean 'algo.clip_high'"),
+    ("run.stepz=3", "did you mean 'run.steps'"),
+    ("optim.lr=fast", "optim.lr must be float"),
+    ("run.steps=2.5", "run.steps must be int"),
+    ("run.steps", "must look like section.key=value"),
+])
+def test_bad_keys_and_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_every_key_is_documented():
+    assert all(field_doc(k) for k in all_keys()), [k for k in all_keys() if not field_doc(k)]
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["rollout.group_size=1"], "rollout.group_size"),
+    (["rollout.prompts_per_step=3", "rollout.group_size=3", "optim.minibatches=2"], "optim.minibatches"),
+    (["algo.name=sapo", "algo.clip_high=0.3"], "algo.clip_high"),
+    (["algo.name=grpo", "algo.tau_pos=2"], "algo.tau_pos"),
+    (["algo.name=gspo", "algo.dual_clip=3"], "algo.dual_clip"),
+    (["algo.name=grpo", "algo.gamma=0.9"], "algo.gamma"),
+    (["algo.name=ppo", "algo.adv_scale=group"], "algo.adv_scale"),
+    (["algo.name=trpo"], "algo.name"),
+    (["algo.name=grpo", "algo.overlong_cache=8"], "algo.overlong_cache"),
+    (["rollout.temperature=0"], "rollout.temperature"),
+    (["optim.epochs=0"], "optim.epochs"),
+])
+def test_config_that_cannot_work_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(load_config(overrides=overrides))
+
+
+def test_presets_papers_defaults():
+    grpo = resolve_algo(load_config(overrides=["algo.name=grpo"]))
+    assert grpo.kl_coef == 0.04 and grpo.adv_scale == "group" and not grpo.dynamic_sampling
+    dapo = resolve_algo(load_config(overrides=["algo.name=dapo"]))
+    assert dapo.kl_coef == 0 and dapo.dynamic_sampling and dapo.overlong_shaping
+    assert (dapo.objective.clip_low, dapo.objective.clip_high) == (0.2, 0.28)
+    ppo = resolve_algo(load_config(overrides=["algo.name=ppo"]))
+    assert ppo.uses_critic and ppo.kl_in_reward
+    dr = resolve_algo(load_config(overrides=["algo.name=dr_grpo", "rollout.max_new_tokens=32"]))
+    assert dr.adv_scale == "none" and dr.objective.agg_norm == 32.0
+    assert set(ALGO_DEFAULTS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}

@@ -1,0 +1,157 @@
+"""Few-step runs of the whole loop on a nano model: every algorithm, resume, faults."""
+
+import json
+
+import pytest
+import torch
+
+from gradus.config import ConfigError, load_config
+from gradus.models import load_pretrained
+from gradus.train import update as update_module
+from gradus.train.checkpoint import latest_checkpoint
+from gradus.train.runlog import read_metrics
+from gradus.train.trainer import Trainer, resume_config, train
+
+from .conftest import tiny_overrides
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
+def test_every_algo_runs_end_to_end(algo, nano_dir, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"algo.name": algo, "optim.minibatches": 2}))
+    result = train(cfg)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["algo"] == algo and summary["steps"] == 2
+    assert 0 <= summary["heldout_accuracy_after"] <= 1
+    records = read_metrics(result.run_dir / "metrics.jsonl")
+    steps = [r for r in records if "reward/mean" in r]
+    assert len(steps) == 2 and all(r["actor/updates"] >= 1 for r in steps if "actor/updates" in r)
+    assert (result.run_dir / "curves.png").stat().st_size > 1000
+    assert (result.run_dir / "config.yaml").is_file()
+    assert any((result.run_dir / "tensorboard").iterdir())
+    # the checkpoint's policy loads with plain transformers
+    model, _ = load_pretrained(latest_checkpoint(result.run_dir) / "policy")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    if algo == "ppo":
+        assert "critic/loss" in steps[0] and "critic/explained_var" in steps[0]
+        assert (latest_checkpoint(result.run_dir) / "critic" / "config.json").is_file()
+    if algo == "grpo":
+        assert steps[0]["actor/kl_ref"] >= 0
+    if algo == "sapo":
+        assert 0 < steps[0]["actor/gate_weight_mean"] <= 1
+
+
+def test_training_changes_the_policy_on_policy_ratio_is_one(nano_dir, tmp_path, monkeypatch):
+    # an untrained model never answers right; a user reward that pays for length gives a signal
+    (tmp_path / "my_rewards.py").write_text(
+        "def longer(prompts, completions, **fields):\n    return [len(c) / 10 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "run.steps": 1, "task.rewards": "my_rewards:longer:0.5,numeric_match"}))
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.fit()
+    records = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "actor/ratio_mean" in r]
+    # one minibatch, one epoch: exactly on-policy, so every ratio is exactly 1
+    assert records[0]["actor/ratio_min"] == 1.0 and records[0]["actor/ratio_max"] == 1.0
+    assert records[0]["reward/my_rewards:longer"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_path, monkeypatch):
+    extra = {"algo.name": algo, "run.steps": 4, "run.save_every": 2, "optim.minibatches": 2}
+    straight = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "a", **extra)))
+    straight.fit()
+
+    killed = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "b", **extra)))
+    real_step = Trainer.train_step
+
+    def dies_at_step_3(self, step):
+        if step == 3:
+            raise SystemExit("killed")  # not KeyboardInterrupt: no checkpoint on the way out
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+    with pytest.raises(SystemExit):
+        killed.fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert latest_checkpoint(killed.run_dir).name == "step-000002"
+
+    resumed = Trainer(resume_config(killed.run_dir, []), run_dir=killed.run_dir, resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    for a, b in zip(_params(straight.policy), _params(resumed.policy), strict=True):
+        assert torch.equal(a, b)
+    if algo == "ppo":
+        for a, b in zip(_params(straight.critic), _params(resumed.critic), strict=True):
+            assert torch.equal(a, b)
+    steps = [r["step"] for r in read_metrics(killed.run_dir / "metrics.jsonl") if "reward/mean" in r]
+    assert steps == [1, 2, 3, 4]  # no step logged twice
+
+
+def test_ctrl_c_saves_a_checkpoint(nano_dir, tmp_path, monkeypatch):
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 5})))
+    real_step = Trainer.train_step
+
+    def interrupted(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert latest_checkpoint(trainer.run_dir).name == "step-000002"
+
+
+def test_nan_update_is_skipped_and_logged_then_training_goes_on(nano_dir, tmp_path, monkeypatch):
+    real = update_module.objective_loss
+    calls = {"n": 0}
+
+    def nan_first(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 1 else loss), metrics
+
+    monkeypatch.setattr(update_module, "objective_loss", nan_first)
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 2})))
+    before = _params(trainer.policy)
+    real_step = trainer.train_step
+    snapshots = []
+
+    def watch(step):
+        out = real_step(step)
+        snapshots.append(_params(trainer.policy))
+        return out
+
+    trainer.train_step = watch
+    trainer.fit()
+    records = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "actor/skipped_updates" in r]
+    assert [r["actor/skipped_updates"] for r in records] == [1.0, 0.0]
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshots[0], strict=True))  # step 1 changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(before, snapshots[1], strict=True))
+
+
+def test_many_nan_updates_in_a_row_stop_the_run(nano_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(update_module, "objective_loss",
+                        lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "run.steps": 10, "optim.max_bad_steps": 3})))
+    with pytest.raises(update_module.NonFiniteUpdate, match="3 steps in a row"):
+        trainer.fit()
+    assert trainer.step == 2  # the third bad step raised before being counted
+
+
+def test_missing_model_and_empty_dataset_fail_before_any_work(tmp_path, nano_dir):
+    with pytest.raises(ConfigError, match="model.path.*config.json"):
+        Trainer(load_config(overrides=tiny_overrides(tmp_path / "nowhere", tmp_path)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="task"):
+        Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+            "task.name": "file", "task.data_file": str(empty)})))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("grpo")]  # no run folder was made
