@@ -21,3 +21,13 @@ def tiny_overrides(nano_dir, tmp_path, **extra):
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def signal_reward(tmp_path, monkeypatch):
+    """An untrained model never answers right; this user reward pays for digits, so groups differ."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def digits(prompts, completions, **fields):\n"
+        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards:digits:0.5,numeric_match"

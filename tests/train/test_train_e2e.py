@@ -16,8 +16,9 @@ from .conftest import tiny_overrides
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
-def test_every_algo_runs_end_to_end(algo, nano_dir, tmp_path):
-    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"algo.name": algo, "optim.minibatches": 2}))
+def test_every_algo_runs_end_to_end(algo, nano_dir, tmp_path, signal_reward):
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "algo.name": algo, "optim.minibatches": 2, "task.rewards": signal_reward}))
     result = train(cfg)
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["algo"] == algo and summary["steps"] == 2
@@ -40,20 +41,15 @@ def test_every_algo_runs_end_to_end(algo, nano_dir, tmp_path):
         assert 0 < steps[0]["actor/gate_weight_mean"] <= 1
 
 
-def test_training_changes_the_policy_on_policy_ratio_is_one(nano_dir, tmp_path, monkeypatch):
-    # an untrained model never answers right; a user reward that pays for length gives a signal
-    (tmp_path / "my_rewards.py").write_text(
-        "def longer(prompts, completions, **fields):\n    return [len(c) / 10 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
-        "run.steps": 1, "task.rewards": "my_rewards:longer:0.5,numeric_match"}))
+def test_training_changes_the_policy_on_policy_ratio_is_one(nano_dir, tmp_path, signal_reward):
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 1, "task.rewards": signal_reward}))
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.fit()
     records = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "actor/ratio_mean" in r]
     # one minibatch, one epoch: exactly on-policy, so every ratio is exactly 1
     assert records[0]["actor/ratio_min"] == 1.0 and records[0]["actor/ratio_max"] == 1.0
-    assert records[0]["reward/my_rewards:longer"] > 0
+    assert records[0]["reward/std"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
 
 
@@ -62,8 +58,9 @@ def _params(model):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_path, monkeypatch):
-    extra = {"algo.name": algo, "run.steps": 4, "run.save_every": 2, "optim.minibatches": 2}
+def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_path, monkeypatch, signal_reward):
+    extra = {"algo.name": algo, "run.steps": 4, "run.save_every": 2, "optim.minibatches": 2,
+             "task.rewards": signal_reward}
     straight = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "a", **extra)))
     straight.fit()
 
@@ -86,6 +83,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_pat
     resumed.fit()
     for a, b in zip(_params(straight.policy), _params(resumed.policy), strict=True):
         assert torch.equal(a, b)
+    initial = _params(load_pretrained(nano_dir)[0])
+    assert any(not torch.equal(a, b) for a, b in zip(initial, _params(resumed.policy), strict=True))
     if algo == "ppo":
         for a, b in zip(_params(straight.critic), _params(resumed.critic), strict=True):
             assert torch.equal(a, b)
@@ -108,7 +107,7 @@ def test_ctrl_c_saves_a_checkpoint(nano_dir, tmp_path, monkeypatch):
     assert latest_checkpoint(trainer.run_dir).name == "step-000002"
 
 
-def test_nan_update_is_skipped_and_logged_then_training_goes_on(nano_dir, tmp_path, monkeypatch):
+def test_nan_update_is_skipped_and_logged_then_training_goes_on(nano_dir, tmp_path, monkeypatch, signal_reward):
     real = update_module.objective_loss
     calls = {"n": 0}
 
@@ -118,7 +117,8 @@ def test_nan_update_is_skipped_and_logged_then_training_goes_on(nano_dir, tmp_pa
         return (loss * float("nan") if calls["n"] == 1 else loss), metrics
 
     monkeypatch.setattr(update_module, "objective_loss", nan_first)
-    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 2})))
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "run.steps": 2, "task.rewards": signal_reward})))
     before = _params(trainer.policy)
     real_step = trainer.train_step
     snapshots = []
