@@ -5,14 +5,16 @@ tokens only, not the whole [N, V] distribution. With V ~ 150k, materialising flo
 N = 8 x 1024 tokens takes ~5 GB, and log_softmax plus its backward triples that. `token_logprobs`
 instead walks the tokens `chunk_size` at a time:
 
-- forward: logits of one chunk [C, V] in float32, keep only log p(target) and the log-sum-exp [C];
+- forward: logits of one chunk [C, V] in float32; keep only log p(target), the max logit and the
+  sum of exp(logit - max) per token ([C] each);
 - backward: recompute the chunk's logits from (hidden, weight), turn them into
   d log p / d logits = (onehot(target) - softmax) / temperature in place, and multiply out the
-  gradients of hidden, weight and bias; the chunk buffer is then reused.
+  gradients of hidden, weight and bias; the chunk buffer is freed before the next chunk.
 
-Peak extra memory is O(chunk_size x V) instead of O(N x V), for one more matmul per chunk in backward
-(the logit recompute). Arithmetic is float32 (float64 for float64 inputs) whatever the input dtype;
-gradients come back in the inputs' dtypes.
+Peak extra memory is one [chunk_size, V] buffer instead of several [N, V] ones (plus, for bf16
+weights, a float32 copy of the [V, H] head and its gradient accumulator), for one more matmul per
+chunk in backward (the logit recompute). Arithmetic is float32 (float64 for float64 inputs) whatever
+the input dtype; gradients come back in the inputs' dtypes.
 
 Position ids: gradus computes them from the attention mask as `cumsum(mask) - 1`, clamped at 0, so a
 left-padded row gets the same positions as the unpadded one. This matches HF `generate` on left-padded
