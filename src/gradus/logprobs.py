@@ -5,14 +5,16 @@ tokens only, not the whole [N, V] distribution. With V ~ 150k, materialising flo
 N = 8 x 1024 tokens takes ~5 GB, and log_softmax plus its backward triples that. `token_logprobs`
 instead walks the tokens `chunk_size` at a time:
 
-- forward: logits of one chunk [C, V] in float32, keep only log p(target) and the log-sum-exp [C];
+- forward: logits of one chunk [C, V] in float32; keep only log p(target), the max logit and the
+  sum of exp(logit - max) per token ([C] each);
 - backward: recompute the chunk's logits from (hidden, weight), turn them into
   d log p / d logits = (onehot(target) - softmax) / temperature in place, and multiply out the
-  gradients of hidden, weight and bias; the chunk buffer is then reused.
+  gradients of hidden, weight and bias; the chunk buffer is freed before the next chunk.
 
-Peak extra memory is O(chunk_size x V) instead of O(N x V), for one more matmul per chunk in backward
-(the logit recompute). Arithmetic is float32 (float64 for float64 inputs) whatever the input dtype;
-gradients come back in the inputs' dtypes.
+Peak extra memory is one [chunk_size, V] buffer instead of several [N, V] ones (plus, for bf16
+weights, a float32 copy of the [V, H] head and its gradient accumulator), for one more matmul per
+chunk in backward (the logit recompute). Arithmetic is float32 (float64 for float64 inputs) whatever
+the input dtype; gradients come back in the inputs' dtypes.
 
 Position ids: gradus computes them from the attention mask as `cumsum(mask) - 1`, clamped at 0, so a
 left-padded row gets the same positions as the unpadded one. This matches HF `generate` on left-padded
@@ -22,8 +24,12 @@ there does not matter). The rollout engine uses the same `position_ids_from_mask
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:  # only for annotations: importing transformers is slow and not needed here
+    from transformers import PreTrainedModel
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight, bias)
         n_tokens = hidden.shape[0]
         logp = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
-        lse = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
+        # Per token, max logit m and sum of exp(z - m) (not their combination m + log sum: the
+        # rounding of that sum would cost backward up to ~|m| ulps of accuracy in every probability).
+        row_max = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
+        total = hidden.new_empty(n_tokens, dtype=dtype)  # [N]
         entropy = hidden.new_empty(n_tokens if with_entropy else 0, dtype=dtype)  # [N] or [0]
         # Autocast would run the matmul in bf16; the point here is float32 logits.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -71,19 +80,24 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 stop = min(start + chunk_size, n_tokens)
                 logits = _chunk_logits(hidden[start:stop].to(dtype), w, b, temperature)  # [C, V]
                 target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)  # [C]
-                row_max = logits.amax(dim=1, keepdim=True)  # [C, 1]
-                shifted = logits.sub_(row_max)  # [C, V], in place: z - max
+                chunk_max = logits.amax(dim=1)  # [C]
+                shifted = logits.sub_(chunk_max[:, None])  # [C, V], in place: z - m
                 if with_entropy:
                     exp = shifted.exp()  # [C, V]
-                    total = exp.sum(dim=1)  # [C]
-                    # H = lse - sum_v p_v z_v = log(total) - sum_v exp_v (z_v - max) / total
+                    chunk_total = exp.sum(dim=1)  # [C]
+                    # H = log sum_v e^z - sum_v p_v z_v = log(total) - sum_v exp_v (z_v - m) / total
                     weighted = exp.mul_(shifted).sum(dim=1)  # [C]
-                    entropy[start:stop] = total.log() - weighted / total
+                    entropy[start:stop] = chunk_total.log() - weighted / chunk_total
                 else:
-                    total = shifted.exp_().sum(dim=1)  # [C]
-                lse[start:stop] = row_max.squeeze(1) + total.log()
-                logp[start:stop] = target_logit - lse[start:stop]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                    chunk_total = shifted.exp_().sum(dim=1)  # [C]
+                row_max[start:stop] = chunk_max
+                total[start:stop] = chunk_total
+                logp[start:stop] = (target_logit - chunk_max) - chunk_total.log()
+                # Free the [C, V] buffer now, or the next chunk's is allocated while this one lives.
+                del logits, shifted
+                if with_entropy:
+                    del exp
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, total)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -91,9 +105,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, row_max, total = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dtype = lse.dtype
+        dtype = total.dtype
         n_tokens = hidden.shape[0]
         grad_hidden = grad_weight = grad_bias = None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -112,8 +126,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 h = hidden[start:stop].to(dtype)  # [C, H]
                 g = scale[start:stop, None]  # [C, 1]
                 logits = _chunk_logits(h, w, b, ctx.temperature)  # [C, V]
-                # In place, one buffer: logits -> softmax -> -g * softmax -> g * (onehot - softmax).
-                grad_z = logits.sub_(lse[start:stop, None]).exp_().mul_(-g)  # [C, V]
+                # In place, one buffer: z -> e^(z - m) -> -g * e^(z - m) / total = -g * softmax,
+                # then add g at the target: g * (onehot - softmax).
+                shifted = logits.sub_(row_max[start:stop, None])  # [C, V]
+                grad_z = shifted.exp_().mul_(-g / total[start:stop, None])  # [C, V]
                 grad_z.scatter_add_(1, targets[start:stop, None], g)
                 if need_hidden:
                     torch.mm(grad_z, w, out=grad_hidden[start:stop])  # [C, H]
@@ -121,6 +137,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     grad_weight.addmm_(grad_z.T, h)  # [V, H]
                 if need_bias:
                     grad_bias += grad_z.sum(dim=0)  # [V]
+                del logits, shifted, grad_z  # as in forward: one [C, V] buffer alive at a time
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:

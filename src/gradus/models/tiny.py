@@ -2,7 +2,7 @@
 
 They are ordinary `transformers` models (`Qwen2ForCausalLM`, `LlamaForCausalLM`), so everything in
 gradus that works on them works unchanged on a real checkpoint. Sizes are named in `TINY_SIZES`; the
-parameter counts quoted there are for the 101-token `build_char_tokenizer()` vocabulary and
+parameter counts quoted there are for the 260-token `build_char_tokenizer()` vocabulary and
 arch="qwen2" (Llama has no q/k/v biases, so it is a few hundred parameters smaller).
 All sizes tie the input and output embeddings: at this scale an untied head would be a large
 fraction of the parameters.
@@ -46,13 +46,13 @@ class TinySize:
 TINY_SIZES: dict[str, TinySize] = {
     # For unit tests: a forward+backward over a few hundred tokens takes milliseconds.
     "nano": TinySize(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=192, num_params=105_344),
+                     intermediate_size=192, num_params=115_520),
     # For CPU experiments that should train in minutes.
     "micro": TinySize(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                      intermediate_size=384, num_params=801_536),
+                      intermediate_size=384, num_params=821_888),
     # For longer CPU runs or a GPU.
     "small": TinySize(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4,
-                      intermediate_size=768, num_params=4_750_848),
+                      intermediate_size=768, num_params=4_791_552),
 }
 
 _ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
