@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets")
     demo.add_argument("--steps", type=int, default=30)
     args = parser.parse_args(argv)
+    # transformers' own per-file progress bars ("Loading weights") would drown gradus' progress bar
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if getattr(args, "help_config", False):
         print(_help_config())

@@ -33,8 +33,8 @@ class ModelConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
-    """Optimizer steps of the supervised warm start."""
+    steps: int = 300
+    """Optimizer steps of the supervised warm start (short on purpose: it teaches the format, RL the skill)."""
     batch_size: int = 64
     """Examples per SFT step."""
     lr: float = 3e-3
@@ -45,7 +45,7 @@ class SFTConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"
+    name: str = "countdown"
     """Task: a built-in name (arithmetic, countdown, math_file) or 'file' for data_file."""
     difficulty: int | None = None
     """Difficulty level of procedural tasks; None: the task's default."""
@@ -65,7 +65,7 @@ class TaskConfig:
     """Time limit of one reward call; past it the completions score 0."""
     strict_rewards: bool = False
     """Make a failing or timed-out reward fatal instead of scoring 0."""
-    heldout_size: int = 200
+    heldout_size: int = 500
     """Number of held-out problems for evaluation."""
 
 
@@ -73,7 +73,7 @@ class TaskConfig:
 class RolloutConfig:
     group_size: int = 8
     """G: completions sampled per prompt."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = 64
     """Prompts (groups) per training step."""
     temperature: float = 1.0
     """Sampling temperature."""
@@ -131,12 +131,14 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    """Actor learning rate (AdamW)."""
+    lr: float = 2e-4
+    """Actor peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 5
     """Linear learning-rate warm-up, in optimizer steps."""
+    schedule: str = "cosine"
+    """Learning rate after warm-up: constant, linear (to 10%) or cosine (to 10%) over the run."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
     epochs: int = 1
@@ -151,7 +153,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 150
+    steps: int = 250
     """RL training steps."""
     seed: int = 0
     """Seed of everything: model init, data order, sampling."""

@@ -13,7 +13,9 @@ denominators are global (see update.py).
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,8 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(f"rollout: {err}") from err
     if r.temperature == 0:
         raise ConfigError("rollout.temperature must be > 0 for training (0 is greedy: every sample alike)")
+    if o.schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {o.schedule!r}")
     if cfg.task.heldout_size < 1:
         raise ConfigError(f"task.heldout_size must be >= 1, got {cfg.task.heldout_size}")
     return algo
@@ -293,9 +297,21 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig) -> Optim:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
-    warm = max(1, cfg.optim.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    return Optim(model, opt, sched, cfg.optim.grad_clip)
+    total = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches  # optimizer steps in the run
+    factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
+    return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str, floor: float = 0.1) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - (1.0 - floor) * frac
+    if kind == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
 
 
 def _mix(*parts: int) -> int:
