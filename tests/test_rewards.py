@@ -351,3 +351,14 @@ def test_time_limit_overhead_small() -> None:
     overhead = per_call(True) - per_call(False)
     assert overhead < 100e-6, f"overhead {1e6 * overhead:.1f} us per call"
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_overlong_penalty_as_a_reward_term():
+    import torch
+
+    from gradus.rewards.shaping import with_overlong_penalty
+
+    # max_len 8, cache 4: free up to 4 tokens, then (4 - L) / 4, -1 past 8
+    total, penalty = with_overlong_penalty([1.0, 1.0, 0.0, 0.5], torch.tensor([4, 6, 8, 9]), max_len=8, cache_len=4)
+    assert penalty.tolist() == [0.0, -0.5, -1.0, -1.0]
+    assert total.tolist() == [1.0, 0.5, -1.0, -0.5]

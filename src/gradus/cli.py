@@ -142,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a toy policy with each objective (no model needed)")
     demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets")
     demo.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere among the flags; argparse alone only takes them in one run
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     # transformers' own per-file progress bars ("Loading weights") would drown gradus' progress bar
     from transformers.utils import logging as hf_logging
 

@@ -127,6 +127,8 @@ class AlgoConfig:
     """PPO: value-loss clip range."""
     critic_lr: float = 1e-3
     """PPO: critic learning rate."""
+    critic_warmup: int = 0
+    """PPO: first steps that train only the critic (measured on the default task: it did not help)."""
 
 
 @dataclass

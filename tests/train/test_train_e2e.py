@@ -155,3 +155,14 @@ def test_missing_model_and_empty_dataset_fail_before_any_work(tmp_path, nano_dir
         Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
             "task.name": "file", "task.data_file": str(empty)})))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("grpo")]  # no run folder was made
+
+
+def test_ppo_critic_warmup_trains_only_the_critic(nano_dir, tmp_path, signal_reward):
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "algo.name": "ppo", "run.steps": 2, "algo.critic_warmup": 1, "task.rewards": signal_reward})))
+    actor0, critic0 = _params(trainer.policy), _params(trainer.critic)
+    trainer.train_step(1)
+    assert all(torch.equal(a, b) for a, b in zip(actor0, _params(trainer.policy), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(critic0, _params(trainer.critic), strict=True))
+    trainer.train_step(2)
+    assert any(not torch.equal(a, b) for a, b in zip(actor0, _params(trainer.policy), strict=True))

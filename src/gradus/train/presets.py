@@ -36,7 +36,7 @@ ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
 }
 
 LOSS_KNOBS = ("clip_low", "clip_high", "dual_clip", "tau_pos", "tau_neg", "agg", "agg_norm")
-PPO_ONLY = ("gamma", "lam", "value_clip", "critic_lr")
+PPO_ONLY = ("gamma", "lam", "value_clip", "critic_lr", "critic_warmup")
 
 
 @dataclass(frozen=True)

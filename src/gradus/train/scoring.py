@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from gradus.objectives import overlong_penalty
 from gradus.rewards import CombinedReward, RewardSpec, get_reward
+from gradus.rewards.shaping import with_overlong_penalty
 from gradus.rollout import RolloutBatch
 from gradus.tasks import Example, Task, reward_fields
 
@@ -62,9 +62,9 @@ class Scorer:
 
 def add_overlong_penalty(scores: Scores, lengths: torch.Tensor, *, max_len: int, cache_len: int) -> Scores:
     """DAPO's soft overlong punishment added to the rewards (its mean is logged)."""
-    penalty = overlong_penalty(lengths.cpu(), max_len=max_len, cache_len=cache_len)  # [N]
+    total, penalty = with_overlong_penalty(scores.rewards, lengths, max_len=max_len, cache_len=cache_len)
     metrics = dict(scores.metrics, **{"reward/overlong_penalty": penalty.mean().item()})
-    return Scores(scores.rewards + penalty, scores.correct, metrics)
+    return Scores(total, scores.correct, metrics)
 
 
 def _is_number(text: str) -> bool:

@@ -196,7 +196,8 @@ class Trainer:
             inputs, self.actor_opt, self.algo, epochs=cfg.optim.epochs, minibatches=self._minibatches(got),
             token_budget=cfg.optim.token_budget, temperature=cfg.rollout.temperature,
             chunk_size=cfg.model.chunk_size, generator=gen, critic=self.critic_opt,
-            value_clip=cfg.algo.value_clip)
+            value_clip=cfg.algo.value_clip,
+            train_actor=not (self.algo.uses_critic and step <= cfg.algo.critic_warmup))
         metrics.update(update_metrics)
         self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
         return metrics

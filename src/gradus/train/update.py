@@ -95,8 +95,10 @@ def run_updates(
     generator: torch.Generator,
     critic: Optim | None = None,
     value_clip: float | None = None,
+    train_actor: bool = True,
 ) -> tuple[dict[str, float], int]:
-    """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps)."""
+    """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps).
+    With train_actor=False (PPO's critic warm-up) only the critic learns."""
     n = inputs.batch.batch_size
     if minibatches > n:
         raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
@@ -107,7 +109,7 @@ def run_updates(
         for rows in order.tensor_split(minibatches):
             metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, token_budget=token_budget,
                                       temperature=temperature, chunk_size=chunk_size, critic=critic,
-                                      value_clip=value_clip)
+                                      value_clip=value_clip, train_actor=train_actor)
             steps += 1
             if metrics is None:
                 skipped += 1
@@ -132,6 +134,7 @@ def _minibatch_step(
     chunk_size: int,
     critic: Optim | None,
     value_clip: float | None,
+    train_actor: bool = True,
 ) -> dict[str, float] | None:
     """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
     Returns None (and applies nothing) when a loss or gradient is not finite."""
@@ -147,6 +150,12 @@ def _minibatch_step(
         sub = inputs.batch.select(idx).trim()
         T = sub.completion_ids.shape[1]
         mask = inputs.loss_mask[idx, :T]  # [m, T]
+        weight = mask.sum().item() / max(mask_mb.sum().item(), 1)  # share of the minibatch's tokens
+        if not train_actor:
+            if not _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums):
+                finite = False
+                break
+            continue
         logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
                                             temperature=temperature, chunk_size=chunk_size, with_entropy=True)
         old = logp.detach() if inputs.old_logp is None else inputs.old_logp[idx, :T]
@@ -158,7 +167,6 @@ def _minibatch_step(
                           norm=obj.agg_norm, **counts)
             loss = loss + algo.kl_coef * kl
             m["kl_ref"] = kl.item()
-        weight = mask.sum().item() / max(mask_mb.sum().item(), 1)
         m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
         if not torch.isfinite(loss):
             finite = False
@@ -166,19 +174,11 @@ def _minibatch_step(
         loss.backward()
         for k, v in m.items():
             sums[f"actor/{k}"] += v * weight
-        if critic is not None:
-            values = critic_values(critic.model, sub.input_ids, sub.attention_mask)[
-                :, sub.completion_start - 1 : sub.completion_start - 1 + T]  # [m, T] V(state before token t)
-            vloss, vm = value_loss(values, inputs.old_values[idx, :T], inputs.returns[idx, :T], mask,
-                                   clip=value_clip, agg="token-mean", **value_counts)
-            if not torch.isfinite(vloss):
-                finite = False
-                break
-            vloss.backward()
-            sums["critic/loss"] += vloss.item()
-            for k, v in vm.items():
-                sums[f"critic/{k}"] += v * weight
-    models = [actor] + ([critic] if critic is not None else [])
+        if critic is not None and not _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts,
+                                                       weight, sums):
+            finite = False
+            break
+    models = ([actor] if train_actor else []) + ([critic] if critic is not None else [])
     norms = [torch.nn.utils.clip_grad_norm_(o.model.parameters(), o.grad_clip) for o in models] if finite else []
     if not finite or not all(math.isfinite(float(x)) for x in norms):
         for o in models:
@@ -188,8 +188,25 @@ def _minibatch_step(
         o.optimizer.step()
         o.scheduler.step()
         o.optimizer.zero_grad(set_to_none=True)
-    sums["actor/grad_norm"] = float(norms[0])
-    sums["actor/lr"] = actor.scheduler.get_last_lr()[0]
-    if critic is not None:
-        sums["critic/grad_norm"] = float(norms[1])
+    for o, norm in zip(models, norms, strict=True):
+        sums[f"{'actor' if o is actor else 'critic'}/grad_norm"] = float(norm)
+    sums["actor/lr"] = actor.scheduler.get_last_lr()[0] if train_actor else 0.0
     return dict(sums)
+
+
+def _critic_backward(critic: Optim, sub: RolloutBatch, inputs: UpdateInputs, idx: torch.Tensor, mask: torch.Tensor,
+                     value_clip: float | None, counts: dict[str, torch.Tensor], weight: float,
+                     sums: dict[str, float]) -> bool:
+    """Clipped value loss of one micro-batch, backward; False if it is not finite."""
+    T = mask.shape[1]
+    values = critic_values(critic.model, sub.input_ids, sub.attention_mask)[
+        :, sub.completion_start - 1 : sub.completion_start - 1 + T]  # [m, T] V(state before token t)
+    vloss, vm = value_loss(values, inputs.old_values[idx, :T], inputs.returns[idx, :T], mask,
+                           clip=value_clip, agg="token-mean", **counts)
+    if not torch.isfinite(vloss):
+        return False
+    vloss.backward()
+    sums["critic/loss"] += vloss.item()
+    for k, v in vm.items():
+        sums[f"critic/{k}"] += v * weight
+    return True

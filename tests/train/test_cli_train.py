@@ -1,0 +1,42 @@
+"""The command line on a nano model: eval --json, sft, train on a user's data file, config errors."""
+
+import json
+
+from gradus.cli import main
+from gradus.models import load_pretrained
+
+from .conftest import tiny_overrides
+
+
+def test_eval_json(nano_dir, capsys):
+    assert main(["eval", "--model", str(nano_dir), "--task", "arithmetic", "--k", "2", "--n", "4", "--json",
+                 "rollout.max_new_tokens=4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 4 and out["k"] == 2 and 0 <= out["accuracy"] <= out["pass_at_k"] <= 1
+
+
+def test_sft_saves_a_loadable_model(nano_dir, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(["sft", "--model", str(nano_dir), "--output", str(out), "--no-progress", "sft.steps=3",
+                 "sft.batch_size=4", "sft.warmup_steps=1"]) == 0
+    model, tok = load_pretrained(out)
+    base, _ = load_pretrained(nano_dir)
+    changed = [not (a == b).all() for a, b in zip(model.parameters(), base.parameters(), strict=True)]
+    assert any(changed) and "sft/loss" in capsys.readouterr().out
+
+
+def test_train_on_a_user_data_file(nano_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i}+{i}=", "a": str(2 * i)}) + "\n" for i in range(40)))
+    args = [a for a in tiny_overrides(nano_dir, tmp_path, **{"task.heldout_size": 4})]
+    assert main(["train", "--data", str(data), "task.prompt_field=q", "task.answer_field=a",
+                 "task.rewards=exact_match", "--name", "userdata", *args]) == 0
+    summary = json.loads((tmp_path / "userdata" / "summary.json").read_text())
+    assert summary["task"] == "file" and summary["steps"] == 2
+
+
+def test_config_error_exit_code(capsys):
+    assert main(["train", "algo.clip_hihg=0.3"]) == 2
+    assert "did you mean 'algo.clip_high'" in capsys.readouterr().err
+    assert main(["train", "--help-config"]) == 0
+    assert "algo.clip_high" in capsys.readouterr().out
