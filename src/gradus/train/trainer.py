@@ -60,9 +60,6 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
     if o.minibatches < 1 or rows % o.minibatches:
         raise ConfigError(f"optim.minibatches ({o.minibatches}) must divide the batch of "
                           f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
-    if algo.dynamic_sampling and o.minibatches > r.group_size:
-        raise ConfigError("optim.minibatches must be <= rollout.group_size with dynamic sampling "
-                          "(a short batch still holds at least one group)")
     for name, value in (("optim.epochs", o.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
                         o.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
         if value < 1:
