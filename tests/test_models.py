@@ -240,3 +240,25 @@ def test_critic_save_load_round_trip(tokenizer, tmp_path):
     assert_same_weights(critic, loaded)
     torch.testing.assert_close(critic_values(plain, input_ids, attention_mask), want, **KERNEL_TOL)
     torch.testing.assert_close(critic_values(loaded, input_ids, attention_mask), want, **KERNEL_TOL)
+
+
+def test_completion_values_are_the_values_at_the_predicting_positions():
+    import torch
+
+    from gradus.models import build_char_tokenizer, build_critic, build_tiny_model, completion_values, critic_values
+
+    tok = build_char_tokenizer()
+    critic = build_critic(build_tiny_model("nano", tokenizer=tok, seed=0))
+    with torch.no_grad():
+        critic.score.weight.normal_()  # a non-zero head, so the values differ by position
+    ids = torch.randint(4, 60, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # a left-padded prompt
+    start = 4
+    got = completion_values(critic, ids, mask, start)  # [2, 3]
+    full = critic_values(critic, ids, mask)  # [2, 7]
+    # completion token t sits at column start + t; the state before it ends at column start + t - 1
+    expected = torch.stack([full[:, start + t - 1] for t in range(7 - start)], dim=1)
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(got[:, 0], got[:, 1])

@@ -1,6 +1,6 @@
 """Models for gradus: a local char tokenizer, tiny Qwen2/Llama LMs, HF save/load, and the PPO critic."""
 
-from gradus.models.critic import build_critic, critic_values
+from gradus.models.critic import build_critic, completion_values, critic_values
 from gradus.models.loading import (
     ModelLoadError,
     check_model_dir,
@@ -21,6 +21,7 @@ __all__ = [
     "build_critic",
     "build_tiny_model",
     "check_model_dir",
+    "completion_values",
     "critic_values",
     "load_critic",
     "load_pretrained",

@@ -54,3 +54,13 @@ def critic_values(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     return output.logits.squeeze(-1).float()  # [B, S]
+
+
+def completion_values(
+    critic: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int
+) -> torch.Tensor:
+    """V(state before completion token t) for t = 0 .. S - completion_start - 1: the critic's output at
+    the position that predicts each completion token (the same positions as the policy's log-probs).
+    -> [B, S - completion_start] float32"""
+    values = critic_values(critic, input_ids, attention_mask)  # [B, S]
+    return values[:, completion_start - 1 : input_ids.shape[1] - 1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gradus.logprobs import completion_logprobs
-from gradus.models import critic_values
+from gradus.models import completion_values
 from gradus.rollout import RolloutBatch
 from gradus.train.update import micro_batches
 
@@ -33,7 +33,6 @@ def batch_values(critic: torch.nn.Module, batch: RolloutBatch, *, token_budget: 
     for micro in micro_batches(torch.arange(batch.batch_size), batch, token_budget):
         idx = micro.to(batch.device)
         sub = batch.select(idx).trim()
-        T = sub.completion_ids.shape[1]
-        values = critic_values(critic, sub.input_ids, sub.attention_mask)  # [m, S]
-        out[idx, :T] = values[:, sub.completion_start - 1 : sub.completion_start - 1 + T] * sub.completion_mask
+        values = completion_values(critic, sub.input_ids, sub.attention_mask, sub.completion_start)  # [m, T']
+        out[idx, : values.shape[1]] = values * sub.completion_mask
     return out

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gradus.logprobs import completion_logprobs
-from gradus.models import critic_values
+from gradus.models import completion_values
 from gradus.objectives import agg_loss, kl_penalty, objective_loss, value_loss
 from gradus.rollout import RolloutBatch
 from gradus.train.presets import ResolvedAlgo
@@ -199,8 +199,7 @@ def _critic_backward(critic: Optim, sub: RolloutBatch, inputs: UpdateInputs, idx
                      sums: dict[str, float]) -> bool:
     """Clipped value loss of one micro-batch, backward; False if it is not finite."""
     T = mask.shape[1]
-    values = critic_values(critic.model, sub.input_ids, sub.attention_mask)[
-        :, sub.completion_start - 1 : sub.completion_start - 1 + T]  # [m, T] V(state before token t)
+    values = completion_values(critic.model, sub.input_ids, sub.attention_mask, sub.completion_start)  # [m, T]
     vloss, vm = value_loss(values, inputs.old_values[idx, :T], inputs.returns[idx, :T], mask,
                            clip=value_clip, agg="token-mean", **counts)
     if not torch.isfinite(vloss):
