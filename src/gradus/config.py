@@ -107,6 +107,8 @@ class AlgoConfig:
     """KL coefficient (in the loss; in the reward for PPO); None: the preset's. 0 loads no reference."""
     kl_estimator: str = "k3"
     """KL estimator: k1, k2 or k3."""
+    monitor_kl: bool = False
+    """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
     adv_scale: str | None = None
     """Group advantage scaling: group, batch or none; None: the preset's."""
     dynamic_sampling: bool | None = None

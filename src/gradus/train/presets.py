@@ -54,6 +54,7 @@ class ResolvedAlgo:
     overlong_shaping: bool
     overlong_cache: int
     overlong_filter: bool
+    monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
 
     @property
     def uses_critic(self) -> bool:
@@ -61,7 +62,7 @@ class ResolvedAlgo:
 
     @property
     def needs_reference(self) -> bool:
-        return self.kl_coef != 0.0
+        return self.kl_coef != 0.0 or self.monitor_kl
 
 
 def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
@@ -125,6 +126,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         overlong_shaping=overlong,
         overlong_cache=a.overlong_cache,
         overlong_filter=a.overlong_filter,
+        monitor_kl=a.monitor_kl,
     )
 
 

@@ -65,6 +65,21 @@ def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"num_seqs": global_count((loss_mask.sum(-1) > 0).sum().float())}
 
 
+# How a metric of one micro-batch combines into its minibatch (and minibatches into the step):
+# partial sums of a globally normalised loss add up, extremes take the extreme, the rest are
+# means weighted by each piece's share of the loss tokens.
+SUMMED = ("pg_loss", "kl_ref")
+EXTREMES = {"ratio_min": min, "ratio_max": max}
+
+
+def merge_metric(acc: dict[str, float], key: str, value: float, weight: float) -> None:
+    name = key.rsplit("/", 1)[-1]
+    if name in EXTREMES:
+        acc[key] = EXTREMES[name](acc[key], value) if key in acc else value
+    else:
+        acc[key] = acc.get(key, 0.0) + (value if name in SUMMED else value * weight)
+
+
 def micro_batches(rows: torch.Tensor, batch: RolloutBatch, token_budget: int) -> list[torch.Tensor]:
     """Split `rows` into consecutive pieces whose rows x (prompt + longest completion) <= budget."""
     prompt_len = batch.prompt_mask[rows].sum(-1)  # [R]
@@ -115,9 +130,12 @@ def run_updates(
                 skipped += 1
                 continue
             for k, v in metrics.items():
-                sums[k] += v
+                if k.rsplit("/", 1)[-1] in EXTREMES:
+                    merge_metric(sums, k, v, 1.0)
+                else:
+                    sums[k] += v
     done = max(steps - skipped, 1)
-    out = {k: v / done for k, v in sums.items()}
+    out = {k: v if k.rsplit("/", 1)[-1] in EXTREMES else v / done for k, v in sums.items()}
     out["actor/updates"] = float(steps - skipped)
     out["actor/skipped_updates"] = float(skipped)
     return out, skipped
@@ -163,9 +181,12 @@ def _minibatch_step(
                                  else inputs.advantages[idx, :T], mask, **counts)
         m["pg_loss"] = loss.item()
         if inputs.ref_logp is not None:
-            kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
-                          norm=obj.agg_norm, **counts)
-            loss = loss + algo.kl_coef * kl
+            # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
+            with torch.set_grad_enabled(algo.kl_coef != 0.0):
+                kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
+                              norm=obj.agg_norm, **counts)
+            if algo.kl_coef != 0.0:
+                loss = loss + algo.kl_coef * kl
             m["kl_ref"] = kl.item()
         m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
         if not torch.isfinite(loss):
@@ -173,7 +194,7 @@ def _minibatch_step(
             break
         loss.backward()
         for k, v in m.items():
-            sums[f"actor/{k}"] += v * weight
+            merge_metric(sums, f"actor/{k}", v, weight)
         if critic is not None and not _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts,
                                                        weight, sums):
             finite = False
