@@ -1,4 +1,4 @@
-"""The `gradus` command line: train, sft, eval, algos, demo.
+"""The `gradus` command line: train, sft, eval, compare, algos, demo.
 
 Every config key can be set as `section.key=value` after the command (e.g. `algo.clip_high=0.3`);
 the common ones also have flags. `gradus train --help-config` lists every key with its meaning.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from gradus.config import ConfigError, all_keys, field_doc, load_config
@@ -124,6 +125,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gradus.compare import ComparePlan, load_plan, run_compare, write_report
+    from gradus.compare.runner import echo_err
+
+    if args.redraw:
+        print(f"report: {write_report(Path(args.redraw))}")
+        return 0
+    if args.resume:
+        if args.algos or args.seeds is not None or args.target is not None or args.overrides or args.config:
+            raise ConfigError("--resume continues a comparison as it was asked; give no other options")
+        out = Path(args.resume)
+        plan = load_plan(out)
+    else:
+        overrides = list(args.overrides)
+        for flag, key in (("steps", "run.steps"), ("task", "task.name"), ("device", "run.device")):
+            if getattr(args, flag) is not None:
+                overrides.append(f"{key}={getattr(args, flag)}")
+        if args.no_progress:
+            overrides.append("run.progress=false")
+        plan = ComparePlan(overrides=overrides, config_file=args.config, target=args.target)
+        if args.algos:
+            plan.algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        if args.seeds is not None:
+            plan.seeds = args.seeds
+        out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    statuses = run_compare(plan, out, resume=bool(args.resume), echo=echo_err)
+    failed = [s.name for s in statuses if s.state == "failed"]
+    print((out / "report.md").read_text())
+    if failed:
+        print(f"gradus: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'metrics'})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradus", description="RL post-training of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--k", type=int, default=8, help="samples per problem for pass@k (0: greedy only)")
     p_eval.add_argument("--n", type=int, default=None, help="held-out problems (default task.heldout_size)")
     p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+    p_cmp = sub.add_parser("compare", help="train several algorithms on one task, same budget; write a report")
+    p_cmp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
+    p_cmp.add_argument("--algos", help="comma-separated (default: ppo,grpo,dapo,gspo,sapo)")
+    p_cmp.add_argument("--seeds", type=int, help="seeds per algorithm (default 2)")
+    p_cmp.add_argument("--steps", type=int, help="RL steps per run (= run.steps; default 80)")
+    p_cmp.add_argument("--task", help="= task.name")
+    p_cmp.add_argument("--device", help="= run.device")
+    p_cmp.add_argument("--target", type=float, help="held-out accuracy to time (default: 10 points over the start)")
+    p_cmp.add_argument("--config", help="YAML config file for every run")
+    p_cmp.add_argument("--out", help="report folder (default runs/compare-<time>)")
+    p_cmp.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison")
+    p_cmp.add_argument("--redraw", metavar="DIR", help="rewrite report.md and the plots from DIR/metrics")
+    p_cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("algos", help="print every algorithm preset's settings side by side")
     demo = sub.add_parser("demo", help="train a toy policy with each objective (no model needed)")
     demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets")
@@ -164,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sft(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "algos":
             print(_algos_table())
             return 0

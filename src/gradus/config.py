@@ -145,10 +145,10 @@ class OptimConfig:
     """Learning rate after warm-up: constant, linear (to 10%) or cosine (to 10%) over the run."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
-    epochs: int = 1
-    """Passes over each rollout batch."""
-    minibatches: int = 1
-    """Optimizer steps per pass (the batch is split into this many minibatches)."""
+    epochs: int | None = None
+    """Passes over each rollout batch; None: the algo preset's (see `gradus algos`)."""
+    minibatches: int | None = None
+    """Optimizer steps per pass (the batch is split into this many); None: the algo preset's."""
     token_budget: int = 16384
     """Most tokens in one forward/backward; larger minibatches are accumulated in pieces."""
     max_bad_steps: int = 5

@@ -22,6 +22,8 @@ class AlgoDefaults:
     adv_scale: str | None  # None: GAE from a critic
     dynamic_sampling: bool
     overlong_shaping: bool
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per pass
 
 
 ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
@@ -54,6 +56,8 @@ class ResolvedAlgo:
     overlong_shaping: bool
     overlong_cache: int
     overlong_filter: bool
+    epochs: int = 1
+    minibatches: int = 1
     monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
 
     @property
@@ -126,6 +130,8 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         overlong_shaping=overlong,
         overlong_cache=a.overlong_cache,
         overlong_filter=a.overlong_filter,
+        epochs=d.epochs if cfg.optim.epochs is None else cfg.optim.epochs,
+        minibatches=d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches,
         monitor_kl=a.monitor_kl,
     )
 

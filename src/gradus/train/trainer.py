@@ -50,7 +50,7 @@ class RunResult:
 def validate(cfg: TrainConfig) -> ResolvedAlgo:
     """Every check that can fail before any work, with the field named."""
     algo = resolve_algo(cfg)
-    r, o = cfg.rollout, cfg.optim
+    r, o = cfg.rollout, algo
     if r.group_size < 2 and not algo.uses_critic:
         raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
                           f"got {r.group_size}")
@@ -61,7 +61,7 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(f"optim.minibatches ({o.minibatches}) must divide the batch of "
                           f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
     for name, value in (("optim.epochs", o.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
-                        o.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
+                        cfg.optim.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     try:
@@ -78,8 +78,10 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False,
+                 label: str | None = None):
         self.cfg = cfg
+        self.label = label  # the progress bar's title; None: the algorithm's name
         self.algo = validate(cfg)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if cfg.run.threads:
@@ -143,7 +145,7 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg = self.cfg
         log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step,
-                        progress=cfg.run.progress and self.rank == 0, desc=f"{self.algo.name}")
+                        progress=cfg.run.progress and self.rank == 0, desc=self.label or self.algo.name)
         try:
             if self.eval_before is None:
                 self.eval_before = self.evaluate()
@@ -190,7 +192,7 @@ class Trainer:
             self.critic.train()
         gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
         update_metrics, skipped = run_updates(
-            inputs, self.actor_opt, self.algo, epochs=cfg.optim.epochs, minibatches=self._minibatches(got),
+            inputs, self.actor_opt, self.algo, epochs=self.algo.epochs, minibatches=self._minibatches(got),
             token_budget=cfg.optim.token_budget, temperature=cfg.rollout.temperature,
             chunk_size=cfg.model.chunk_size, generator=gen, critic=self.critic_opt,
             value_clip=cfg.algo.value_clip,
@@ -207,7 +209,7 @@ class Trainer:
             loss_mask = loss_mask * (~batch.truncated).float()[:, None]
         passes = {"token_budget": cfg.optim.token_budget, "temperature": cfg.rollout.temperature,
                   "chunk_size": cfg.model.chunk_size}
-        on_policy = cfg.optim.epochs == 1 and self._minibatches(got) == 1
+        on_policy = algo.epochs == 1 and self._minibatches(got) == 1
         old_logp = None if on_policy else batch_logprobs(self.policy, batch, **passes)
         ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
         rewards = got.rewards.to(self.device)
@@ -271,7 +273,7 @@ class Trainer:
     # ---- helpers ----------------------------------------------------------------------------------
     def _minibatches(self, got: Collected) -> int:
         """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
-        return max(1, min(self.cfg.optim.minibatches, got.batch.batch_size // self.cfg.rollout.group_size))
+        return max(1, min(self.algo.minibatches, got.batch.batch_size // self.cfg.rollout.group_size))
 
     def _check_finite(self, skipped: int, total: int) -> None:
         self.bad_streak = self.bad_streak + 1 if total and skipped == total else 0
@@ -295,7 +297,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig) -> Optim:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
-    total = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches  # optimizer steps in the run
+    algo = resolve_algo(cfg)
+    total = cfg.run.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)
 

@@ -1,0 +1,189 @@
+"""The comparison report, computed from the raw metrics in `<compare>/metrics/` alone.
+
+One row per algorithm; each number is the mean over seeds (± the sample std when there are several).
+Per-run quantities:
+
+- held-out accuracy after training (greedy), and before (the same for every algorithm of a seed);
+- steps and training wall time to reach the target accuracy: the first evaluation at or above it
+  (evaluations happen every `run.eval_every` steps, so this is exact to that granularity);
+- tokens generated over the run, mean completion length;
+- clip fractions (low: A < 0 below 1 - eps_low; high: A > 0 above 1 + eps_high), mean over steps:
+  a fraction of tokens, or of sequences for GSPO, whose ratio is per sequence;
+- SAPO's mean gate weight f'(r) (1 on-policy, below 1 off-policy);
+- KL to the reference and policy entropy, both means over the last tenth of the steps;
+- DAPO's dropped groups, total over the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradus.train.runlog import read_metrics
+
+
+@dataclass
+class RunData:
+    name: str
+    algo: str
+    seed: int
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] | None  # None: the run failed or has not finished
+    error: str | None = None
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every step record holding a finite number under `key`."""
+        return [(r["step"], float(r[key])) for r in self.records
+                if r.get("step", 0) > 0 and _is_number(r.get(key))]
+
+    def evals(self) -> list[tuple[int, float, float]]:
+        """(step, training seconds so far, held-out accuracy), the start and the end included."""
+        out, elapsed = [], 0.0
+        for r in self.records:
+            elapsed = float(r.get("time/elapsed", elapsed))
+            if _is_number(r.get("eval/accuracy")):
+                out.append((r["step"], elapsed, float(r["eval/accuracy"])))
+        if self.summary and out:  # the final evaluation is logged after the last step's record
+            out[-1] = (out[-1][0], float(self.summary["wall_time_s"]), out[-1][2])
+        return out
+
+
+def load_runs(compare_dir: Path) -> tuple[dict[str, Any], list[RunData]]:
+    compare_dir = Path(compare_dir)
+    plan = json.loads((compare_dir / "compare.json").read_text())
+    metrics = compare_dir / "metrics"
+    runs = []
+    for seed in range(plan["seeds"]):
+        for algo in plan["algos"]:
+            name = f"{algo}-seed{seed}"
+            summary_path, error_path = metrics / f"{name}.summary.json", metrics / f"{name}.error.txt"
+            runs.append(RunData(
+                name, algo, seed, read_metrics(metrics / f"{name}.jsonl"),
+                json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+                error_path.read_text().strip().splitlines()[-1] if error_path.is_file() else None))
+    return plan, runs
+
+
+def target_accuracy(plan: dict[str, Any], runs: list[RunData]) -> float:
+    """The plan's target, or 10 points above the mean starting accuracy."""
+    if plan.get("target") is not None:
+        return float(plan["target"])
+    starts = [r.summary["heldout_accuracy_before"] for r in runs if r.summary]
+    return round(statistics.fmean(starts) + 0.10, 3) if starts else 1.0
+
+
+def run_row(run: RunData, target: float) -> dict[str, float | None]:
+    """The per-run numbers of one report row (None where a metric does not apply)."""
+    s = run.summary
+    assert s is not None
+    steps = [step for step, _ in run.series("reward/mean")]
+    last = max(1, len(steps) // 10)
+    reached = next(((step, t) for step, t, acc in run.evals() if acc >= target), None)
+    return {
+        "acc_before": s["heldout_accuracy_before"],
+        "acc_after": s["heldout_accuracy_after"],
+        "steps_to_target": reached[0] if reached else None,
+        "time_to_target": reached[1] if reached else None,
+        "wall_time": s["wall_time_s"],
+        "tokens": sum(v for _, v in run.series("rollout/tokens")) or None,
+        "length": _mean(run.series("rollout/length_mean")),
+        "clip_low": _mean(run.series("actor/clip_frac_low")),
+        "clip_high": _mean(run.series("actor/clip_frac_high")),
+        "gate": _mean(run.series("actor/gate_weight_mean")),
+        "kl": _mean((run.series("actor/kl_ref") or run.series("actor/kl_ref_reward"))[-last:]),
+        "entropy": _mean(run.series("actor/entropy")[-last:]),
+        "dropped": sum(v for _, v in run.series("dapo/groups_dropped")) if run.series("dapo/groups_dropped")
+        else None,
+    }
+
+
+COLUMNS = [  # key, header, format
+    ("acc_after", "held-out acc.", "{:.3f}"),
+    ("steps_to_target", "steps to target", "{:.0f}"),
+    ("time_to_target", "time to target (s)", "{:.0f}"),
+    ("wall_time", "wall time (s)", "{:.0f}"),
+    ("tokens", "tokens generated", "{:,.0f}"),
+    ("length", "mean length", "{:.1f}"),
+    ("clip_low", "clip frac. low", "{:.4f}"),
+    ("clip_high", "clip frac. high", "{:.4f}"),
+    ("gate", "SAPO gate", "{:.4f}"),
+    ("kl", "KL to ref.", "{:.4f}"),
+    ("entropy", "entropy", "{:.3f}"),
+    ("dropped", "DAPO groups dropped", "{:,.0f}"),
+]
+
+
+def algo_rows(plan: dict[str, Any], runs: list[RunData], target: float) -> list[list[str]]:
+    rows = []
+    for algo in plan["algos"]:
+        mine = [r for r in runs if r.algo == algo]
+        done = [run_row(r, target) for r in mine if r.summary]
+        cells = [algo, f"{len(done)}/{len(mine)}"]
+        for key, _, fmt in COLUMNS:
+            values = [d[key] for d in done if d[key] is not None]
+            if key in ("steps_to_target", "time_to_target") and done:
+                cells.append(_cell(values, fmt) + (f" ({len(values)}/{len(done)} reached)"
+                                                   if len(values) < len(done) else ""))
+            else:
+                cells.append(_cell(values, fmt))
+        rows.append(cells)
+    return rows
+
+
+def write_report(compare_dir: Path) -> Path:
+    """report.md and the plots, from `<compare_dir>/metrics/`."""
+    from gradus.compare.plots import plot_all
+
+    compare_dir = Path(compare_dir)
+    plan, runs = load_runs(compare_dir)
+    target = target_accuracy(plan, runs)
+    header = ["algo", "runs done", *(h for _, h, _ in COLUMNS)]
+    lines = [
+        "# gradus compare",
+        "",
+        f"Algorithms: {', '.join(plan['algos'])}; seeds: {plan['seeds']}; "
+        f"overrides: {' '.join(plan['overrides']) or '(none)'}.",
+        f"Held-out accuracy before training: {_before(runs)}. Target accuracy: {target:.3f}.",
+        "Cells are the mean over seeds ± the sample standard deviation. Clip fractions are per token, "
+        "per sequence for GSPO. KL and entropy: mean over the last tenth of the steps.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in algo_rows(plan, runs, target)]
+    failed = [r for r in runs if r.summary is None]
+    if failed:
+        lines += ["", "Runs without a result:"]
+        lines += [f"- {r.name}: {r.error or 'not finished'}" for r in failed]
+    pictures = plot_all(runs, plan["algos"], compare_dir, target)
+    lines += ["", "## Curves", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in pictures]
+    path = compare_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _before(runs: list[RunData]) -> str:
+    by_seed = {r.seed: r.summary["heldout_accuracy_before"] for r in runs if r.summary}
+    return ", ".join(f"{v:.3f} (seed {k})" for k, v in sorted(by_seed.items())) or "n/a"
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
+
+
+def _mean(series: list[tuple[int, float]]) -> float | None:
+    return statistics.fmean(v for _, v in series) if series else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

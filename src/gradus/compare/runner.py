@@ -1,0 +1,166 @@
+"""`gradus compare`: train several algorithms on one task under one budget, then report.
+
+Every run of a comparison gets the same config except `algo.name` (and each seed its `run.seed`),
+so for one seed all algorithms see the same prompts in the same order (DAPO's dynamic sampling
+reads further ahead in the same stream when it drops groups), start from the same warm-started
+model and have the same number of steps.
+
+The compare folder:
+
+    compare.json          what was asked (algos, seeds, overrides): `--resume` reads it back
+    runs/<algo>-seed<k>/  each run's own folder (checkpoints, TensorBoard, curves)
+    metrics/              each run's raw per-step metrics and summary, copied when it ends
+    report.md, *.png      the report, redrawn from metrics/ alone (`gradus compare --redraw`)
+
+A run that raises is recorded (metrics/<run>.error.txt) and the others go on. An interrupted
+compare resumes where it stopped: finished runs are skipped, a run with a checkpoint continues
+from it (the trainer's resume is exact on CPU), the rest start over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gradus.config import ConfigError, TrainConfig, load_config
+
+# What every compare run sets unless the user overrides it: several optimizer steps per rollout
+# batch, so the trust regions (clip, sequence clip, soft gate) act and their statistics mean
+# something; the KL to the reference measured for every algorithm, not only those that pay it;
+# evaluations often enough to time the target; checkpoints often enough to resume.
+COMPARE_DEFAULTS = {
+    "optim.minibatches": "4",
+    "algo.monitor_kl": "true",
+    "run.eval_every": "10",
+    "run.save_every": "20",
+    "run.keep_checkpoints": "1",
+    "run.steps": "80",
+}
+DEFAULT_ALGOS = ("ppo", "grpo", "dapo", "gspo", "sapo")
+
+
+@dataclass
+class ComparePlan:
+    algos: list[str] = field(default_factory=lambda: list(DEFAULT_ALGOS))
+    seeds: int = 2
+    overrides: list[str] = field(default_factory=list)  # key=value, for every run
+    config_file: str | None = None
+    target: float | None = None  # held-out accuracy to time; None: 10 points over the start
+
+    def run_names(self) -> list[tuple[str, int, str]]:
+        return [(algo, seed, f"{algo}-seed{seed}") for seed in range(self.seeds) for algo in self.algos]
+
+    def config(self, out: Path, algo: str, seed: int, name: str) -> TrainConfig:
+        fixed = [f"algo.name={algo}", f"run.seed={seed}", f"run.out_dir={out / 'runs'}", f"run.name={name}"]
+        user_keys = {item.split("=", 1)[0].strip() for item in self.overrides}
+        defaults = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items() if k not in user_keys]
+        for item in self.overrides:
+            if item.split("=", 1)[0].strip() in ("algo.name", "run.seed", "run.out_dir", "run.name"):
+                raise ConfigError(f"{item.split('=', 1)[0]} is set by gradus compare for each run (use --algos, "
+                                  "--seeds, --out)")
+        return load_config(self.config_file, [*defaults, *self.overrides, *fixed])
+
+
+@dataclass
+class RunStatus:
+    name: str
+    algo: str
+    seed: int
+    state: str  # done, failed, skipped (already done), interrupted
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def save_plan(plan: ComparePlan, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(asdict(plan), indent=2))
+
+
+def load_plan(out: Path) -> ComparePlan:
+    path = Path(out) / "compare.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} does not exist (is {out} a gradus compare folder?)")
+    return ComparePlan(**json.loads(path.read_text()))
+
+
+def validate_plan(plan: ComparePlan, out: Path) -> None:
+    """Every run's config is checked before any training, so a typo fails at once."""
+    from gradus.train.trainer import validate
+
+    if not plan.algos:
+        raise ConfigError("--algos: give at least one algorithm")
+    if len(set(plan.algos)) != len(plan.algos):
+        raise ConfigError(f"--algos: an algorithm is listed twice: {','.join(plan.algos)}")
+    if plan.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {plan.seeds}")
+    if plan.target is not None and not 0 < plan.target <= 1:
+        raise ConfigError(f"--target is a held-out accuracy in (0, 1], got {plan.target}")
+    for algo, seed, name in plan.run_names():
+        validate(plan.config(out, algo, seed, name))
+
+
+def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
+                echo: Callable[[str], None] = print) -> list[RunStatus]:
+    """Train every (algo, seed) run not yet finished, then write the report. Returns each run's status."""
+    from gradus.compare.report import write_report
+    from gradus.train.trainer import Trainer
+
+    out = Path(out)
+    if not resume and (out / "compare.json").exists():
+        raise ConfigError(f"--out: {out} already holds a comparison; continue it with `gradus compare --resume {out}`"
+                          " or pick another folder")
+    validate_plan(plan, out)
+    save_plan(plan, out)
+    (out / "metrics").mkdir(exist_ok=True)
+    statuses: list[RunStatus] = []
+    runs = plan.run_names()
+    for i, (algo, seed, name) in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {name}"
+        if (out / "metrics" / f"{name}.summary.json").is_file():
+            echo(f"{label}: already done, skipped")
+            statuses.append(RunStatus(name, algo, seed, "skipped"))
+            continue
+        cfg = plan.config(out, algo, seed, name)
+        run_dir = out / "runs" / name
+        from gradus.train.checkpoint import latest_checkpoint
+
+        again = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
+        echo(f"{label}: {'resuming' if again else 'starting'} ({cfg.run.steps} steps)")
+        (out / "metrics" / f"{name}.error.txt").unlink(missing_ok=True)
+        start = time.perf_counter()
+        try:
+            Trainer(cfg, run_dir=run_dir, resume=again, label=label).fit()
+        except KeyboardInterrupt:
+            statuses.append(RunStatus(name, algo, seed, "interrupted", time.perf_counter() - start))
+            echo(f"{label}: interrupted; continue with `gradus compare --resume {out}`")
+            raise
+        except Exception as err:  # a failing run is reported, the comparison goes on
+            text = traceback.format_exc()
+            (out / "metrics" / f"{name}.error.txt").write_text(text)
+            echo(f"{label}: FAILED: {type(err).__name__}: {err}")
+            statuses.append(RunStatus(name, algo, seed, "failed", time.perf_counter() - start, f"{err}"))
+            continue
+        _collect(run_dir, out / "metrics", name)
+        statuses.append(RunStatus(name, algo, seed, "done", time.perf_counter() - start))
+    report = write_report(out)
+    echo(f"report: {report}")
+    return statuses
+
+
+def _collect(run_dir: Path, metrics_dir: Path, name: str) -> None:
+    """Copy a finished run's raw metrics and summary next to the report (summary last: it marks done)."""
+    shutil.copyfile(run_dir / "metrics.jsonl", metrics_dir / f"{name}.jsonl")
+    shutil.copyfile(run_dir / "config.yaml", metrics_dir / f"{name}.config.yaml")
+    tmp = metrics_dir / f"{name}.summary.json.tmp"
+    shutil.copyfile(run_dir / "summary.json", tmp)
+    tmp.replace(metrics_dir / f"{name}.summary.json")
+
+
+def echo_err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

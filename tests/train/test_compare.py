@@ -1,0 +1,133 @@
+"""`gradus compare` plumbing on a nano model: two algorithms, two seeds, a few steps."""
+
+import json
+
+import pytest
+
+from gradus.cli import main
+from gradus.compare import ComparePlan, run_compare
+from gradus.compare.plots import smooth, stack_by_step
+from gradus.compare.report import RunData, load_runs, run_row
+from gradus.config import ConfigError
+from gradus.train.trainer import Trainer
+
+from .conftest import tiny_overrides
+
+
+def _plan(nano_dir, tmp_path, signal_reward, **extra):
+    overrides = tiny_overrides(nano_dir, tmp_path, **{"task.rewards": signal_reward, "run.steps": 3,
+                                                      "run.eval_every": 2, **extra})
+    # compare sets these per run; the fixture's would clash
+    overrides = [o for o in overrides if not o.startswith(("run.out_dir", "run.seed"))]
+    return ComparePlan(algos=["grpo", "sapo"], seeds=2, overrides=overrides)
+
+
+def test_compare_trains_every_run_and_writes_the_report(nano_dir, tmp_path, signal_reward):
+    out = tmp_path / "cmp"
+    statuses = run_compare(_plan(nano_dir, tmp_path, signal_reward), out, echo=lambda m: None)
+    assert [(s.name, s.state) for s in statuses] == [
+        ("grpo-seed0", "done"), ("sapo-seed0", "done"), ("grpo-seed1", "done"), ("sapo-seed1", "done")]
+    report = (out / "report.md").read_text()
+    assert "| grpo | 2/2 |" in report and "| sapo | 2/2 |" in report
+    for png in ("accuracy", "reward", "clip_fractions", "entropy", "length", "kl_gate"):
+        assert (out / f"{png}.png").stat().st_size > 5000, png
+        assert f"({png}.png)" in report
+    # raw metrics are next to the report; same seed, same prompts: the first step's batch is identical
+    plan, runs = load_runs(out)
+    by_name = {r.name: r for r in runs}
+    assert by_name["grpo-seed0"].records[1]["reward/mean"] == by_name["sapo-seed0"].records[1]["reward/mean"]
+    assert by_name["grpo-seed0"].records[1]["reward/mean"] != by_name["grpo-seed1"].records[1]["reward/mean"]
+    # the compare defaults apply: several minibatches (off-policy, so SAPO's gate drops below 1), KL monitored
+    sapo = by_name["sapo-seed0"]
+    assert all(v <= 1.0 for _, v in sapo.series("actor/gate_weight_mean"))
+    assert min(v for _, v in sapo.series("actor/gate_weight_mean")) < 1.0
+    assert sapo.series("actor/kl_ref")
+    assert (out / "runs" / "sapo-seed0" / "config.yaml").read_text().count("minibatches: 4") == 1
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on_then_resume_finishes(
+        nano_dir, tmp_path, signal_reward, monkeypatch):
+    out = tmp_path / "cmp"
+    plan = _plan(nano_dir, tmp_path, signal_reward)
+    plan.seeds = 1
+    real_step = Trainer.train_step
+
+    def sapo_breaks(self, step):
+        if self.algo.name == "sapo":
+            raise RuntimeError("boom")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", sapo_breaks)
+    statuses = run_compare(plan, out, echo=lambda m: None)
+    assert [s.state for s in statuses] == ["done", "failed"]
+    report = (out / "report.md").read_text()
+    assert "| sapo | 0/1 |" in report and "sapo-seed0: RuntimeError: boom" in report
+
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_compare(plan, out, echo=lambda m: None)  # the folder is taken: say how to continue it
+    assert main(["compare", "--resume", str(out), "--no-progress"]) == 0
+    _, runs = load_runs(out)
+    assert all(r.summary for r in runs)
+    assert json.loads((out / "metrics" / "grpo-seed0.summary.json").read_text())["steps"] == 3
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(nano_dir, tmp_path, signal_reward, monkeypatch):
+    out = tmp_path / "cmp"
+    plan = _plan(nano_dir, tmp_path, signal_reward, **{"run.save_every": 2, "run.steps": 4})
+    plan.algos, plan.seeds = ["grpo"], 1
+    real_step = Trainer.train_step
+
+    def ctrl_c_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(plan, out, echo=lambda m: None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    messages = []
+    run_compare(plan, out, resume=True, echo=messages.append)
+    assert "resuming" in messages[0]
+    steps = [r["step"] for r in load_runs(out)[1][0].records if "reward/mean" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_plans_fail_before_any_work(nano_dir, tmp_path, signal_reward):
+    plan = _plan(nano_dir, tmp_path, signal_reward)
+    plan.algos = ["grpo", "grpoo"]
+    with pytest.raises(ConfigError, match="algo.name"):
+        run_compare(plan, tmp_path / "a", echo=lambda m: None)
+    plan.algos = ["grpo"]
+    plan.overrides = [*plan.overrides, "run.seed=3"]
+    with pytest.raises(ConfigError, match="run.seed"):
+        run_compare(plan, tmp_path / "b", echo=lambda m: None)
+    assert not (tmp_path / "a" / "runs").exists()
+
+
+def test_report_row_numbers_from_hand_made_records():
+    records = [{"step": 0, "eval/accuracy": 0.2}]
+    for step in range(1, 11):
+        records.append({"step": step, "reward/mean": step / 10, "rollout/tokens": 100, "rollout/length_mean": 5.0,
+                        "actor/clip_frac_high": 0.1 * (step % 2), "actor/entropy": float(step),
+                        "time/elapsed": 2.0 * step, **({"eval/accuracy": 0.25 + 0.01 * step} if step % 5 == 0 else {})})
+    run = RunData("grpo-seed0", "grpo", 0, records, {"heldout_accuracy_before": 0.2, "heldout_accuracy_after": 0.35,
+                                                      "wall_time_s": 20.0})
+    row = run_row(run, target=0.33)
+    # evals: step 5 -> 0.30, step 10 -> 0.35 >= 0.33, reached at step 10 after 20 s of training
+    assert row["steps_to_target"] == 10 and row["time_to_target"] == 20.0
+    assert row["tokens"] == 1000 and row["length"] == 5.0
+    assert row["clip_high"] == pytest.approx(0.05)  # half the steps at 0.1
+    assert row["clip_low"] is None and row["gate"] is None and row["dropped"] is None
+    assert row["entropy"] == 10.0  # the last tenth of 10 steps is step 10
+    assert run_row(run, target=0.5)["steps_to_target"] is None
+
+
+def test_smoothing_and_stacking():
+    # trailing mean over 3: [1, (1+2)/2, (1+2+3)/3, (2+3+4)/3]
+    assert smooth([1.0, 2.0, 3.0, 4.0], window=3).tolist() == [1.0, 1.5, 2.0, 3.0]
+    a = RunData("a", "grpo", 0, [{"step": s, "x": float(s)} for s in (1, 2, 3)], {})
+    b = RunData("b", "grpo", 1, [{"step": s, "x": 2.0 * s} for s in (2, 3)], {})
+    steps, values = stack_by_step([a, b], "x", window=1)
+    assert steps.tolist() == [2, 3] and values.tolist() == [[2.0, 3.0], [4.0, 6.0]]
