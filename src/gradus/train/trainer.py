@@ -70,8 +70,8 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(f"rollout: {err}") from err
     if r.temperature == 0:
         raise ConfigError("rollout.temperature must be > 0 for training (0 is greedy: every sample alike)")
-    if o.schedule not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {o.schedule!r}")
+    if cfg.optim.schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {cfg.optim.schedule!r}")
     if cfg.task.heldout_size < 1:
         raise ConfigError(f"task.heldout_size must be >= 1, got {cfg.task.heldout_size}")
     return algo
