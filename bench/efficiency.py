@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed matmuls per size")
     ap.add_argument("--no-trl", action="store_true", help="measure gradus only")
     args = ap.parse_args(argv)
+    workload.quiet()
     kinds = ("gradus",) if args.no_trl else ("gradus", "trl")
     rows_per_step = args.group_size * args.prompts_per_step
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {kind} | {s['params']:,} | {s['update_s']:.3f} | {s['body_tokens']:,.0f} / "
                   f"{s['body_real']:,.0f} | {s['head_tokens']:,.0f} / {s['head_real']:,.0f} | {flops_real / 1e9:.2f} "
                   f"| {rate:,.1f} | {100 * rate / peak:.1f}% | {flops_real / flops_padded:.2f} |")
-    print(f"\n{workload.machine_line(args.threads)}")
+    print(f"\n{workload.machine_line(args.threads)}; {workload.threads_line(results)}")
     print(f"command: PYTHONPATH=src python bench/efficiency.py {' '.join(sys.argv[1:])}".rstrip())
 
 

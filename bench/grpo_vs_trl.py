@@ -62,6 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,7 @@ def _gradus_worker(wl: Workload, conn: Any) -> None:
 def _trl_worker(wl: Workload, conn: Any) -> None:
     import datasets
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(wl.threads)
@@ -246,6 +247,7 @@ def _trl_worker(wl: Workload, conn: Any) -> None:
 
     trainer = GRPOTrainer(model=wl.model_dir, reward_funcs=digit_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Stepper()])
+    trainer.remove_callback(PrinterCallback)  # it prints the run's summary dict at the end
     torch.set_num_threads(wl.threads)  # in case accelerate or the Trainer changed it
     prepare, generate = trainer._prepare_inputs, trainer._generate
 
@@ -308,9 +310,21 @@ def _serve(conn: Any, step: Any, params: int, wl: Workload) -> None:
     conn.send({"done": True})
 
 
-def _worker_main(kind: str, wl: Workload, conn: Any) -> None:
+def quiet() -> None:
+    """No progress bars, advisory warnings or deprecation notices from the HF libraries: only the tables."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _worker_main(kind: str, wl: Workload, conn: Any) -> None:
+    quiet()
     try:
         (_gradus_worker if kind == "gradus" else _trl_worker)(wl, conn)
     except BaseException as err:  # report, so the driver does not wait forever
@@ -376,6 +390,7 @@ def summarize(result: dict[str, Any], rows: int) -> dict[str, float]:
     peak = max(s["peak_rss_mib"] for s in steps)
     out = {
         "step_s": seconds,
+        "min_step_s": min(float(s["seconds"]) for s in steps),
         "completions_per_s": rows / seconds,
         "tokens_per_s": statistics.median(s["completion_tokens"] / s["seconds"] for s in steps),
         "mean_length": statistics.mean(s["completion_tokens"] / rows for s in steps),
@@ -444,10 +459,17 @@ def machine_line(threads: int) -> str:
             f"{threads} threads; transformers {transformers.__version__}; trl {trl_version}")
 
 
+def threads_line(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The torch thread count each worker reported (they should all be equal)."""
+    seen = {f"{kind} {int(s['threads'])}" for by in summaries.values() for kind, s in by.items()}
+    return "worker threads: " + ", ".join(sorted(seen))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
+    quiet()
     rows = args.group_size * args.prompts_per_step
     summaries: dict[str, dict[str, dict[str, float]]] = {}
     raw: dict[str, Any] = {}
@@ -464,13 +486,13 @@ def main(argv: list[str] | None = None) -> None:
 def print_tables(summaries: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
     print(f"\nGRPO step, {args.prompts_per_step} prompts x G={args.group_size}, <= {args.max_new_tokens} new "
           f"tokens, {args.size} model, median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| setting | library | step s | completions/s | tokens/s | mean len | gen s | update s "
+    print("| setting | library | step s | min step s | completions/s | tokens/s | mean len | gen s | update s "
           "| peak RSS MiB | step MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, by in summaries.items():
         for kind in ("gradus", "trl"):
             s = by[kind]
-            print(f"| {name} | {kind} | {s['step_s']:.3f} | {s['completions_per_s']:,.1f} | "
+            print(f"| {name} | {kind} | {s['step_s']:.3f} | {s['min_step_s']:.3f} | {s['completions_per_s']:,.1f} | "
                   f"{s['tokens_per_s']:,.0f} | {s['mean_length']:.1f} | {s['gen_s']:.3f} | {s['update_s']:.3f} | "
                   f"{s['peak_rss_mib']:,.0f} | {s['step_mib']:,.0f} |")
     print("\n| setting | completions/s gradus/TRL | tokens/s gradus/TRL | update time TRL/gradus "
@@ -482,7 +504,7 @@ def print_tables(summaries: dict[str, dict[str, dict[str, float]]], args: argpar
         print(f"| {name} | {g['completions_per_s'] / t['completions_per_s']:.2f}x | "
               f"{g['tokens_per_s'] / t['tokens_per_s']:.2f}x | {t['update_s'] / g['update_s']:.2f}x | "
               f"{g['peak_rss_mib'] / t['peak_rss_mib']:.2f} | {step_ratio:.2f} |")
-    print(f"\n{machine_line(args.threads)}")
+    print(f"\n{machine_line(args.threads)}; {threads_line(summaries)}")
     print(f"command: PYTHONPATH=src python bench/grpo_vs_trl.py {' '.join(sys.argv[1:])}".rstrip())
 
 
