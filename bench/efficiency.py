@@ -2,6 +2,8 @@
 
 1. Peak: `torch.mm` of two n x n fp32 matrices for each `--sizes` n, at the benchmark's thread count;
    GFLOP/s = 2 n^3 / t, median over `--repeats` after one warm-up; the peak is the best size's median.
+   It is measured before and after the workload and the higher is used; when the two differ by more
+   than 10% the machine was busy with something else and a warning says so.
 2. Update: the training-step workload of bench/grpo_vs_trl.py (same model, prompts, G = 8, 8 prompts,
    32 new tokens, fp32; settings `plain` and `ref`), run by the same worker processes, timing only the
    update: gradus' `run_updates` (policy forward + backward + clip + AdamW, every epoch of the batch);
@@ -40,8 +42,18 @@ import grpo_vs_trl as workload  # noqa: E402  (the shared workload lives beside 
 
 
 def matmul_gflops(n: int, repeats: int, threads: int) -> float:
-    """Median GFLOP/s of an n x n by n x n fp32 `torch.mm` (2 n^3 FLOPs), after one warm-up."""
+    """Median GFLOP/s of an n x n by n x n fp32 `torch.mm` (2 n^3 FLOPs), after one warm-up, on `threads`
+    threads (torch's thread count is restored afterwards)."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _median_mm_rate(n, repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _median_mm_rate(n: int, repeats: int) -> float:
+    """Median GFLOP/s of `torch.mm` on n x n fp32 at the current thread count."""
     g = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=g)  # [n, n]
     b = torch.randn(n, n, generator=g)  # [n, n]
@@ -77,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = ("gradus",) if args.no_trl else ("gradus", "trl")
     rows_per_step = args.group_size * args.prompts_per_step
 
-    peaks = {n: matmul_gflops(n, args.repeats, args.threads) for n in args.sizes}
-    peak = max(peaks.values())
+    before = {n: matmul_gflops(n, args.repeats, args.threads) for n in args.sizes}
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="gradus-efficiency-") as tmp:
         workloads = workload.prepare_workloads(args, Path(tmp))
@@ -86,13 +97,18 @@ def main(argv: list[str] | None = None) -> None:
         for name, wl in workloads.items():
             raw = workload.run_setting(wl, args.warmup, args.steps, kinds)
             results[name] = {kind: workload.summarize(r, rows_per_step) for kind, r in raw.items()}
+    after = {n: matmul_gflops(n, args.repeats, args.threads) for n in args.sizes}
+    peak = max(max(before.values()), max(after.values()))
 
     print(f"\nfp32 matmul (torch.mm, n x n), median of {args.repeats}, {args.threads} threads\n")
-    print("| n | GFLOP/s |")
-    print("|---:|---:|")
-    for n, rate in peaks.items():
-        print(f"| {n} | {rate:,.1f} |")
-    print(f"\npeak: {peak:,.1f} GFLOP/s\n")
+    print("| n | GFLOP/s before | GFLOP/s after |")
+    print("|---:|---:|---:|")
+    for n in args.sizes:
+        print(f"| {n} | {before[n]:,.1f} | {after[n]:,.1f} |")
+    print(f"\npeak: {peak:,.1f} GFLOP/s")
+    if abs(max(before.values()) - max(after.values())) > 0.1 * peak:
+        print("WARNING: the peak moved by more than 10% during the run; the machine was not quiet")
+    print()
     print(f"Update pass of the GRPO training step ({args.size} model), median of {args.steps} steps after "
           f"{args.warmup} warm-up; tokens and FLOPs per RL step (all its updates)\n")
     print("| setting | library | params | update s | body tokens padded / real | head tokens padded / real "
