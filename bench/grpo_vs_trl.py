@@ -39,9 +39,14 @@ until the driver's next command: TRL's loop runs unmodified, and whatever it doe
 (logging bookkeeping, the next batch from its dataloader) lands inside the next timed step, as it would
 in a real run. Reported per setting: the median over `--steps` steps after `--warmup` unmeasured steps.
 
-Peak memory: `ru_maxrss` of each worker process (includes the interpreter and the imported libraries:
-TRL imports more), and the growth of the resident set from the end of setup to the last step (`step
-MiB`: what the steps themselves added); on CUDA also `torch.cuda.max_memory_allocated`.
+Peak memory: `ru_maxrss` of each worker process (it includes the interpreter and the imported
+libraries, about 500 MiB of each worker's peak with the tiny model), and the growth of the resident set
+from the end of setup to the last step (`step MiB`: what the steps themselves added); on CUDA also
+`torch.cuda.max_memory_allocated`.
+
+Run it on a quiet machine: with another process busy on one of two cores, the many small ops of a tiny
+model's step slow down by up to 10x (threads wait on each other), far more than a large matmul does;
+the `min step s` column next to the median shows how much the steps varied.
 
 Time split: gradus' update time is the wall time of `run_updates` (policy forward + backward + clip +
 AdamW, all epochs); TRL's is the step time minus the time in `_prepare_inputs` (generation, rewards,
