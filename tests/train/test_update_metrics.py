@@ -73,3 +73,29 @@ def test_monitored_kl_is_logged_but_not_in_the_loss(nano_dir, tmp_path, signal_r
         assert torch.equal(a, b)  # same update: the monitored KL added nothing to the gradient
     m2 = watched.train_step(2)
     assert m2["actor/kl_ref"] > 0  # after one update the policy has moved away from the reference
+
+
+def test_first_pass_gives_the_old_logprobs_for_later_epochs(nano_dir, tmp_path, signal_reward):
+    """Two epochs over one minibatch: no separate old-logp pass gives exactly the same update as one."""
+    from gradus.train.passes import batch_logprobs
+
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
+        "algo.kl_coef": 0.0, "optim.epochs": 3, "task.rewards": signal_reward})))
+    inputs = _one_batch(trainer)
+    assert inputs.old_logp is None  # one minibatch: the trainer skips the pass
+    passed = copy.copy(inputs)
+    passed.old_logp = batch_logprobs(trainer.policy, inputs.batch, token_budget=10_000, temperature=1.0,
+                                     chunk_size=64)
+    results = []
+    for given in (inputs, passed):
+        model = copy.deepcopy(trainer.policy)
+        actor = _optim(model, trainer.cfg.optim.lr, trainer.cfg)
+        metrics, _ = run_updates(given, actor, trainer.algo, epochs=3, minibatches=1, token_budget=10_000,
+                                 temperature=1.0, chunk_size=64, generator=torch.Generator().manual_seed(3))
+        results.append((metrics, [p.detach().clone() for p in model.parameters()]))
+    (m_lazy, p_lazy), (m_pass, p_pass) = results
+    assert m_lazy["actor/updates"] == 3
+    assert m_lazy["actor/ratio_max"] > 1.0  # epochs 2 and 3 are off-policy against the captured values
+    assert m_lazy["actor/ratio_max"] == pytest.approx(m_pass["actor/ratio_max"], rel=1e-6)
+    for a, b in zip(p_lazy, p_pass, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

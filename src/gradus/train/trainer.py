@@ -209,8 +209,10 @@ class Trainer:
             loss_mask = loss_mask * (~batch.truncated).float()[:, None]
         passes = {"token_budget": cfg.optim.token_budget, "temperature": cfg.rollout.temperature,
                   "chunk_size": cfg.model.chunk_size}
-        on_policy = algo.epochs == 1 and self._minibatches(got) == 1
-        old_logp = None if on_policy else batch_logprobs(self.policy, batch, **passes)
+        # One minibatch: the update's first pass runs before any optimizer step, so it gives the old
+        # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
+        first_pass_is_old = self._minibatches(got) == 1
+        old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes)
         ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
         rewards = got.rewards.to(self.device)
         if not algo.uses_critic:

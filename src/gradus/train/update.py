@@ -10,6 +10,7 @@ no compute is spent on padding columns.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -117,14 +118,23 @@ def run_updates(
     n = inputs.batch.batch_size
     if minibatches > n:
         raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
+    if inputs.old_logp is None and minibatches > 1:
+        raise ValueError("old_logp is needed with several minibatches: only the first is on-policy")
+    # One minibatch and no old log-probs: the first epoch runs before any optimizer step, so its own
+    # detached log-probs are the old ones; keep them for the later epochs (no separate pass).
+    captured = torch.zeros_like(inputs.loss_mask) if inputs.old_logp is None and epochs > 1 else None
     sums: dict[str, float] = defaultdict(float)
     steps = skipped = 0
     for _ in range(epochs):
+        if captured is not None and inputs.old_logp is None and steps > skipped:
+            # the policy has moved: from now on the captured first-pass values are the old log-probs
+            # (while every step so far was skipped, the policy is unchanged and the capture goes on)
+            inputs = dataclasses.replace(inputs, old_logp=captured)
         order = torch.randperm(n, generator=generator) if epochs * minibatches > 1 else torch.arange(n)
         for rows in order.tensor_split(minibatches):
             metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, token_budget=token_budget,
                                       temperature=temperature, chunk_size=chunk_size, critic=critic,
-                                      value_clip=value_clip, train_actor=train_actor)
+                                      value_clip=value_clip, train_actor=train_actor, capture=captured)
             steps += 1
             if metrics is None:
                 skipped += 1
@@ -153,6 +163,7 @@ def _minibatch_step(
     critic: Optim | None,
     value_clip: float | None,
     train_actor: bool = True,
+    capture: torch.Tensor | None = None,
 ) -> dict[str, float] | None:
     """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
     Returns None (and applies nothing) when a loss or gradient is not finite."""
@@ -176,7 +187,12 @@ def _minibatch_step(
             continue
         logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
                                             temperature=temperature, chunk_size=chunk_size, with_entropy=True)
-        old = logp.detach() if inputs.old_logp is None else inputs.old_logp[idx, :T]
+        if inputs.old_logp is None:
+            old = logp.detach()
+            if capture is not None:
+                capture[idx, :T] = old
+        else:
+            old = inputs.old_logp[idx, :T]
         loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
                                  else inputs.advantages[idx, :T], mask, **counts)
         m["pg_loss"] = loss.item()
