@@ -27,7 +27,9 @@ class AlgoDefaults:
 
 
 ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
-    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False),
+    # NOTES: PPO makes "several epochs over each rollout batch"; two, over one minibatch (the first
+    # epoch's own log-probs are the old ones, so no extra forward pass)
+    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False, epochs=2),
     "grpo": AlgoDefaults(kl_coef=0.04, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
     "dapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True),
     "gspo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
