@@ -9,6 +9,9 @@ Two implementations with one contract (`prefill`, `step`, `keep`), both returnin
   KV cache (no `torch.cat` per layer per step), cos/sin of every position computed once, the key
   padding mask built once, no mask-building, output records or hooks per step, and one shared rotary
   call for q and k. On tiny models per-step overhead is most of the cost, so this is where speed is won.
+  Also: decode attention as matmul-softmax-matmul with an additive padding bias (fp32), the residual
+  adds folded into addmm, and a packed prefill (matmuls on real prompt tokens only; the last layer for
+  each prompt's last token only).
 
 Position ids follow the gradus convention (`(mask.cumsum(-1) - 1).clamp(min=0)`), like HF `generate`.
 """
