@@ -154,7 +154,7 @@ UNSUPPORTED = [
     (lambda: tiny_decoder("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1), "sliding"),
     (lambda: _changed(lambda d: d.config.__setattr__("hidden_act", "gelu")), "hidden_act"),
     (lambda: tiny_decoder("qwen2", attention_dropout=0.1).train(), "attention_dropout"),
-    (lambda: _changed(lambda d: d.gradient_checkpointing_enable()), "gradient checkpointing"),
+    (lambda: _changed(lambda d: d.activation_checkpointing_enable()), "gradient checkpointing"),
     (lambda: _changed(lambda d: d.layers[1].self_attn.__setattr__("q_proj", WrappedLinear(32, 32))),
      "plain nn.Linear"),
     (lambda: _changed(lambda d: d.config.__setattr__("model_type", "mistral")), "model_type"),
