@@ -228,7 +228,8 @@ def completion_logprobs(
 
     input_ids and attention_mask are [B, S] (prompts left-padded so every completion starts at column
     `completion_start`; completions may be right-padded, their values there are computed and meant to
-    be masked by the caller). Runs the model's decoder once with gradus' position ids and applies the
+    be masked by the caller). Runs the model's decoder once with gradus' position ids (through
+    `gradus.models.lean.decoder_hidden`: the lean forward when the decoder supports it) and applies the
     lm head only to the hidden states at positions completion_start-1 .. S-2, which predict the
     completion tokens. Float32; with `with_entropy` also returns the detached entropy (see
     `token_logprobs`).
@@ -242,10 +243,11 @@ def completion_logprobs(
         )
     head = check_plain_lm_head(model)
     position_ids = position_ids_from_mask(attention_mask)  # [B, S]
-    decoder = model.get_decoder()
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # [B, S, H], final norm applied
+    # Imported here: gradus.models imports transformers, which this module otherwise does not need.
+    from gradus.models.lean import decoder_hidden
+
+    # The lean forward for stock Qwen2/Llama decoders, HF's otherwise (see gradus.models.lean).
+    hidden = decoder_hidden(model.get_decoder(), input_ids, attention_mask, position_ids)  # [B, S, H], final norm
     predicting = hidden[:, completion_start - 1 : seq_len - 1]  # [B, L, H], L = S - completion_start
     targets = input_ids[:, completion_start:]  # [B, L]
     return token_logprobs(

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
 from gradus.logprobs import position_ids_from_mask
+from gradus.models.lean import decoder_hidden
 
 
 def build_critic(policy: PreTrainedModel) -> PreTrainedModel:
@@ -40,6 +41,18 @@ def build_critic(policy: PreTrainedModel) -> PreTrainedModel:
     return critic.to(device=parameter.device, dtype=parameter.dtype)
 
 
+def _plain_token_head(critic: PreTrainedModel) -> bool:
+    """Whether the critic's logits are exactly score(backbone hidden): a stock HF token-classification
+    model (`dropout` then `score`) whose dropout is inactive (p = 0, as build_critic sets, or eval mode)."""
+    dropout = getattr(critic, "dropout", None)
+    return (
+        type(getattr(critic, "score", None)) is torch.nn.Linear
+        and type(dropout) is torch.nn.Dropout
+        and (dropout.p == 0.0 or not critic.training)
+        and type(critic).__name__.endswith("ForTokenClassification")
+    )
+
+
 def critic_values(
     critic: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -50,10 +63,16 @@ def critic_values(
     are computed but meaningless; callers mask them.
     """
     position_ids = position_ids_from_mask(attention_mask)  # [B, S]
-    output = critic(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return output.logits.squeeze(-1).float()  # [B, S]
+    if not _plain_token_head(critic):
+        output = critic(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return output.logits.squeeze(-1).float()  # [B, S]
+    # The same computation as critic(...): backbone, dropout (p = 0 or eval: identity), score head; the
+    # backbone through decoder_hidden, i.e. the lean forward when it supports it.
+    backbone = getattr(critic, critic.base_model_prefix)
+    hidden = decoder_hidden(backbone, input_ids, attention_mask, position_ids)  # [B, S, H]
+    return critic.score(hidden).squeeze(-1).float()  # [B, S]
 
 
 def completion_values(
