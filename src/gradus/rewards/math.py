@@ -14,8 +14,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from math_verify import parse, verify
-
 from gradus.rewards.basic import RewardFn, check_batch
 from gradus.rewards.extract import extract_answer, last_boxed, parse_number
 from gradus.rewards.timelimit import RewardTimeout, call_with_time_limit, time_limit
@@ -27,6 +25,8 @@ def _as_latex(text: str) -> str:
 
 
 def _verify(gold: str, pred: str) -> bool:
+    from math_verify import parse, verify  # already imported by is_equivalent, outside the time limit
+
     # math_verify's own timeouts use signal.alarm, which would cancel our ITIMER_REAL limits: disable them.
     gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
     pred_parsed = parse(_as_latex(pred), parsing_timeout=None)
@@ -44,6 +44,11 @@ def is_equivalent(answer: str, completion: str, timeout_s: float | None = 2.0) -
     x, y = parse_number(gold), parse_number(pred)
     if x is not None and y is not None:
         return x == y
+    # Imported on first use, not with the module: math_verify (with its LaTeX grammar) adds tens of MiB to
+    # every process that imports gradus.rewards, e.g. a countdown run that never needs it. Here, before
+    # the time limit starts, so the one-off import is not charged to a completion's verification.
+    import math_verify  # noqa: F401
+
     if threading.current_thread() is not threading.main_thread():
         try:
             return call_with_time_limit(_verify, timeout_s, gold, pred)

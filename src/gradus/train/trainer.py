@@ -34,7 +34,6 @@ from gradus.train.data import PromptSource
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import Collected, collect
 from gradus.train.passes import batch_logprobs, batch_values
-from gradus.train.plots import plot_run
 from gradus.train.presets import ResolvedAlgo, resolve_algo
 from gradus.train.runlog import RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
@@ -269,6 +268,8 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from gradus.train.plots import plot_run  # matplotlib costs ~25 MiB: only imported when a run ends
+
         plot_run(records, self.run_dir / "curves.png", title=f"{self.algo.name} on {self.cfg.task.name}")
         return summary
 
