@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("--steps", type=int, help="RL steps per run (= run.steps; default 80)")
     p_cmp.add_argument("--task", help="= task.name")
     p_cmp.add_argument("--device", help="= run.device")
-    p_cmp.add_argument("--target", type=float, help="held-out accuracy to time (default: 10 points over the start)")
+    p_cmp.add_argument("--target", type=float,
+                       help="held-out accuracy to time (default: 10 points over each run's start)")
     p_cmp.add_argument("--config", help="YAML config file for every run")
     p_cmp.add_argument("--out", help="report folder (default runs/compare-<time>)")
     p_cmp.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison")

@@ -118,10 +118,13 @@ def test_report_row_numbers_from_hand_made_records():
     # evals: step 5 -> 0.30, step 10 -> 0.35 >= 0.33, reached at step 10 after 20 s of training
     assert row["steps_to_target"] == 10 and row["time_to_target"] == 20.0
     assert row["tokens"] == 1000 and row["length"] == 5.0
+    assert row["gain"] == pytest.approx(15.0)  # 0.20 -> 0.35
     assert row["clip_high"] == pytest.approx(0.05)  # half the steps at 0.1
     assert row["clip_low"] is None and row["gate"] is None and row["dropped"] is None
     assert row["entropy"] == 10.0  # the last tenth of 10 steps is step 10
     assert run_row(run, target=0.5)["steps_to_target"] is None
+    # default: 10 points over this run's own start (0.2 -> 0.30, reached exactly at step 5, after 10 s)
+    assert run_row(run, target=None)["steps_to_target"] == 5 and run_row(run, target=None)["time_to_target"] == 10.0
 
 
 def test_smoothing_and_stacking():

@@ -65,7 +65,7 @@ def _eval_arrays(runs: list[RunData]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.array(steps), times, accs
 
 
-def plot_all(runs: list[RunData], algos: list[str], out: Path, target: float) -> list[Path]:
+def plot_all(runs: list[RunData], algos: list[str], out: Path, target: float | None) -> list[Path]:
     done = [r for r in runs if r.summary]
     colors = _colors(algos)
     by_algo = {a: [r for r in done if r.algo == a] for a in algos}
@@ -80,7 +80,8 @@ def plot_all(runs: list[RunData], algos: list[str], out: Path, target: float) ->
             _band(axes[0], steps, accs, algo, colors[algo], marker="o")
             _band(axes[1], times, accs, algo, colors[algo], marker="o")
     for ax, xlabel in zip(axes, ("step", "training wall time (s)"), strict=True):
-        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
+        if target is not None:
+            ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
         ax.set(xlabel=xlabel, ylabel="held-out greedy accuracy")
     paths.append(_save(fig, axes, out / "accuracy.png", "Held-out accuracy"))
 

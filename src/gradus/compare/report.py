@@ -4,7 +4,8 @@ One row per algorithm; each number is the mean over seeds (± the sample std whe
 Per-run quantities:
 
 - held-out accuracy after training (greedy), and before (the same for every algorithm of a seed);
-- steps and training wall time to reach the target accuracy: the first evaluation at or above it
+- steps and training wall time to reach the target: the first evaluation at or above it (the
+  target is an accuracy given with --target, or by default 10 points above the run's own start)
   (evaluations happen every `run.eval_every` steps, so this is exact to that granularity);
 - tokens generated over the run, mean completion length;
 - clip fractions (low: A < 0 below 1 - eps_low; high: A > 0 above 1 + eps_high), mean over steps:
@@ -68,24 +69,31 @@ def load_runs(compare_dir: Path) -> tuple[dict[str, Any], list[RunData]]:
     return plan, runs
 
 
-def target_accuracy(plan: dict[str, Any], runs: list[RunData]) -> float:
-    """The plan's target, or 10 points above the mean starting accuracy."""
-    if plan.get("target") is not None:
-        return float(plan["target"])
-    starts = [r.summary["heldout_accuracy_before"] for r in runs if r.summary]
-    return round(statistics.fmean(starts) + 0.10, 3) if starts else 1.0
+DEFAULT_GAIN = 0.10  # without --target: time to 10 points above each run's own starting accuracy
 
 
-def run_row(run: RunData, target: float) -> dict[str, float | None]:
+def target_accuracy(plan: dict[str, Any]) -> float | None:
+    """The plan's absolute target, or None: each run's own start + DEFAULT_GAIN (seeds start apart,
+    since each seed has its own initial weights and warm start)."""
+    return float(plan["target"]) if plan.get("target") is not None else None
+
+
+def run_target(run: RunData, target: float | None) -> float:
+    return target if target is not None else run.summary["heldout_accuracy_before"] + DEFAULT_GAIN
+
+
+def run_row(run: RunData, target: float | None) -> dict[str, float | None]:
     """The per-run numbers of one report row (None where a metric does not apply)."""
     s = run.summary
     assert s is not None
+    goal = run_target(run, target) - 1e-9  # accuracies are k/n: no rounding may hide a reached target
     steps = [step for step, _ in run.series("reward/mean")]
     last = max(1, len(steps) // 10)
-    reached = next(((step, t) for step, t, acc in run.evals() if acc >= target), None)
+    reached = next(((step, t) for step, t, acc in run.evals() if acc >= goal), None)
     return {
         "acc_before": s["heldout_accuracy_before"],
         "acc_after": s["heldout_accuracy_after"],
+        "gain": 100 * (s["heldout_accuracy_after"] - s["heldout_accuracy_before"]),
         "steps_to_target": reached[0] if reached else None,
         "time_to_target": reached[1] if reached else None,
         "wall_time": s["wall_time_s"],
@@ -103,6 +111,7 @@ def run_row(run: RunData, target: float) -> dict[str, float | None]:
 
 COLUMNS = [  # key, header, format
     ("acc_after", "held-out acc.", "{:.3f}"),
+    ("gain", "gain (points)", "{:+.1f}"),
     ("steps_to_target", "steps to target", "{:.0f}"),
     ("time_to_target", "time to target (s)", "{:.0f}"),
     ("wall_time", "wall time (s)", "{:.0f}"),
@@ -117,7 +126,7 @@ COLUMNS = [  # key, header, format
 ]
 
 
-def algo_rows(plan: dict[str, Any], runs: list[RunData], target: float) -> list[list[str]]:
+def algo_rows(plan: dict[str, Any], runs: list[RunData], target: float | None) -> list[list[str]]:
     rows = []
     for algo in plan["algos"]:
         mine = [r for r in runs if r.algo == algo]
@@ -140,14 +149,16 @@ def write_report(compare_dir: Path) -> Path:
 
     compare_dir = Path(compare_dir)
     plan, runs = load_runs(compare_dir)
-    target = target_accuracy(plan, runs)
+    target = target_accuracy(plan)
+    goal = (f"Target: held-out accuracy {target:.3f}." if target is not None else
+            f"Target: {100 * DEFAULT_GAIN:.0f} points above each run's own starting accuracy.")
     header = ["algo", "runs done", *(h for _, h, _ in COLUMNS)]
     lines = [
         "# gradus compare",
         "",
         f"Algorithms: {', '.join(plan['algos'])}; seeds: {plan['seeds']}; "
         f"overrides: {' '.join(plan['overrides']) or '(none)'}.",
-        f"Held-out accuracy before training: {_before(runs)}. Target accuracy: {target:.3f}.",
+        f"Held-out accuracy before training: {_before(runs)}. {goal}",
         "Cells are the mean over seeds ± the sample standard deviation. Clip fractions are per token, "
         "per sequence for GSPO. KL and entropy: mean over the last tenth of the steps.",
         "",
@@ -178,7 +189,7 @@ def _cell(values: list[float], fmt: str) -> str:
     mean = statistics.fmean(values)
     if len(values) == 1:
         return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(statistics.stdev(values))}"
 
 
 def _mean(series: list[tuple[int, float]]) -> float | None:
