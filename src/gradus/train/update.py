@@ -68,7 +68,8 @@ def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # How a metric of one micro-batch combines into its minibatch (and minibatches into the step):
 # partial sums of a globally normalised loss add up, extremes take the extreme, the rest are
-# means weighted by each piece's share of the loss tokens.
+# means weighted by each piece's share of the loss tokens (for per-sequence metrics, such as GSPO's
+# clip fractions, that weight is approximate when a minibatch spans several micro-batches).
 SUMMED = ("pg_loss", "kl_ref")
 EXTREMES = {"ratio_min": min, "ratio_max": max}
 
