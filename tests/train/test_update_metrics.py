@@ -23,7 +23,7 @@ def _one_batch(trainer):
 
 def _updates(trainer, inputs, token_budget):
     # a fresh copy of the model and optimizer: both budgets start from the same weights
-    actor = _optim(copy.deepcopy(trainer.policy), trainer.cfg.optim.lr, trainer.cfg)
+    actor = _optim(copy.deepcopy(trainer.policy), trainer.cfg.optim.lr, trainer.cfg, trainer.algo)
     return run_updates(inputs, actor, trainer.algo, epochs=1, minibatches=2, token_budget=token_budget,
                        temperature=1.0, chunk_size=64, generator=torch.Generator().manual_seed(3))[0]
 
@@ -89,7 +89,7 @@ def test_first_pass_gives_the_old_logprobs_for_later_epochs(nano_dir, tmp_path, 
     results = []
     for given in (inputs, passed):
         model = copy.deepcopy(trainer.policy)
-        actor = _optim(model, trainer.cfg.optim.lr, trainer.cfg)
+        actor = _optim(model, trainer.cfg.optim.lr, trainer.cfg, trainer.algo)
         metrics, _ = run_updates(given, actor, trainer.algo, epochs=3, minibatches=1, token_budget=10_000,
                                  temperature=1.0, chunk_size=64, generator=torch.Generator().manual_seed(3))
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))

@@ -109,6 +109,7 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
                 echo: Callable[[str], None] = print) -> list[RunStatus]:
     """Train every (algo, seed) run not yet finished, then write the report. Returns each run's status."""
     from gradus.compare.report import write_report
+    from gradus.train.checkpoint import latest_checkpoint
     from gradus.train.trainer import Trainer
 
     out = Path(out)
@@ -128,8 +129,6 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
             continue
         cfg = plan.config(out, algo, seed, name)
         run_dir = out / "runs" / name
-        from gradus.train.checkpoint import latest_checkpoint
-
         again = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
         echo(f"{label}: {'resuming' if again else 'starting'} ({cfg.run.steps} steps)")
         (out / "metrics" / f"{name}.error.txt").unlink(missing_ok=True)

@@ -49,17 +49,17 @@ class RunResult:
 def validate(cfg: TrainConfig) -> ResolvedAlgo:
     """Every check that can fail before any work, with the field named."""
     algo = resolve_algo(cfg)
-    r, o = cfg.rollout, algo
+    r = cfg.rollout
     if r.group_size < 2 and not algo.uses_critic:
         raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
                           f"got {r.group_size}")
     if r.group_size < 1 or r.prompts_per_step < 1:
         raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
     rows = r.group_size * r.prompts_per_step
-    if o.minibatches < 1 or rows % o.minibatches:
-        raise ConfigError(f"optim.minibatches ({o.minibatches}) must divide the batch of "
+    if algo.minibatches < 1 or rows % algo.minibatches:
+        raise ConfigError(f"optim.minibatches ({algo.minibatches}) must divide the batch of "
                           f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
-    for name, value in (("optim.epochs", o.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
+    for name, value in (("optim.epochs", algo.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
                         cfg.optim.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -123,8 +123,8 @@ class Trainer:
                                   eos_token_ids=[self.tokenizer.eos_token_id])
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
-        self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg)
-        self.critic_opt = _optim(self.critic, cfg.algo.critic_lr, cfg) if self.critic is not None else None
+        self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg, self.algo)
+        self.critic_opt = _optim(self.critic, cfg.algo.critic_lr, cfg, self.algo) if self.critic is not None else None
         self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world,
                                    position=state.get("data_position", 0))
         self.step = state.get("step", 0)
@@ -298,9 +298,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     return load_config(path, overrides)
 
 
-def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig) -> Optim:
+def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
-    algo = resolve_algo(cfg)
     total = cfg.run.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)
