@@ -105,8 +105,8 @@ class AlgoConfig:
     """Constant of seq-mean-token-sum-norm; None: max_new_tokens."""
     kl_coef: float | None = None
     """KL coefficient (in the loss; in the reward for PPO); None: the preset's. 0 loads no reference."""
-    kl_estimator: str = "k3"
-    """KL estimator: k1, k2 or k3."""
+    kl_estimator: str | None = None
+    """KL estimator: k1, k2 or k3; None: the preset's (k1 in PPO's reward, k3 in the others' loss)."""
     monitor_kl: bool = False
     """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
     adv_scale: str | None = None

@@ -39,6 +39,7 @@ def test_every_key_is_documented():
     (["algo.name=grpo", "algo.gamma=0.9"], "algo.gamma"),
     (["algo.name=ppo", "algo.adv_scale=group"], "algo.adv_scale"),
     (["algo.name=trpo"], "algo.name"),
+    (["algo.name=ppo", "algo.kl_estimator=k4"], "algo.kl_estimator"),
     (["algo.name=grpo", "algo.overlong_cache=8"], "algo.overlong_cache"),
     (["rollout.temperature=0"], "rollout.temperature"),
     (["optim.epochs=0"], "optim.epochs"),
@@ -51,11 +52,14 @@ def test_config_that_cannot_work_names_the_field(overrides, field):
 def test_presets_papers_defaults():
     grpo = resolve_algo(load_config(overrides=["algo.name=grpo"]))
     assert grpo.kl_coef == 0.04 and grpo.adv_scale == "group" and not grpo.dynamic_sampling
+    assert grpo.kl_estimator == "k3"  # GRPO paper: the unbiased non-negative estimator in the loss
     dapo = resolve_algo(load_config(overrides=["algo.name=dapo"]))
     assert dapo.kl_coef == 0 and dapo.dynamic_sampling and dapo.overlong_shaping
     assert (dapo.objective.clip_low, dapo.objective.clip_high) == (0.2, 0.28)
     ppo = resolve_algo(load_config(overrides=["algo.name=ppo"]))
     assert ppo.uses_critic and ppo.kl_in_reward
+    assert ppo.kl_estimator == "k1"  # NOTES: per-token reward -beta * (log pi - log pi_ref)
+    assert resolve_algo(load_config(overrides=["algo.name=ppo", "algo.kl_estimator=k3"])).kl_estimator == "k3"
     dr = resolve_algo(load_config(overrides=["algo.name=dr_grpo", "rollout.max_new_tokens=32"]))
     assert dr.adv_scale == "none" and dr.objective.agg_norm == 32.0
     assert set(ALGO_DEFAULTS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}

@@ -24,12 +24,15 @@ class AlgoDefaults:
     overlong_shaping: bool
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
+    kl_estimator: str = "k3"  # GRPO's unbiased, non-negative k3 in the loss
 
 
 ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
     # NOTES: PPO makes "several epochs over each rollout batch"; two, over one minibatch (the first
-    # epoch's own log-probs are the old ones, so no extra forward pass)
-    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False, epochs=2),
+    # epoch's own log-probs are the old ones, so no extra forward pass). Its per-token reward is
+    # -beta * (log pi - log pi_ref): the k1 estimator.
+    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False, epochs=2,
+                        kl_estimator="k1"),
     "grpo": AlgoDefaults(kl_coef=0.04, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
     "dapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True),
     "gspo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
@@ -115,8 +118,9 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
     kl_coef = d.kl_coef if a.kl_coef is None else a.kl_coef
     if kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {kl_coef}")
-    if a.kl_estimator not in ("k1", "k2", "k3"):
-        raise ConfigError(f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    kl_estimator = d.kl_estimator if a.kl_estimator is None else a.kl_estimator
+    if kl_estimator not in ("k1", "k2", "k3"):
+        raise ConfigError(f"algo.kl_estimator must be k1, k2 or k3, got {kl_estimator!r}")
     adv_scale = d.adv_scale if a.adv_scale is None else a.adv_scale
     if adv_scale is not None and adv_scale not in ("group", "batch", "none"):
         raise ConfigError(f"algo.adv_scale must be group, batch or none, got {adv_scale!r}")
@@ -124,7 +128,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         name=a.name,
         objective=objective,
         kl_coef=kl_coef,
-        kl_estimator=a.kl_estimator,
+        kl_estimator=kl_estimator,
         kl_in_reward=is_ppo,
         adv_scale=adv_scale,
         dynamic_sampling=dynamic,
