@@ -93,6 +93,24 @@ def test_gae_whiten():
     torch.testing.assert_close(masked_whiten(raw, mask), adv)
 
 
+def test_batch_statistics_over_shards():
+    # `total` sums over the shards of a batch; two identical shards are one batch of both: doubling
+    # every local sum must give exactly the doubled batch's mean and (unbiased, n - 1) variance
+    rewards, values, mask = _gae_inputs(6, 20, seed=2)
+    raw, _ = gae(rewards, values, mask, whiten=False)
+    both, both_mask = torch.cat([raw, raw]), torch.cat([mask, mask])
+    torch.testing.assert_close(masked_whiten(raw, mask, total=lambda t: 2 * t), masked_whiten(both, both_mask)[:6])
+    adv, _ = gae(rewards, values, mask, total=lambda t: 2 * t)
+    torch.testing.assert_close(adv, masked_whiten(both, both_mask)[:6])
+    assert not torch.allclose(adv, masked_whiten(raw, mask))  # n - 1 differs, so the scale does
+    r = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    doubled = group_advantages(torch.cat([r, r]), 2, scale="batch")
+    torch.testing.assert_close(group_advantages(r, 2, scale="batch", total=lambda t: 2 * t), doubled[:4])
+    # by hand: batch of 8 rewards, mean 0.75, unbiased var (2 * 0.5625 + 6 * 0.0625) / 7 = 1.5 / 7
+    std = (1.5 / 7) ** 0.5
+    torch.testing.assert_close(doubled[:4], torch.tensor([-0.5, 0.5, 0.0, 0.0]) / (std + 1e-6))
+
+
 def test_outcome_token_rewards():
     # score on the last counted token; -kl_coef * kl on every counted token
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])

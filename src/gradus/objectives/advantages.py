@@ -7,6 +7,11 @@ group_advantages (DeepSeekMath, Shao et al. 2024, section 4.1.2: outcome supervi
 std is the sample standard deviation (ddof = 1). A group whose rewards are all equal, or a group
 of one, gets exactly 0.
 
+Batch statistics (scale="batch", masked_whiten) take an optional `total`: a function that sums a
+tensor over the shards of a batch split across processes (data parallel: an all-reduce). With it the
+mean and variance are those of the whole batch, so each shard gets exactly its rows of the
+single-process result. Without it they are the local batch's.
+
 gae (Schulman et al. 2016, eq. 16), per token over the counted positions of each row:
     delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lam)^l delta_{t+l},   R_t = A_t + V_t
 where t+1 is the next *counted* position (positions with loss_mask 0 are skipped, not treated as
@@ -18,6 +23,8 @@ the advantage of the first counted token after the block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gradus.objectives._tensor import at_least_fp32, check_shapes
@@ -27,8 +34,11 @@ ADV_SCALES = ("group", "batch", "none")
 GAE_BLOCK = 128
 
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6, total: Total | None = None
 ) -> torch.Tensor:
     """Group-normalised advantages, one per completion. rewards [N] laid out group by group -> [N]"""
     if scale not in ADV_SCALES:
@@ -39,9 +49,8 @@ def group_advantages(
         std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
         centered = centered / (std + eps)  # [N/G, G]
     elif scale == "batch":
-        flat_rewards = groups.reshape(-1)
-        std = flat_rewards.std() if flat_rewards.numel() > 1 else flat_rewards.new_zeros(())
-        centered = centered / (std + eps)
+        _, var = masked_moments(groups, torch.ones_like(groups), total)
+        centered = centered / (var.sqrt() + eps)
     # An all-equal group must give exactly 0 (and not 0/0 with eps = 0): the mean of equal floats
     # can differ from them in the last bit, which the division by a tiny std would blow up.
     flat = (groups.amax(dim=1) == groups.amin(dim=1))[:, None]  # [N/G, 1]
@@ -76,12 +85,13 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = True,
+    total: Total | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation. All [B, T] -> (advantages [B, T], returns [B, T]).
 
     Returns are A + V before whitening (the critic's regression target). Both are 0 where
     loss_mask is 0. With whiten=True advantages are shifted and scaled to mean 0, variance 1
-    over the counted tokens of the batch.
+    over the counted tokens of the batch (of all shards, with `total`).
     """
     check_shapes("token_rewards", token_rewards, values=values, loss_mask=loss_mask)
     rewards = at_least_fp32(token_rewards)
@@ -112,17 +122,28 @@ def gae(
 
     returns = (advantages + values) * mask  # [B, T]
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=total)
     return advantages, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over counted entries (unbiased var); 0 elsewhere. [B, T] -> [B, T]"""
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, total: Total | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the counted entries of x (over all shards when `total` is given);
+    variance 0 with fewer than two entries. -> (mean [], var [])"""
+    total = total or (lambda t: t)
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    var = (((x - mean) * mask).square()).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    # centred second pass (not E[x^2] - mean^2, which cancels catastrophically for large means)
+    var = total((((x - mean) * mask).square()).sum()) / (n - 1).clamp(min=1)
+    return mean, var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total: Total | None = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over counted entries (unbiased var); 0 elsewhere. [B, T] -> [B, T]"""
+    mean, var = masked_moments(x, mask, total)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
 def _next_counted(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

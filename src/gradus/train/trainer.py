@@ -37,7 +37,7 @@ from gradus.train.passes import batch_logprobs, batch_values
 from gradus.train.presets import ResolvedAlgo, resolve_algo
 from gradus.train.runlog import RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
-from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, run_updates
+from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, run_updates
 
 
 @dataclass
@@ -215,7 +215,8 @@ class Trainer:
         ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
         rewards = got.rewards.to(self.device)
         if not algo.uses_critic:
-            advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale)  # [N]
+            advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale,
+                                          total=global_count)  # [N]
             metrics["adv/abs_mean"] = advantages.abs().mean().item()
             return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp)
         # PPO: per-token KL penalty in the reward, GAE from the critic's values
@@ -223,7 +224,8 @@ class Trainer:
         kl = kl_penalty(old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes),
                         ref_logp, algo.kl_estimator) if ref_logp is not None else None
         token_rewards = outcome_token_rewards(rewards, loss_mask, kl, algo.kl_coef)  # [N, T]
-        advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
+        advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
+                                  total=global_count)  # whitened over the batch of every rank
         metrics["critic/value_mean_rollout"] = (values * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
         if kl is not None:
             metrics["actor/kl_ref_reward"] = (kl * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()

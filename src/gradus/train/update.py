@@ -59,6 +59,36 @@ def global_count(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
+    """Data parallel: sum each gradient over ranks, and agree on whether every rank's losses were finite.
+
+    Losses are divided by global counts (`agg_counts`), so the sum of the ranks' gradients is the
+    gradient of the whole minibatch's loss; after it every rank holds the same gradient, takes the same
+    optimizer step and keeps the same weights. One flat all-reduce per model, after the last backward
+    (DDP would overlap it with the backward; exactness first). Identity in a single process.
+    Returns False on every rank when any rank saw a non-finite loss (then no rank steps).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return finite
+    device = next(models[0].parameters()).device if models else torch.device("cpu")
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 0.0:
+        return False
+    for model in models:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # same layout on every rank, whatever this rank's graph touched
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return True
+
+
 def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """The global denominator `agg_loss` needs for `mode`, from a minibatch's mask."""
     if mode == "token-mean":
@@ -217,6 +247,7 @@ def _minibatch_step(
             finite = False
             break
     models = ([actor] if train_actor else []) + ([critic] if critic is not None else [])
+    finite = sync_gradients([o.model for o in models], finite)
     norms = [torch.nn.utils.clip_grad_norm_(o.model.parameters(), o.grad_clip) for o in models] if finite else []
     if not finite or not all(math.isfinite(float(x)) for x in norms):
         for o in models:
