@@ -105,7 +105,7 @@ def plot_all(runs: list[RunData], algos: list[str], out: Path, target: float | N
         ("entropy.png", "Policy entropy", [("actor/entropy", "entropy (nats / token)")]),
         ("length.png", "Completion length", [("rollout/length_mean", "mean completion length (tokens)")]),
         ("kl_gate.png", "KL to the reference; SAPO's gate weight",
-         [("actor/kl_ref", "KL to reference (k3)"), ("actor/gate_weight_mean", "SAPO mean gate weight f'(r)")]),
+         [("actor/kl_ref", "KL to reference (per token)"), ("actor/gate_weight_mean", "SAPO mean gate weight f'(r)")]),
     ]
     for filename, title, keys in panels:
         fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
