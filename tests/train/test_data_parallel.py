@@ -4,6 +4,8 @@ summed over ranks, and PPO's advantage whitening uses the whole batch's statisti
 
 import copy
 import dataclasses
+import datetime
+import sys
 
 import pytest
 import torch
@@ -104,3 +106,36 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
     for k in single:
         torch.testing.assert_close(ranks[0]["params"][k], ranks[1]["params"][k], rtol=0, atol=0)  # replicas in sync
         torch.testing.assert_close(ranks[0]["params"][k], single[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _trainer_worker(rank: int, init_file: str, overrides: list[str], reward_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    sys.path.insert(0, reward_dir)  # the user reward module of `signal_reward`
+    # a short timeout: ranks that disagree on the number of collectives fail instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        trainer = Trainer(load_config(overrides=overrides), run_dir=f"{out_dir}/rank{rank}")
+        metrics = [trainer.train_step(step) for step in (1, 2, 3)]
+        params = {k: v.detach().clone() for k, v in trainer.policy.named_parameters()}
+        torch.save({"params": params, "metrics": metrics}, f"{out_dir}/trainer{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dynamic_sampling_ranks_stay_in_step(nano_dir, tmp_path, signal_reward):
+    """DAPO with one generation round: the ranks keep different numbers of groups, yet take the same
+    number of optimizer steps (the smallest batch sets it) and end with the same weights."""
+    overrides = tiny_overrides(nano_dir, tmp_path, **{
+        "algo.name": "dapo", "task.rewards": signal_reward, "algo.max_gen_rounds": 1, "optim.minibatches": 2,
+        "rollout.prompts_per_step": 4, "rollout.group_size": 4, "run.steps": 3})
+    mp.spawn(_trainer_worker, args=(str(tmp_path / "init"), overrides, str(tmp_path), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"trainer{r}.pt") for r in range(WORLD)]
+    kept = [[m["dapo/groups_kept"] for m in r["metrics"]] for r in ranks]
+    assert kept[0] != kept[1], kept  # the ranks sampled different data and kept different batches
+    updates = [[m["actor/updates"] for m in r["metrics"]] for r in ranks]
+    assert updates[0] == updates[1] and sum(updates[0]) > 0
+    start = Trainer(load_config(overrides=overrides), run_dir=tmp_path / "start").policy
+    assert any(not torch.equal(p, ranks[0]["params"][k]) for k, p in start.named_parameters())
+    for k in ranks[0]["params"]:
+        torch.testing.assert_close(ranks[0]["params"][k], ranks[1]["params"][k], rtol=0, atol=0, msg=k)

@@ -37,7 +37,7 @@ from gradus.train.passes import batch_logprobs, batch_values
 from gradus.train.presets import ResolvedAlgo, resolve_algo
 from gradus.train.runlog import RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
-from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, run_updates
+from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, global_min, run_updates
 
 
 @dataclass
@@ -181,17 +181,21 @@ class Trainer:
                       num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
                       seed=_mix(cfg.run.seed, step, self.rank))
         metrics = dict(got.metrics)
-        if got.batch is None:
+        # every rank must take the same number of optimizer steps (they all-reduce gradients), so the
+        # smallest batch over ranks sets the minibatch count, and if one rank has none, none trains
+        smallest = global_min(got.batch.batch_size if got.batch is not None else 0, self.device)
+        if smallest == 0:
             metrics["actor/skipped_updates"] = 0.0
             metrics["actor/updates"] = 0.0
             return metrics
-        inputs = self.prepare(got, metrics)  # 4-5
+        minibatches = self._minibatches(smallest)
+        inputs = self.prepare(got, metrics, minibatches)  # 4-5
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
         gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
         update_metrics, skipped = run_updates(
-            inputs, self.actor_opt, self.algo, epochs=self.algo.epochs, minibatches=self._minibatches(got),
+            inputs, self.actor_opt, self.algo, epochs=self.algo.epochs, minibatches=minibatches,
             token_budget=cfg.optim.token_budget, temperature=cfg.rollout.temperature,
             chunk_size=cfg.model.chunk_size, generator=gen, critic=self.critic_opt,
             value_clip=cfg.algo.value_clip,
@@ -200,8 +204,9 @@ class Trainer:
         self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
         return metrics
 
-    def prepare(self, got: Collected, metrics: dict[str, float]) -> UpdateInputs:
-        """Steps 4-5: advantages, and the log-probs / values the update needs."""
+    def prepare(self, got: Collected, metrics: dict[str, float], minibatches: int | None = None) -> UpdateInputs:
+        """Steps 4-5: advantages, and the log-probs / values the update needs for `minibatches` per epoch
+        (None: as many as this batch allows)."""
         cfg, algo, batch = self.cfg, self.algo, got.batch
         loss_mask = batch.completion_mask.float()  # [N, T]
         if algo.overlong_filter:
@@ -210,7 +215,7 @@ class Trainer:
                   "chunk_size": cfg.model.chunk_size}
         # One minibatch: the update's first pass runs before any optimizer step, so it gives the old
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
-        first_pass_is_old = self._minibatches(got) == 1
+        first_pass_is_old = (minibatches or self._minibatches(batch.batch_size)) == 1
         old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes)
         ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
         rewards = got.rewards.to(self.device)
@@ -276,9 +281,9 @@ class Trainer:
         return summary
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def _minibatches(self, got: Collected) -> int:
+    def _minibatches(self, batch_size: int) -> int:
         """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
-        return max(1, min(self.algo.minibatches, got.batch.batch_size // self.cfg.rollout.group_size))
+        return max(1, min(self.algo.minibatches, batch_size // self.cfg.rollout.group_size))
 
     def _check_finite(self, skipped: int, total: int) -> None:
         self.bad_streak = self.bad_streak + 1 if total and skipped == total else 0

@@ -59,6 +59,15 @@ def global_count(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def global_min(value: int, device: torch.device | str = "cpu") -> int:
+    """The smallest of every rank's `value` (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    x = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
+
+
 def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
     """Data parallel: sum each gradient over ranks, and agree on whether every rank's losses were finite.
 
