@@ -38,15 +38,17 @@ def _shard(inputs: UpdateInputs, rank: int) -> UpdateInputs:
     return dataclasses.replace(inputs, batch=inputs.batch.select(rows), **cut)
 
 
+def _params(policy: torch.nn.Module, critic: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    models = {"actor": policy, **({"critic": critic} if critic is not None else {})}
+    return {f"{name}.{k}": v.detach().clone() for name, m in models.items() for k, v in m.named_parameters()}
+
+
 def _update(inputs: UpdateInputs, payload: dict) -> dict[str, torch.Tensor]:
     actor = _sgd(payload["policy"])
     critic = _sgd(payload["critic"]) if payload["critic"] is not None else None
     run_updates(inputs, actor, payload["algo"], epochs=2, minibatches=1, token_budget=10_000, temperature=1.0,
                 chunk_size=64, generator=torch.Generator().manual_seed(0), critic=critic, value_clip=0.2)
-    params = {f"actor.{k}": v.detach().clone() for k, v in actor.model.named_parameters()}
-    if critic is not None:
-        params.update({f"critic.{k}": v.detach().clone() for k, v in critic.model.named_parameters()})
-    return params
+    return _params(actor.model, critic.model if critic is not None else None)
 
 
 def _worker(rank: int, init_file: str, payload_file: str, out_dir: str) -> None:
@@ -82,7 +84,7 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
     rewards = torch.rand(8, generator=g)
     payload = {"policy": copy.deepcopy(trainer.policy), "algo": trainer.algo, "inputs": inputs, "x": x,
                "mask": mask, "rewards": rewards,
-               "critic": copy.deepcopy(trainer.critic) if trainer.critic is not None else None}
+               "critic": copy.deepcopy(trainer.critic)}  # deepcopy(None) is None
     torch.save(payload, tmp_path / "payload.pt")
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "payload.pt"), str(tmp_path)), nprocs=WORLD)
@@ -95,11 +97,9 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
     # a local whitening would differ: the two halves have different means
     assert not torch.allclose(ranks[0]["whitened"], masked_whiten(x[:half], mask[:half]))
 
-    start = {**{f"actor.{k}": v.detach().clone() for k, v in trainer.policy.named_parameters()},
-             **({f"critic.{k}": v.detach().clone() for k, v in trainer.critic.named_parameters()}
-                if trainer.critic is not None else {})}
+    start = _params(trainer.policy, trainer.critic)
     single = _update(inputs, {"policy": copy.deepcopy(trainer.policy), "algo": trainer.algo,
-                              "critic": copy.deepcopy(trainer.critic) if trainer.critic is not None else None})
+                              "critic": copy.deepcopy(trainer.critic)})
     assert set(single) == set(ranks[0]["params"]) and (algo != "ppo" or any(k.startswith("critic.") for k in single))
     moved = sum(float((single[k] - start[k]).abs().max()) for k in single)
     assert moved > 1e-2  # the step is real, so agreeing with it means something

@@ -51,9 +51,13 @@ class NonFiniteUpdate(RuntimeError):
     """Too many consecutive updates had a NaN or inf loss or gradient."""
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def global_count(x: torch.Tensor) -> torch.Tensor:
     """A count summed over data-parallel ranks (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         x = x.clone()
         dist.all_reduce(x)
     return x
@@ -61,7 +65,7 @@ def global_count(x: torch.Tensor) -> torch.Tensor:
 
 def global_min(value: int, device: torch.device | str = "cpu") -> int:
     """The smallest of every rank's `value` (itself in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return value
     x = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MIN)
@@ -77,7 +81,7 @@ def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
     (DDP would overlap it with the backward; exactness first). Identity in a single process.
     Returns False on every rank when any rank saw a non-finite loss (then no rank steps).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return finite
     device = next(models[0].parameters()).device if models else torch.device("cpu")
     flag = torch.tensor([1.0 if finite else 0.0], device=device)
