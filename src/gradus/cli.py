@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gradus.config import ConfigError, all_keys, field_doc, load_config
 from gradus.objectives import PRESETS
+from gradus.threads import governor_for
 
 # flag -> config key
 SHORTCUTS = {
@@ -89,7 +90,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     task = bootstrap.build_task(cfg)
     if cfg.model.path:
         model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
-        metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress)
+        metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress,
+                          threads=cfg.run.threads)
         out = Path(args.output)
         save_pretrained(model.cpu(), tokenizer, out)
     else:  # the built-in tiny model: train (or reuse) the cached warm start, then copy it
@@ -114,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
+    governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, task.heldout(args.n or cfg.task.heldout_size),
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
                       seed=cfg.run.seed)

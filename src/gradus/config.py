@@ -178,7 +178,7 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar."""
     threads: int | None = None
-    """torch CPU threads; None: torch's default."""
+    """CPU threads; None: every core while the machine is idle, fewer while other work keeps cores busy."""
 
 
 @dataclass

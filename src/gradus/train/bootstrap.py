@@ -82,7 +82,8 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
     model.to(resolve_device(cfg.run.device))
-    metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=progress)
+    metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=progress,
+                      threads=cfg.run.threads)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model.cpu(), tokenizer, tmp)

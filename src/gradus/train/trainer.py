@@ -28,6 +28,7 @@ from gradus.config import ConfigError, TrainConfig, load_config, save_config
 from gradus.models import build_critic, load_critic
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.rollout import LocalEngine, SamplingParams
+from gradus.threads import governor_for
 from gradus.train import bootstrap
 from gradus.train.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
 from gradus.train.data import PromptSource
@@ -83,9 +84,8 @@ class Trainer:
         self.label = label  # the progress bar's title; None: the algorithm's name
         self.algo = validate(cfg)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         self.device = bootstrap.resolve_device(cfg.run.device)
+        self.governor = governor_for(cfg.run.threads, self.device)  # CPU threads that follow the load
         if cfg.model.path:
             bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
@@ -175,12 +175,13 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
+        threads = self.governor.pick()
         # 1-3: sample and score (dynamic sampling inside)
         self.policy.eval()
         got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
                       num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
                       seed=_mix(cfg.run.seed, step, self.rank))
-        metrics = dict(got.metrics)
+        metrics = dict(got.metrics, **{"time/threads": float(threads)})
         # every rank must take the same number of optimizer steps (they all-reduce gradients), so the
         # smallest batch over ranks sets the minibatch count, and if one rank has none, none trains
         smallest = global_min(got.batch.batch_size if got.batch is not None else 0, self.device)
@@ -239,6 +240,7 @@ class Trainer:
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        self.governor.pick()
         self.policy.eval()
         return evaluate(self.policy, self.tokenizer, self.task, self.heldout,
                         max_new_tokens=self.cfg.rollout.max_new_tokens)
