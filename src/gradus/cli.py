@@ -52,7 +52,15 @@ def _config_from(args: argparse.Namespace):
                 overrides.append("task.name=file")
     if args.no_progress:
         overrides.append("run.progress=false")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.model.path:  # a run or checkpoint folder stands for the policy inside it
+        from gradus.train.bootstrap import resolve_model_dir
+
+        path, note = resolve_model_dir(cfg.model.path)
+        if note:
+            print(f"gradus: {note}", file=sys.stderr)
+            cfg.model.path = str(path)
+    return cfg
 
 
 def _help_config() -> str:
@@ -121,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)
     if not cfg.model.path:
-        raise ConfigError("gradus eval needs --model PATH (a HF model directory or a checkpoint's policy/)")
+        raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
