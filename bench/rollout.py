@@ -2,8 +2,9 @@
 
 Both sample (temperature 1, top_k 0, top_p 1) the same prompts for the same number of new tokens.
 To give both the same workload with no early stop, both get an EOS id outside the vocabulary: it is
-checked every step but can never be sampled. Throughput is generated (non-pad) tokens per second,
-the median over repeats after one warm-up, with the two methods alternating.
+checked every step but can never be sampled. It is passed to the two calls only, not written into the
+model's config, which must name an id inside the vocabulary (or none). Throughput is generated (non-pad)
+tokens per second, the median over repeats after one warm-up, with the two methods alternating.
 
     python bench/rollout.py [--batch-sizes 16 64] [--new-tokens 32 128] [--repeats 5]
 """
@@ -26,7 +27,8 @@ def build_model(vocab: int, hidden: int, layers: int, heads: int) -> Qwen2ForCau
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
-        tie_word_embeddings=True, initializer_range=0.15, pad_token_id=0, eos_token_id=vocab,
+        tie_word_embeddings=True, initializer_range=0.15, pad_token_id=0,
+        eos_token_id=None,  # the bench's stop id lies outside the vocabulary, so it goes to each call instead
     )
     return Qwen2ForCausalLM(config).eval()
 

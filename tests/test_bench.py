@@ -1,4 +1,5 @@
-"""The pure pieces of bench/grpo_vs_trl.py and bench/efficiency.py (neither TRL nor a worker is started)."""
+"""The pure pieces of bench/grpo_vs_trl.py, bench/efficiency.py and bench/rollout.py (neither TRL nor a worker
+is started)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import efficiency  # noqa: E402
 import grpo_vs_trl  # noqa: E402
+import rollout as rollout_bench  # noqa: E402
 
 from gradus.models import build_char_tokenizer  # noqa: E402
 
@@ -59,3 +61,14 @@ def test_matmul_gflops_is_positive_and_restores_threads():
     rate = efficiency.matmul_gflops(64, repeats=2, threads=threads + 1)
     assert 0 < rate < float("inf")
     assert torch.get_num_threads() == threads
+
+
+def test_rollout_bench_model_config_is_valid_and_nothing_stops_early():
+    vocab, B, T = 30, 3, 5
+    model = rollout_bench.build_model(vocab, 16, 1, 2)
+    eos = model.config.eos_token_id
+    assert eos is None or 0 <= eos < vocab  # transformers warns about an EOS id outside the vocabulary
+    prompts = rollout_bench.make_prompts(B, vocab, seed=0)
+    engine = rollout_bench.LocalEngine(model, pad_token_id=0, eos_token_ids=[vocab])
+    assert rollout_bench.time_engine(engine, prompts, T, seed=0)[1] == B * T
+    assert rollout_bench.time_generate(model, prompts, T, 0, 0, vocab)[1] == B * T

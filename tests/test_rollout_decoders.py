@@ -3,6 +3,8 @@ DynamicCache), F.scaled_dot_product_attention for the matmul decode attention, H
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,3 +61,19 @@ def test_bf16_greedy_matches_generate(make):
     engine = LocalEngine(model, pad_token_id=PAD, eos_token_ids=[], backend="direct")
     got = engine.generate(PROMPTS, 1, SamplingParams(temperature=0.0, max_new_tokens=12))
     assert torch.equal(got.completion_ids, ref)
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama])
+def test_hf_decoder_uses_no_deprecated_transformers_argument(make):
+    # transformers warns (FutureWarning) on arguments it is about to remove, e.g. `past_key_values` -> `cache`;
+    # the fallback decoder must keep working on the next release, so any such warning fails here
+    model, T = make(), 3
+    ids, mask = left_pad(PROMPTS, PAD, torch.device("cpu"))  # [N, P]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        decoder = HFDecoder(model, T)
+        logits = decoder.prefill(ids, mask, 2)  # [N*2, V]
+        decoder.keep(torch.arange(0, logits.shape[0], 2))
+        logits = decoder.step(logits[::2].argmax(-1))  # [N, V]
+    assert logits.shape == (len(PROMPTS), model.config.vocab_size)

@@ -7,12 +7,15 @@ the common ones also have flags. `gradus train --help-config` lists every key wi
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from gradus.config import ConfigError, all_keys, field_doc, load_config
+from gradus import __version__
+from gradus.config import ConfigError, TrainConfig, all_keys, field_doc, load_config
 from gradus.objectives import PRESETS
 from gradus.threads import governor_for
 
@@ -23,11 +26,19 @@ SHORTCUTS = {
 }
 
 
+def _default(key: str) -> object:
+    """The default value of a dotted config key, e.g. 'task.name' -> 'countdown'."""
+    section, name = key.split(".")
+    return getattr(getattr(TrainConfig(), section), name)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--config", help="YAML config file (sections: model, task, rollout, algo, optim, sft, run)")
     for flag, key in SHORTCUTS.items():
-        p.add_argument(f"--{flag}", dest=f"short_{flag}", metavar=key.split(".")[-1].upper(), help=f"= {key}")
+        default = _default(key)
+        p.add_argument(f"--{flag}", dest=f"short_{flag}", metavar=key.split(".")[-1].upper(),
+                       help=f"= {key}" + ("" if default is None else f" (default {default})"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar (run.progress=false)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
 
@@ -42,7 +53,15 @@ def _config_from(args: argparse.Namespace):
                 overrides.append("task.name=file")
     if args.no_progress:
         overrides.append("run.progress=false")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.model.path:  # a run or checkpoint folder stands for the policy inside it
+        from gradus.train.bootstrap import resolve_model_dir
+
+        path, note = resolve_model_dir(cfg.model.path)
+        if note:
+            print(f"gradus: {note}", file=sys.stderr)
+            cfg.model.path = str(path)
+    return cfg
 
 
 def _help_config() -> str:
@@ -112,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)
     if not cfg.model.path:
-        raise ConfigError("gradus eval needs --model PATH (a HF model directory or a checkpoint's policy/)")
+        raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
@@ -162,10 +181,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _unrecognized(parser: argparse.ArgumentParser, stray: list[str]) -> NoReturn:
+    """Exit with `parser`'s usage (the subcommand's, not gradus'), suggesting the nearest flag to each typo."""
+    flags = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    named = []
+    for item in stray:
+        near = difflib.get_close_matches(item.split("=", 1)[0], flags, n=1) if item.startswith("--") else []
+        named.append(f"{item} (did you mean {near[0]}?)" if near else item)
+    parser.error(f"unrecognized arguments: {' '.join(named)}")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `gradus` parser and each subcommand's parser, by name; help texts quote the live defaults."""
+    from gradus.compare import COMPARE_DEFAULTS, DEFAULT_ALGOS, ComparePlan
+    from gradus.demo import STEPS as DEMO_STEPS
+
     parser = argparse.ArgumentParser(prog="gradus", description="RL post-training of language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="RL training (no arguments: the built-in tiny model on arithmetic)")
+    tiny = f"the built-in {_default('model.tiny_size')} model, SFT warm-started"
+    p_train = sub.add_parser("train", help=f"RL training (no arguments: {tiny}, on {_default('task.name')})")
     _add_config_args(p_train)
     p_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p_sft = sub.add_parser("sft", help="supervised warm start on a task's answers")
@@ -173,14 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     p_sft.add_argument("--output", required=True, help="where to save the fine-tuned model (HF format)")
     p_eval = sub.add_parser("eval", help="held-out greedy accuracy and pass@k")
     _add_config_args(p_eval)
-    p_eval.add_argument("--k", type=int, default=8, help="samples per problem for pass@k (0: greedy only)")
-    p_eval.add_argument("--n", type=int, default=None, help="held-out problems (default task.heldout_size)")
+    p_eval.add_argument("--k", type=int, default=8,
+                        help="samples per problem for pass@k (0: greedy only; default %(default)s)")
+    p_eval.add_argument("--n", type=int, default=None,
+                        help=f"held-out problems (default task.heldout_size, {_default('task.heldout_size')})")
     p_eval.add_argument("--json", action="store_true", help="print one JSON object")
     p_cmp = sub.add_parser("compare", help="train several algorithms on one task, same budget; write a report")
     p_cmp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
-    p_cmp.add_argument("--algos", help="comma-separated (default: ppo,grpo,dapo,gspo,sapo)")
-    p_cmp.add_argument("--seeds", type=int, help="seeds per algorithm (default 2)")
-    p_cmp.add_argument("--steps", type=int, help="RL steps per run (= run.steps; default 80)")
+    p_cmp.add_argument("--algos", help=f"comma-separated (default: {','.join(DEFAULT_ALGOS)})")
+    p_cmp.add_argument("--seeds", type=int, help=f"seeds per algorithm (default {ComparePlan.seeds})")
+    p_cmp.add_argument("--steps", type=int,
+                       help=f"RL steps per run (= run.steps; default {COMPARE_DEFAULTS['run.steps']})")
     p_cmp.add_argument("--task", help="= task.name")
     p_cmp.add_argument("--device", help="= run.device")
     p_cmp.add_argument("--target", type=float,
@@ -192,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("algos", help="print every algorithm preset's settings side by side")
     demo = sub.add_parser("demo", help="train a toy policy with each objective (no model needed)")
-    demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets")
-    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets (default: all)")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="steps per preset (default %(default)s)")
+    return parser, sub.choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
     # key=value overrides may stand anywhere among the flags; argparse alone only takes them in one run
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        _unrecognized(commands[args.command], stray)
     if extra:
         args.overrides = [*args.overrides, *extra]
     # transformers' own per-file progress bars ("Loading weights") would drown gradus' progress bar
@@ -226,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
         algos = [a.strip() for a in args.algos.split(",") if a.strip()]
         for a in algos:
-            resolve_objective(a)  # fail fast on a typo, listing the valid names
+            try:
+                resolve_objective(a)  # fail fast on a typo, listing the valid names
+            except ValueError as err:
+                raise ConfigError(f"--algos: {err}") from err
         demo_main(algos, args.steps)
         return 0
     except ConfigError as err:

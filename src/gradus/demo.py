@@ -15,9 +15,10 @@ import torch
 from gradus.objectives import group_advantages, policy_loss
 
 V, T, GROUP, PROMPTS = 8, 6, 8, 4
+STEPS = 30  # training steps per algorithm, unless told
 
 
-def run_toy(algo: str, *, steps: int = 30, lr: float = 0.5, seed: int = 0) -> tuple[float, float]:
+def run_toy(algo: str, *, steps: int = STEPS, lr: float = 0.5, seed: int = 0) -> tuple[float, float]:
     """Train the toy policy with `algo`; return (expected reward before, after)."""
     torch.manual_seed(seed)
     logits = torch.zeros(V, requires_grad=True)

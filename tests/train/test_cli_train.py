@@ -1,9 +1,16 @@
-"""The command line on a nano model: eval --json, sft, train on a user's data file, config errors."""
+"""The command line on a nano model: eval --json, sft, train on a user's data file, config errors, run and
+checkpoint folders as --model."""
 
 import json
+import shutil
+
+import pytest
 
 from gradus.cli import main
+from gradus.config import ConfigError
 from gradus.models import load_pretrained
+from gradus.train.bootstrap import resolve_model_dir
+from gradus.train.checkpoint import MARKER
 
 from .conftest import tiny_overrides
 
@@ -40,3 +47,40 @@ def test_config_error_exit_code(capsys):
     assert "did you mean 'algo.clip_high'" in capsys.readouterr().err
     assert main(["train", "--help-config"]) == 0
     assert "algo.clip_high" in capsys.readouterr().out
+
+
+def _fake_run(nano_dir, root):
+    """A run folder as the trainer leaves it: step 1 and 2 complete, step 3 cut off mid-save (no marker).
+    Only step 2 holds a loadable policy, so loading any other one fails."""
+    ckpts = root / "run" / "checkpoints"
+    for step, complete in ((1, True), (2, True), (3, False)):
+        policy = ckpts / f"step-{step:06d}" / "policy"
+        if step == 2:
+            shutil.copytree(nano_dir, policy)
+        else:
+            policy.mkdir(parents=True)
+        if complete:
+            (policy.parent / MARKER).write_text(str(step))
+    return root / "run", ckpts / "step-000002"
+
+
+def test_eval_accepts_a_run_folder_or_a_checkpoint_and_says_which_policy(nano_dir, tmp_path, capsys):
+    run, ckpt = _fake_run(nano_dir, tmp_path)
+    for given, said in ((run, "is a run folder"), (run / "checkpoints", "is a run folder"),
+                        (ckpt, "is a checkpoint")):
+        assert main(["eval", "--model", str(given), "--task", "arithmetic", "--k", "0", "--n", "2", "--json",
+                     "rollout.max_new_tokens=2"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out.strip().splitlines()[-1])["n"] == 2
+        assert said in captured.err and f"{ckpt / 'policy'}" in captured.err
+
+
+def test_model_folders_that_hold_no_usable_checkpoint(nano_dir, tmp_path):
+    run, ckpt = _fake_run(nano_dir, tmp_path)
+    assert resolve_model_dir(nano_dir) == (nano_dir, None)
+    with pytest.raises(ConfigError, match="incomplete checkpoint"):
+        resolve_model_dir(run / "checkpoints" / "step-000003")
+    shutil.rmtree(run / "checkpoints" / "step-000001")
+    shutil.rmtree(ckpt)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_model_dir(run)

@@ -15,18 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gradus.train.plots import SMOOTH, smooth  # noqa: E402  (one smoothing for a run's plot and these)
+
 if TYPE_CHECKING:
     from gradus.compare.report import RunData
-
-SMOOTH = 10  # steps in the moving average of per-step curves
-
-
-def smooth(values: np.ndarray, window: int = SMOOTH) -> np.ndarray:
-    """Trailing moving average; the first points average what there is so far."""
-    csum = np.cumsum(np.insert(values, 0, 0.0))  # [n + 1]
-    idx = np.arange(1, len(values) + 1)  # [n]
-    lo = np.maximum(idx - window, 0)
-    return (csum[idx] - csum[lo]) / (idx - lo)
 
 
 def stack_by_step(runs: list[RunData], key: str, window: int = SMOOTH) -> tuple[np.ndarray, np.ndarray] | None:

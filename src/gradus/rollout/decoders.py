@@ -64,15 +64,18 @@ class HFDecoder:
     def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self._keep_kw = ({"logits_to_keep": 1}
-                         if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+        params = inspect.signature(model.forward).parameters
+        self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers 5.x renamed the cache argument `past_key_values` -> `cache` (the old name warns
+        # and goes in 5.40); models whose forward predates the rename (remote code) still take the old one.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> torch.Tensor:
         """ids, mask: [N, P] left-padded unique prompts; returns logits [N*repeats, V] of the next token."""
         self.cache = DynamicCache(config=self.model.config)
         pos = position_ids_from_mask(mask)  # [N, P]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, **self._keep_kw)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_arg: self.cache}, **self._keep_kw)
         if repeats > 1:
             self.cache.batch_repeat_interleave(repeats)
         full = torch.cat([mask, mask.new_ones(mask.shape[0], self.max_new_tokens)], dim=1)  # [N, P+T]
@@ -85,7 +88,7 @@ class HFDecoder:
         """tokens: [B] the last sampled tokens; returns logits [B, V] of the next ones."""
         self.length += 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask[:, : self.length],
-                         position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+                         position_ids=self.next_pos[:, None], use_cache=True, **{self._cache_arg: self.cache})
         self.next_pos = self.next_pos + 1  # [B]
         return out.logits[:, -1].float()  # [B, V]
 

@@ -22,6 +22,7 @@ from gradus.models import (
     save_pretrained,
 )
 from gradus.tasks import Task, get_task
+from gradus.train.checkpoint import MARKER, checkpoint_dir, latest_checkpoint
 from gradus.train.sft import run_sft
 
 SFT_CACHE_VERSION = 1
@@ -101,6 +102,33 @@ def check_model_path(path: str) -> None:
         check_model_dir(path)
     except ModelLoadError as err:
         raise ConfigError(f"model.path: {err}") from err
+
+
+def resolve_model_dir(path: str | Path) -> tuple[Path, str | None]:
+    """The model directory that `path` stands for, and a note saying what was picked (None: `path` itself).
+
+    Besides a model directory, `path` may be a gradus run folder (or its checkpoints/ folder): the policy of
+    its latest complete checkpoint; or one checkpoint folder: its policy. Anything else is returned as it
+    is, for `check_model_dir` to explain what is wrong with it.
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return path, None
+    checkpoints = checkpoint_dir(Path()).name  # the name of a run's checkpoint folder
+    if (path / "policy").is_dir() and path.parent.name == checkpoints:
+        if not (path / MARKER).is_file():
+            raise ConfigError(f"model.path: {path} is an incomplete checkpoint (no {MARKER} marker: its save "
+                              "was interrupted); give the run folder to use its latest complete checkpoint")
+        return path / "policy", f"{path} is a checkpoint: loading its policy, {path / 'policy'}"
+    run = path.parent if path.name == checkpoints else path
+    if not checkpoint_dir(run).is_dir():
+        return path, None
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise ConfigError(f"model.path: {run} is a run folder with no complete checkpoint in "
+                          f"{checkpoint_dir(run)} (none has a {MARKER} marker)")
+    policy = ckpt / "policy"
+    return policy, f"{path} is a run folder: loading the policy of its latest complete checkpoint, {policy}"
 
 
 def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
