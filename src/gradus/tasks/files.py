@@ -253,6 +253,8 @@ class FileTask(Task):
         if not self._train:
             raise DatasetError(f"{path}: no training rows left after the held-out split")
         self._perm_cache: dict[int, list[int]] = {}
+        # where each row stands in its file(s), so messages list bad rows in file order
+        self._order = {id(ex): i for i, ex in enumerate(examples + (self._heldout if heldout_path else []))}
 
     def _load(self, path: Path) -> list[Example]:
         prompt_field, answer_field, meta_fields = self._fields
@@ -286,13 +288,14 @@ class FileTask(Task):
         (on_error="skip"). Returns how many rows were dropped."""
         kept_train: list[Example] = []
         kept_held: list[Example] = []
-        bad: list[str] = []
+        found: list[tuple[int, str]] = []
         for examples, kept in ((self._train, kept_train), (self._heldout, kept_held)):
             for ex, reason in zip(examples, problems(examples), strict=True):
                 if reason is None:
                     kept.append(ex)
                 else:
-                    bad.append(f"{ex.source}: {reason}")
+                    found.append((self._order.get(id(ex), 0), f"{ex.source}: {reason}"))
+        bad = [message for _, message in sorted(found)]
         self._report(bad, f"row(s) of {self.path} {what}")
         if not bad:
             return 0
