@@ -135,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
+    bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)
     governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, task.heldout(args.n or cfg.task.heldout_size),
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,

@@ -66,7 +66,7 @@ class TaskConfig:
     strict_rewards: bool = False
     """Make a failing or timed-out reward fatal instead of scoring 0."""
     heldout_size: int = 500
-    """Number of held-out problems for evaluation."""
+    """Held-out problems for evaluation; a data file holds out at most 20% of its distinct prompts (said)."""
 
 
 @dataclass

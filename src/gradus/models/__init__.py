@@ -3,10 +3,14 @@
 from gradus.models.critic import build_critic, completion_values, critic_values
 from gradus.models.loading import (
     ModelLoadError,
+    check_finite,
     check_model_dir,
+    check_safetensors,
+    check_special_tokens,
     load_critic,
     load_pretrained,
     save_pretrained,
+    stop_token_ids,
 )
 from gradus.models.tiny import TINY_SIZES, TinySize, build_tiny_model, tiny_config
 from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
@@ -20,11 +24,15 @@ __all__ = [
     "build_char_tokenizer",
     "build_critic",
     "build_tiny_model",
+    "check_finite",
     "check_model_dir",
+    "check_safetensors",
+    "check_special_tokens",
     "completion_values",
     "critic_values",
     "load_critic",
     "load_pretrained",
     "save_pretrained",
+    "stop_token_ids",
     "tiny_config",
 ]

@@ -1,7 +1,7 @@
 """Rollout: sampling G completions per prompt, the most expensive stage of RL post-training."""
 
 from gradus.rollout.engine import RolloutEngine
-from gradus.rollout.local import LocalEngine
+from gradus.rollout.local import LocalEngine, model_positions
 from gradus.rollout.sampling import (
     apply_temperature,
     filter_logits,
@@ -20,6 +20,7 @@ __all__ = [
     "SamplingParams",
     "apply_temperature",
     "filter_logits",
+    "model_positions",
     "next_tokens",
     "sample_from_probs",
     "sample_tokens",

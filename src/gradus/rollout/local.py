@@ -31,6 +31,16 @@ Backend = Literal["auto", "direct", "hf"]
 _DROP_FRACTION = 0.125
 
 
+def model_positions(model: nn.Module) -> int | None:
+    """The longest sequence (prompt + completion) the model's config allows; None when it does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> (ids [N, P] long, mask [N, P] long), left-padded to the longest prompt."""
@@ -95,6 +105,12 @@ class LocalEngine:
                   seed: int | None) -> RolloutBatch:
         device = self.device
         T = params.max_new_tokens
+        positions = model_positions(self.model)
+        longest = max((len(p) for p in prompts), default=0)
+        if positions is not None and longest + T > positions:
+            # refused before anything is allocated: past its positions a model fails or reads garbage
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {T} is more than the model's "
+                             f"{positions} positions")
         ids, mask = left_pad(prompts, self.pad_token_id, device)  # [N, P] each
         B = ids.shape[0] * n
         generator = None

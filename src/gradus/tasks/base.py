@@ -17,11 +17,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: ``prompt`` is the problem text before any template; ``meta`` holds task fields."""
+    """One problem: ``prompt`` is the problem text before any template; ``meta`` holds task fields;
+    ``source`` says where it came from (e.g. "data.jsonl: row 12 (line 14)"), for messages only."""
 
     prompt: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)
 
 
 def seeded_rng(*parts: object) -> random.Random:

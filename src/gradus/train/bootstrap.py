@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ from gradus.models import (
     build_char_tokenizer,
     build_tiny_model,
     check_model_dir,
+    check_special_tokens,
     load_pretrained,
     save_pretrained,
 )
-from gradus.tasks import Task, get_task
+from gradus.rollout import model_positions
+from gradus.tasks import DatasetError, FileTask, Task, get_task
 from gradus.train.checkpoint import MARKER, checkpoint_dir, latest_checkpoint
+from gradus.train.data import prompt_problems
 from gradus.train.sft import run_sft
 
 SFT_CACHE_VERSION = 1
@@ -56,10 +60,41 @@ def build_task(cfg: TrainConfig) -> Task:
         if t.name != "arithmetic":
             raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
         kwargs["difficulty"] = t.difficulty
+    if t.name in ("file", "math_file"):
+        kwargs["heldout_size"] = t.heldout_size  # at most: a file holds out a share that fits it
     try:
-        return get_task(t.name, **kwargs)
+        task = get_task(t.name, **kwargs)
     except ValueError as err:
         raise ConfigError(f"task: {err}") from err
+    note = getattr(task, "split_note", None)
+    if note and _is_rank_zero():
+        print(f"gradus: {note}", file=sys.stderr, flush=True)
+    return task
+
+
+def check_prompt_lengths(task: Task, tokenizer: Any, model: Any, cfg: TrainConfig) -> None:
+    """Every prompt of a file must leave room for rollout.max_new_tokens in the model's positions: rows that
+    do not raise a ConfigError naming file and row, or are dropped when task.on_error=skip."""
+    positions = model_positions(model)
+    if positions is None:
+        return
+    new = cfg.rollout.max_new_tokens
+    if new >= positions:
+        raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt in the model's "
+                          f"{positions} positions")
+    if not isinstance(task, FileTask):
+        return  # procedural prompts are short; the rollout engine refuses any that is not
+    try:
+        dropped = task.check_rows(lambda rows: prompt_problems(task, tokenizer, rows, positions=positions,
+                                                               max_new_tokens=new), "are too long for the model")
+    except DatasetError as err:
+        raise ConfigError(f"task: {err} (shorten them, or set task.on_error=skip to leave them out)") from err
+    if dropped and _is_rank_zero():
+        print(f"gradus: {task.split_note}", file=sys.stderr, flush=True)
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -143,8 +178,7 @@ def load_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Any,
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     try:
         model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        check_special_tokens(model, tokenizer, path)  # and gives a tokenizer without PAD its EOS as PAD
     except ModelLoadError as err:
         raise ConfigError(f"model.path: {err}") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -19,6 +19,19 @@ class Prompts:
     ids: list[list[int]]
 
 
+def prompt_problems(task: Task, tokenizer: Any, examples: list[Example], *, positions: int,
+                    max_new_tokens: int) -> list[str | None]:
+    """For each example: why its prompt does not fit the model's ``positions`` with room for
+    ``max_new_tokens`` more, or None when it fits (encoded in chunks, as training would)."""
+    found: list[str | None] = []
+    for start in range(0, len(examples), 1024):
+        for row in encode_prompts(task, tokenizer, examples[start : start + 1024]).ids:
+            found.append(None if len(row) + max_new_tokens <= positions else
+                         f"a prompt of {len(row)} tokens + rollout.max_new_tokens={max_new_tokens} is more than "
+                         f"the model's {positions} positions")
+    return found
+
+
 def encode_prompts(task: Task, tokenizer: Any, examples: list[Example]) -> Prompts:
     """Render each example with the task's template (or the tokenizer's chat template) and tokenize."""
     texts = [task.render_prompt(ex, tokenizer) for ex in examples]

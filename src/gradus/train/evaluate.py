@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from gradus.models import stop_token_ids
 from gradus.rewards import get_reward
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.tasks import Example, Task, reward_fields
@@ -34,7 +35,7 @@ def evaluate(
 ) -> dict[str, float]:
     """{"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
     samples (only when k > 0), "n": number of problems}."""
-    engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stop_token_ids(model, tokenizer))
     right, any_right = 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

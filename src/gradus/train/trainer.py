@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from gradus.config import ConfigError, TrainConfig, load_config, save_config
-from gradus.models import build_critic, load_critic
+from gradus.models import build_critic, load_critic, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.threads import governor_for
@@ -89,9 +89,6 @@ class Trainer:
         if cfg.model.path:
             bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
-        self.heldout = self.task.heldout(cfg.task.heldout_size)
-        if not self.heldout:
-            raise ConfigError("task: the held-out set is empty")
         specs = parse_reward_specs(cfg.task.rewards, self.task)
         try:
             self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,
@@ -111,6 +108,10 @@ class Trainer:
             cfg, progress=cfg.run.progress and self.rank == 0))
         self.policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir,
                                                            cfg, self.device)
+        bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
+        self.heldout = self.task.heldout(cfg.task.heldout_size)
+        if not self.heldout:
+            raise ConfigError("task: the held-out set is empty")
         self.reference = None
         if self.algo.needs_reference:
             self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
@@ -120,7 +121,7 @@ class Trainer:
             self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
                            else build_critic(self.policy))
         self.engine = LocalEngine(self.policy, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_ids=[self.tokenizer.eos_token_id])
+                                  eos_token_ids=stop_token_ids(self.policy, self.tokenizer))
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
         self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg, self.algo)
