@@ -2,6 +2,8 @@
 
 Every config key can be set as `section.key=value` after the command (e.g. `algo.clip_high=0.3`);
 the common ones also have flags. `gradus train --help-config` lists every key with its meaning.
+gradus' own errors (the table in gradus.errors) end as one line on stderr and an exit code; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         print(_help_config())
         return 0
+    from gradus.errors import user_error
+
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -276,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--algos: {err}") from err
         demo_main(algos, args.steps)
         return 0
-    except ConfigError as err:
-        print(f"gradus: config error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        found = user_error(err)
+        if found is None:  # not one of gradus' own errors: a bug, whose traceback is wanted
+            raise
+        kind, code = found
+        print(f"gradus: {kind}: {err}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("gradus: interrupted", file=sys.stderr)
         return 130
