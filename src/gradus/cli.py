@@ -111,6 +111,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     task = bootstrap.build_task(cfg)
     if cfg.model.path:
         model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
+        bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # the rows training would refuse
         metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress,
                           threads=cfg.run.threads)
         out = Path(args.output)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from gradus.config import SFTConfig
 from gradus.logprobs import completion_logprobs
 from gradus.models.lean import hf_forward_forced
+from gradus.models.loading import ModelLoadError
 from gradus.rollout import RolloutBatch
 from gradus.tasks import Example, Task
 from gradus.threads import governor_for
@@ -49,6 +51,21 @@ def pack(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device
     ).to(device)
 
 
+def check_eos(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Raise `ModelLoadError`, naming the tokenizer's folder, unless the tokenizer has an EOS id the model can
+    emit: every target ends with it, which is how the warm start teaches the model to stop."""
+    vocab = model.get_input_embeddings().num_embeddings
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        return
+    folder = getattr(tokenizer, "name_or_path", "")
+    where = f"{folder}: the tokenizer" if folder else "the tokenizer"
+    config = Path(folder) / "tokenizer_config.json" if folder else "its tokenizer_config.json"
+    raise ModelLoadError(
+        f"{where} has no EOS token the model can emit (eos_token={tokenizer.eos_token!r}, the model has {vocab} "
+        f'token ids), and SFT ends every target with it to teach the model to stop: set "eos_token" in {config}')
+
+
 def encode_sft_batch(task: Task, tokenizer: Any, examples: list[Example], device: torch.device) -> RolloutBatch:
     prompts = encode_prompts(task, tokenizer, examples)
     eos = tokenizer.eos_token_id
@@ -71,6 +88,7 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, task: Task, cfg: SFTConfig, 
             progress: bool = True, start_index: int = 0, threads: int | None = None) -> dict[str, float]:
     """Train `model` in place for cfg.steps steps; returns the final metrics. `threads`: CPU threads
     (None: follow the machine's load, see gradus.threads)."""
+    check_eos(model, tokenizer)
     device = next(model.parameters()).device
     governor = governor_for(threads, device)
     torch.manual_seed(seed)
