@@ -7,6 +7,7 @@ the common ones also have flags. `gradus train --help-config` lists every key wi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -84,8 +85,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as err:
         print(f"gradus: {err}\ncontinue with: gradus train --resume {err.run_dir}", file=sys.stderr)
         return 128 + err.signum
-    except DiskFull as err:
-        hint = f"\ncontinue with: gradus train --resume {err.run_dir}" if err.run_dir else ""
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        run_dir = err.run_dir if isinstance(err, DiskFull) else None
+        hint = f"\ncontinue with: gradus train --resume {run_dir}" if run_dir else ""
         print(f"gradus: {err}{hint}", file=sys.stderr)
         return 1
     s = result.summary

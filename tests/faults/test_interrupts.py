@@ -125,11 +125,15 @@ HOOKS = {"generate": (_hook_generate, STEPS + 1), "score": (_hook_score, STEPS),
          "optimizer": (_hook_optimizer, 2 * STEPS), "before_increment": (_hook_before_increment, STEPS)}
 
 
-@pytest.mark.parametrize("where", list(HOOKS))
-def test_ctrl_c_inside_a_step_then_resume_is_exact(where, nano_dir, reward_dir, straight, tmp_path,  # noqa: F811
-                                                   monkeypatch):
+# (hook, call): None draws the call; generate's first call is fixed once to cover a stop before step 1
+CASES = [(where, None) for where in HOOKS] + [("generate", 1)]
+
+
+@pytest.mark.parametrize(("where", "call"), CASES, ids=[f"{w}-{c or 'random'}" for w, c in CASES])
+def test_ctrl_c_inside_a_step_then_resume_is_exact(where, call, nano_dir, reward_dir, straight,  # noqa: F811
+                                                   tmp_path, monkeypatch):
     hook, calls_in_run = HOOKS[where]
-    target = random.Random(f"issue10-{where}").randint(1, calls_in_run)
+    target = call or random.Random(f"issue10-{where}").randint(1, calls_in_run)
     print(f"SIGINT at call {target} of the {where} hook")
     calls = 0
 
@@ -314,7 +318,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 # ---- --resume and the shortcut flags ----------------------------------------------------------------------
 def test_resume_takes_steps_and_refuses_flags_that_would_change_the_run(nano_dir, reward_dir, tmp_path,  # noqa: F811
-                                                                        capsys):
+                                                                        capsys, monkeypatch):
     args = overrides(nano_dir, tmp_path, **{"run.steps": 1, "run.save_every": 1})
     assert main(["train", *args]) == 0
     run = str(tmp_path / "run")
@@ -323,6 +327,15 @@ def test_resume_takes_steps_and_refuses_flags_that_would_change_the_run(nano_dir
     err = capsys.readouterr().err
     assert "algo.name" in err and "cannot change" in err
     assert main(["train", "--resume", run, "--seed", "1"]) == 2
+    # the disk fills up while step 2 is saved: the user is told so, and how to go on afterwards
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    assert main(["train", "--resume", run, "--steps", "2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "disk full" in err and f"--resume {run}" in err
+    monkeypatch.undo()
     assert main(["train", "--resume", run, "--steps", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
     assert_logged_once(tmp_path / "run", steps=2)
