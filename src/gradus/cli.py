@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import sys
 import time
@@ -45,7 +46,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
 
 
-def _config_from(args: argparse.Namespace):
+def _overrides_from(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides, with the shortcut flags turned into theirs."""
     overrides = list(args.overrides)
     for flag, key in SHORTCUTS.items():
         value = getattr(args, f"short_{flag}", None)
@@ -55,7 +57,11 @@ def _config_from(args: argparse.Namespace):
                 overrides.append("task.name=file")
     if args.no_progress:
         overrides.append("run.progress=false")
-    cfg = load_config(args.config, overrides)
+    return overrides
+
+
+def _config_from(args: argparse.Namespace):
+    cfg = load_config(args.config, _overrides_from(args))
     if cfg.model.path:  # a run or checkpoint folder stands for the policy inside it
         from gradus.train.bootstrap import resolve_model_dir
 
@@ -85,13 +91,29 @@ def _algos_table() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gradus.train.durable import DiskFull
+    from gradus.train.interrupts import Interrupted
     from gradus.train.trainer import resume_config, train
 
-    if args.resume:
-        cfg = resume_config(Path(args.resume), list(args.overrides))
-        result = train(cfg, run_dir=Path(args.resume), resume=True)
-    else:
-        result = train(_config_from(args))
+    try:
+        if args.resume:
+            if args.config:
+                raise ConfigError("--config cannot be combined with --resume: a run continues with its saved "
+                                  "config.yaml; change keys with key=value (e.g. run.steps=500) or flags")
+            cfg = resume_config(Path(args.resume), _overrides_from(args))
+            result = train(cfg, run_dir=Path(args.resume), resume=True)
+        else:
+            result = train(_config_from(args))
+    except Interrupted as err:
+        print(f"gradus: {err}\ncontinue with: gradus train --resume {err.run_dir}", file=sys.stderr)
+        return 128 + err.signum
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        run_dir = err.run_dir if isinstance(err, DiskFull) else None
+        hint = f"\ncontinue with: gradus train --resume {run_dir}" if run_dir else ""
+        print(f"gradus: {err}{hint}", file=sys.stderr)
+        return 1
     s = result.summary
     print("\n| algo | task | held-out accuracy before | after | steps | wall time |")
     print("| --- | --- | --- | --- | --- | --- |")

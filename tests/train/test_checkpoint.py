@@ -21,8 +21,26 @@ def test_atomic_save_and_latest(tmp_path, monkeypatch):
         pass
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path).name == "step-000001"
-    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())  # removed on failure
     save_checkpoint(tmp_path, 3, models={"policy": (model, tok)}, state={"x": 3}, keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-000001", "step-000003"]  # the stale temporary folder is gone
+    assert names == ["step-000001", "step-000003"]
     assert load_state(latest_checkpoint(tmp_path))["x"] == 3
+
+
+def test_latest_checks_the_manifest_and_falls_back(tmp_path):
+    tok = build_char_tokenizer()
+    model = build_tiny_model("nano", tokenizer=tok)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, models={"policy": (model, tok)}, state={"x": step}, keep=3)
+    root = tmp_path / "checkpoints"
+    with (root / "step-000003" / "state.pt").open("r+b") as f:
+        f.truncate(10)  # cut short: the manifest's size no longer matches
+    (root / "step-000002" / "COMPLETE").write_text("2")  # an older gradus' marker: only the step
+    skipped = []
+    assert latest_checkpoint(tmp_path, echo=skipped.append).name == "step-000002"
+    assert len(skipped) == 1 and "state.pt" in skipped[0] and "step-000003" in skipped[0]
+    # the next save prunes the broken one and any checkpoint newer than itself (an abandoned history)
+    save_checkpoint(tmp_path, 2, models={"policy": (model, tok)}, state={"x": 22}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
+    assert load_state(latest_checkpoint(tmp_path))["x"] == 22

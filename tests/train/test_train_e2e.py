@@ -8,7 +8,7 @@ import torch
 from gradus.config import ConfigError, load_config
 from gradus.models import load_pretrained
 from gradus.train import update as update_module
-from gradus.train.checkpoint import latest_checkpoint
+from gradus.train.checkpoint import latest_checkpoint, load_state
 from gradus.train.runlog import read_metrics
 from gradus.train.trainer import Trainer, resume_config, train
 
@@ -92,8 +92,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_pat
     assert steps == [1, 2, 3, 4]  # no step logged twice
 
 
-def test_ctrl_c_saves_a_checkpoint(nano_dir, tmp_path, monkeypatch):
-    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 5})))
+def test_a_keyboard_interrupt_inside_a_step_saves_nothing(nano_dir, tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised mid-step (a second Ctrl-C) leaves a half-done step: never saved.
+    (A first Ctrl-C finishes the step and saves it: tests/faults/test_interrupts.py.)"""
+    trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 5,
+                                                                                  "run.save_every": 1})))
     real_step = Trainer.train_step
 
     def interrupted(self, step):
@@ -105,6 +108,7 @@ def test_ctrl_c_saves_a_checkpoint(nano_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert latest_checkpoint(trainer.run_dir).name == "step-000002"
+    assert load_state(latest_checkpoint(trainer.run_dir))["step"] == 2
 
 
 def test_nan_update_is_skipped_and_logged_then_training_goes_on(nano_dir, tmp_path, monkeypatch, signal_reward):

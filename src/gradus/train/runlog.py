@@ -1,4 +1,10 @@
-"""Run logs: one JSON line of metrics per step, TensorBoard scalars, and a progress bar."""
+"""Run logs: one JSON line of metrics per step, TensorBoard scalars, and a progress bar.
+
+`metrics.jsonl` holds, in order: the step-0 evaluation, one line per step (with the periodic
+evaluation merged in), and a line of only `eval/*` values at the last step for the final
+evaluation. A resumed run first cuts the file back to its checkpoint's step (see truncate_metrics),
+so every line appears once whatever point the previous process was killed at.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from gradus.train.durable import DiskFull, is_disk_full, replace_text
+
 # What the progress bar shows, by metric name.
 BAR_FIELDS = {"reward/mean": "reward", "eval/accuracy": "acc", "rollout/tokens_per_s": "tok/s"}
 
@@ -16,10 +24,12 @@ BAR_FIELDS = {"reward/mean": "reward", "eval/accuracy": "acc", "rollout/tokens_p
 class RunLogger:
     """Writes `metrics.jsonl` and TensorBoard events in the run folder; drives a progress bar."""
 
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, progress: bool = True, desc: str = ""):
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, fresh: bool = False,
+                 progress: bool = True, desc: str = ""):
+        """`fresh`: a new run (no step-0 evaluation yet), whose folder may hold an older run's lines."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        truncate_metrics(self.path, start_step)
+        truncate_metrics(self.path, -1 if fresh else start_step)
         self._file = self.path.open("a")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -29,8 +39,13 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            if is_disk_full(err, self.run_dir):
+                raise DiskFull("metrics", self.path) from err
+            raise
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, step)
@@ -53,19 +68,37 @@ class RunLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file. A last line cut short by a kill is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (a resumed run rewrites the steps it repeats)."""
-    records = read_metrics(path)
-    if not records:
+    """Cut the file back to what a run resumed at `last_step` has already logged: the lines up to that
+    step, less a final evaluation logged there (the resumed run logs its own). -1: remove every line."""
+    path = Path(path)
+    if not path.is_file():
         return
-    kept = [r for r in records if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    records = read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) < last_step
+            or (r.get("step", 0) == last_step and not (last_step > 0 and _is_final_eval(r)))]
+    replace_text(path, "".join(json.dumps(r) + "\n" for r in kept), what="metrics")
+
+
+def _is_final_eval(record: dict[str, Any]) -> bool:
+    """A line of only evaluation values past step 0 is the final evaluation (the periodic ones share the
+    line of their step)."""
+    return all(k == "step" or k.startswith("eval/") for k in record)
 
 
 def _clean(value: Any) -> Any:

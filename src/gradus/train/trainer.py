@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,10 @@ from gradus.threads import governor_for
 from gradus.train import bootstrap
 from gradus.train.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
 from gradus.train.data import PromptSource
+from gradus.train.durable import DiskFull, fsync_dir, fsync_file, replace_text
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import Collected, collect
+from gradus.train.interrupts import Interrupted, StopSignals
 from gradus.train.passes import batch_logprobs, batch_values
 from gradus.train.presets import ResolvedAlgo, resolve_algo
 from gradus.train.runlog import RunLogger, read_metrics
@@ -102,6 +105,7 @@ class Trainer:
         if resume and ckpt is None:
             raise ConfigError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
         state = load_state(ckpt) if ckpt else {}
+        self._saved = (state["step"], ckpt) if ckpt else None  # (step, folder) of this history's newest save
 
         torch.manual_seed(cfg.run.seed * 1009 + self.rank)
         self.initial_dir = Path(state.get("initial_model_dir") or bootstrap.initial_model_dir(
@@ -139,40 +143,60 @@ class Trainer:
                 self.critic_opt.optimizer.load_state_dict(state["critic_optimizer"])
                 self.critic_opt.scheduler.load_state_dict(state["critic_scheduler"])
             restore_rng(state["rng"])
-        save_config(cfg, self.run_dir / "config.yaml")
+        _save_config_atomically(cfg, self.run_dir / "config.yaml")
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
+        """Train to run.steps, evaluate, save, summarise. On a first SIGINT/SIGTERM: finish the step in
+        progress, save it, raise Interrupted; on a second: raise KeyboardInterrupt, saving nothing."""
         cfg = self.cfg
-        log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step,
+        log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step, fresh=self.eval_before is None,
                         progress=cfg.run.progress and self.rank == 0, desc=self.label or self.algo.name)
         try:
-            if self.eval_before is None:
-                self.eval_before = self.evaluate()
-                log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
-            while self.step < cfg.run.steps:
-                start = time.perf_counter()
-                metrics = self.train_step(self.step + 1)
-                self.step += 1
-                self.elapsed += time.perf_counter() - start
-                metrics["time/step_seconds"] = time.perf_counter() - start
-                metrics["time/elapsed"] = self.elapsed
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
-                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                log.log(self.step, metrics)
-                log.advance()
-                if cfg.run.save_every and self.step % cfg.run.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            log.write(f"interrupted: saving a checkpoint at step {self.step} in {self.run_dir}")
-            self.save()
-            log.close()
+            with StopSignals() as stop:
+                if self.eval_before is None:
+                    self.eval_before = self.evaluate()
+                    log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
+                while self.step < cfg.run.steps and not stop.requested:
+                    self._step(log)
+                if stop.requested:
+                    ckpt = self.save()
+                    message = f"stopped by {stop.name} after step {self.step}, saved in {ckpt}"
+                    log.write(message)
+                    raise Interrupted(message, signum=stop.signum, step=self.step, run_dir=self.run_dir)
+                # a signal from here on lets the run finish: all that is left is the final evaluation
+                final = self.evaluate()
+                log.log(self.step, {f"eval/{k}": v for k, v in final.items()})
+                self.save()
+                summary = self.write_summary(final)
+        except Interrupted:
             raise
-        final = self.evaluate()
-        log.log(self.step, {f"eval/{k}": v for k, v in final.items()})
-        log.close()
-        self.save()
-        return RunResult(self.run_dir, self.write_summary(final))
+        except KeyboardInterrupt:
+            log.write(f"aborted after step {self.step}: the work in progress is not saved; a resume starts "
+                      f"from the newest checkpoint in {self.run_dir / 'checkpoints'}")
+            raise
+        except DiskFull as err:
+            err.run_dir = self.run_dir
+            raise
+        finally:
+            log.close()
+        return RunResult(self.run_dir, summary)
+
+    def _step(self, log: RunLogger) -> None:
+        """One training step, its metrics line, and the periodic evaluation and checkpoint."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        metrics = self.train_step(self.step + 1)
+        self.step += 1
+        self.elapsed += time.perf_counter() - start
+        metrics["time/step_seconds"] = time.perf_counter() - start
+        metrics["time/elapsed"] = self.elapsed
+        if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+        log.log(self.step, metrics)
+        log.advance()
+        if cfg.run.save_every and self.step % cfg.run.save_every == 0:
+            self.save()
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -247,8 +271,12 @@ class Trainer:
                         max_new_tokens=self.cfg.rollout.max_new_tokens)
 
     def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 only). A step this run already saved, or resumed from, is
+        not written again: a step's state is fully determined, and rewriting it would only risk the copy."""
         if self.rank != 0:
             return None
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
         models = {"policy": (self.policy, self.tokenizer)}
         if self.critic is not None:
             models["critic"] = (self.critic, None)
@@ -259,8 +287,10 @@ class Trainer:
         if self.critic_opt is not None:
             state["critic_optimizer"] = self.critic_opt.optimizer.state_dict()
             state["critic_scheduler"] = self.critic_opt.scheduler.state_dict()
-        return save_checkpoint(self.run_dir, self.step, models=models, state=state,
+        path = save_checkpoint(self.run_dir, self.step, models=models, state=state,
                                keep=self.cfg.run.keep_checkpoints)
+        self._saved = (self.step, path)
+        return path
 
     def write_summary(self, final: dict[str, float]) -> dict[str, Any]:
         records = read_metrics(self.run_dir / "metrics.jsonl")
@@ -277,7 +307,7 @@ class Trainer:
             "final_reward": sum(tail) / len(tail) if tail else None,
             "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        replace_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         from gradus.train.plots import plot_run  # matplotlib costs ~25 MiB: only imported when a run ends
 
         plot_run(records, self.run_dir / "curves.png", title=f"{self.algo.name} on {self.cfg.task.name}")
@@ -300,12 +330,44 @@ def train(cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False
     return Trainer(cfg, run_dir=run_dir, resume=resume).fit()
 
 
+# What a run is: changing one of these on --resume would continue another run's checkpoint.
+FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name")
+
+
 def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
-    """The saved config of a run, with `overrides` (e.g. a larger run.steps)."""
+    """The saved config of a run, with `overrides` (e.g. a larger run.steps). Overrides that would change
+    what the run is (FIXED_ON_RESUME) are refused."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
-    return load_config(path, overrides)
+    saved, cfg = load_config(path), load_config(path, overrides)
+    changed = [f"{key} (saved {_get(saved, key)!r}, given {_get(cfg, key)!r})" for key in FIXED_ON_RESUME
+               if _comparable(key, _get(saved, key)) != _comparable(key, _get(cfg, key))]
+    if changed:
+        raise ConfigError(f"--resume: {'; '.join(changed)} cannot change when a run is resumed; start a new run "
+                          "for that (only keys such as run.steps, run.device or optim.lr may change)")
+    return cfg
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """Paths compare as absolute paths (a relative and an absolute spelling of one folder are equal)."""
+    if value is not None and key in ("model.path", "task.data_file", "run.out_dir"):
+        return Path(value).expanduser().resolve()
+    return value
+
+
+def _save_config_atomically(cfg: TrainConfig, path: Path) -> None:
+    """config.yaml is what --resume reads: a kill while writing it must leave the old one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_config(cfg, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
