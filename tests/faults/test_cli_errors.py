@@ -80,10 +80,26 @@ def test_resume_with_a_corrupt_critic_is_one_line_naming_the_file(nano_dir, tmp_
     cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"algo.name": "ppo"}))
     ckpt = Trainer(cfg, run_dir=run).save()  # a checkpoint at step 0, with policy/ and critic/
     weights = ckpt / "critic" / "model.safetensors"
-    os.truncate(weights, weights.stat().st_size // 2)
+    # same size (the checkpoint's manifest still matches), but the header claims more bytes than the file has
+    with weights.open("r+b") as handle:
+        handle.write((weights.stat().st_size * 4).to_bytes(8, "little"))
+    capsys.readouterr()  # the set-up's own output
     assert main(["train", "--resume", str(run)]) == 2
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith(f"gradus: model error: {weights} is truncated") and "re-download or re-save" in line
+    assert line.startswith(f"gradus: model error: {weights}") and "re-download or re-save" in line, line
+
+
+def test_resume_skips_a_checkpoint_whose_files_lost_bytes(nano_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"algo.name": "ppo"}))
+    ckpt = Trainer(cfg, run_dir=run).save()
+    weights = ckpt / "critic" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"gradus: skipping checkpoint {ckpt}: critic/model.safetensors has") and len(err) == 2
+    assert err[1].startswith("gradus: config error: --resume: no complete checkpoint in")
 
 
 # ---- data files -------------------------------------------------------------------------------------------
