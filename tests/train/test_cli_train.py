@@ -57,6 +57,7 @@ def _fake_run(nano_dir, root):
         policy = ckpts / f"step-{step:06d}" / "policy"
         if step == 2:
             shutil.copytree(nano_dir, policy)
+            (policy.parent / "state.pt").write_bytes(b"state")  # what a complete checkpoint holds besides policy/
         else:
             policy.mkdir(parents=True)
         if complete:
