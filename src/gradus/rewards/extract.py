@@ -14,6 +14,7 @@ import re
 from fractions import Fraction
 
 _BOXED = "\\boxed"
+_BRACE = re.compile(r"[{}]")
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
 # A number: optional sign, digits with optional thousands commas, optional decimals, optional "/denominator".
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -21,21 +22,26 @@ _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:/\d+)?")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` with balanced braces, or None (also when unclosed)."""
-    start = text.rfind(_BOXED + "{")
-    while start != -1:
-        depth = 0
-        i = start + len(_BOXED)
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        # Unclosed: try an earlier \boxed{ that may be complete.
-        start = text.rfind(_BOXED + "{", 0, start)
-    return None
+    """Content of the last ``\\boxed{...}`` with balanced braces, or None (also when unclosed).
+
+    One pass over the text, so linear in its length whatever it holds (a completion of ``\\boxed{``
+    repeated 100,000 times included): a stack holds the open braces, each marked with where its content
+    starts if it opens a ``\\boxed{``; a ``}`` closes the innermost open brace, and the closed box that
+    starts last wins. A ``{`` closes at the first ``}`` that balances it, whatever came before it, so this
+    is the same box as scanning forward from each ``\\boxed{``.
+    """
+    open_braces: list[int] = []  # per open brace: its content's start if it opens a \boxed{, else -1
+    best: tuple[int, int] | None = None  # (content start, end) of the last-starting closed box
+    for match in _BRACE.finditer(text):
+        i = match.start()
+        if text[i] == "{":
+            boxed = i >= len(_BOXED) and text.startswith(_BOXED, i - len(_BOXED))
+            open_braces.append(i + 1 if boxed else -1)
+        elif open_braces:
+            start = open_braces.pop()
+            if start != -1 and (best is None or start > best[0]):
+                best = (start, i)
+    return text[best[0] : best[1]].strip() if best is not None else None
 
 
 def answer_is(text: str) -> str | None:
