@@ -32,9 +32,13 @@ def last_boxed(text: str) -> str | None:
     box that starts last wins. A ``{`` closes at the first ``}`` that balances it, whatever came before it,
     so this is the box found by scanning forward from each ``\\boxed{``.
     """
+    first = text.find(_BOXED + "{")
+    if first == -1:  # most texts: a C-speed search, no scan
+        return None
+    # Braces before the first box cannot change where a box closes: the scan starts there.
     stack: list[int] = []  # a \boxed{'s content start (>= 0), or -k for a run of k other open braces
     start = end = -1  # content of the last-starting closed box
-    for match in _BRACES.finditer(text):
+    for match in _BRACES.finditer(text, first):
         kind = match.lastindex
         if kind == 1:
             stack.append(match.end())
