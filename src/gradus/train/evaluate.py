@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,10 +12,15 @@ from gradus.rollout import LocalEngine, SamplingParams
 from gradus.tasks import Example, Task, reward_fields
 from gradus.train.data import encode_prompts
 
+# (prompts, completions, examples) -> the task's verdict per completion
+Verifier = Callable[[list[str], list[str], list[Example]], list[bool]]
+
 
 def correct_flags(task: Task, tokenizer: Any, prompts: list[str], ids: list[list[int]], lengths: list[int],
-                  examples: list[Example]) -> list[bool]:
+                  examples: list[Example], verify: Verifier | None = None) -> list[bool]:
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths, strict=True)], skip_special_tokens=True)
+    if verify is not None:
+        return verify(prompts, texts, examples)
     verdict = get_reward(task.default_reward)(prompts, texts, **reward_fields(examples))
     return [v >= 1.0 for v in verdict]
 
@@ -31,9 +37,12 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
     seed: int = 0,
+    verify: Verifier | None = None,
 ) -> dict[str, float]:
     """{"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
-    samples (only when k > 0), "n": number of problems}."""
+    samples (only when k > 0), "n": number of problems}. ``verify`` judges the completions (the trainer
+    passes its Scorer's, which runs in the reward workers under the time limit); None: the task's
+    verifier, called in this process."""
     engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
     right, any_right = 0, 0
     for start in range(0, len(examples), batch_size):
@@ -41,7 +50,7 @@ def evaluate(
         prompts = encode_prompts(task, tokenizer, chunk)
         greedy = engine.generate(prompts.ids, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
         right += sum(correct_flags(task, tokenizer, prompts.texts, greedy.completion_ids.tolist(),
-                                   greedy.lengths.tolist(), chunk))
+                                   greedy.lengths.tolist(), chunk, verify))
         if k > 0:
             sampled = engine.generate(prompts.ids, k, SamplingParams(temperature=temperature,
                                                                      max_new_tokens=max_new_tokens),
@@ -49,7 +58,7 @@ def evaluate(
             rows = sampled.prompt_index.tolist()
             flags = correct_flags(task, tokenizer, [prompts.texts[i] for i in rows],
                                   sampled.completion_ids.tolist(), sampled.lengths.tolist(),
-                                  [chunk[i] for i in rows])
+                                  [chunk[i] for i in rows], verify)
             solved = torch.tensor(flags).view(len(chunk), k).any(dim=1)  # [chunk]
             any_right += int(solved.sum())
     n = len(examples)

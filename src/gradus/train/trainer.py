@@ -142,6 +142,12 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
+        try:
+            return self._fit()
+        finally:
+            self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
         log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step,
                         progress=cfg.run.progress and self.rank == 0, desc=self.label or self.algo.name)
@@ -241,7 +247,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.policy.eval()
         return evaluate(self.policy, self.tokenizer, self.task, self.heldout,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens)
+                        max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
 
     def save(self) -> Path | None:
         if self.rank != 0:
