@@ -26,6 +26,7 @@ from the constructor, before any training. They die with the parent (see the wor
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ START_TIMEOUT_S = 120.0  # a worker that imports its rewards slower than this is
 _KILL_GRACE_S = 0.2  # after SIGTERM, before SIGKILL
 _CLOSE_GRACE_S = 2.0  # for idle workers to exit on their own at close
 _SRC = str(Path(__file__).resolve().parents[2])  # the folder that holds the gradus package
+log = logging.getLogger("gradus.rewards")
 
 
 class RewardTimeout(Exception):
@@ -150,6 +152,7 @@ class RewardPool:
         self._init = {"sys_path": list(sys.path), "specs": [(name, dict(opts)) for name, opts in specs]}
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()  # one call at a time: the workers serve one request each
+        self._slow_chunks: set[int] = set()  # rewards whose chunk timed out (told once)
         self._finalizer = weakref.finalize(self, _stop_all, self._workers, os.getpid())
         try:
             self._start_missing()
@@ -221,6 +224,11 @@ class RewardPool:
                     if job.alone:
                         out[job.items[0]] = failure
                     else:
+                        if failure.kind == "timeout" and k not in self._slow_chunks:
+                            self._slow_chunks.add(k)
+                            log.warning("reward %r: a chunk of %d completions ran past the time limit of %g s; "
+                                        "retrying them one by one (if the reward is only slow, raise the limit)",
+                                        self.labels[k], len(job.items), self.timeout_s)
                         queue.extend(_Job([i], alone=True) for i in job.items)
         except BaseException:  # strict, Ctrl-C...: the busy workers' answers would be for a call nobody awaits
             for w in self._workers:
