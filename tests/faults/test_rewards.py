@@ -149,6 +149,27 @@ def test_scorer_never_passes_inf_on(hostile: str) -> None:
     assert scores.rewards.tolist() == [1.0] * 4 and scores.metrics["reward/errors"] == 4
 
 
+def test_the_task_verifier_runs_under_the_limit_too() -> None:
+    # With rewards=format on a math task, the verifier (math_equivalent) used to run in the trainer's
+    # process with no limit, for training and held-out evaluation alike.
+    task = get_task("math_file")
+    examples = task.heldout(2)
+    prompts = [e.prompt for e in examples]
+    completions = [r"\boxed{9^{9^{9^{9}}}}", f"\\boxed{{{examples[1].answer}}}"]
+    scorer = Scorer(task, [RewardSpec("format")], timeout_s=0.5, strict=False, workers=2)
+    try:
+        start = time.perf_counter()
+        scores = scorer.score(prompts, completions, examples)
+        verdict = scorer.verify(prompts, completions, examples)
+        seconds = time.perf_counter() - start
+    finally:
+        scorer.close()
+    assert scores.correct.tolist() == [False, True] and verdict == [False, True]
+    assert scores.rewards.tolist() == [1.0, 1.0]  # format only; the verifier's part has weight 0
+    assert "reward/math_equivalent" not in scores.metrics and scores.metrics["reward/timeouts"] == 1
+    assert seconds < 10.0
+
+
 def test_first_failure_logged_with_traceback_then_counted(hostile: str, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="gradus.rewards"):
         with CombinedReward([f"{hostile}:buggy"], workers=2) as combined:
