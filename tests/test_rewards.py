@@ -1,8 +1,11 @@
-"""Tests of gradus.rewards: extraction, each reward right and wrong, safety, time limits, combining."""
+"""Tests of gradus.rewards: extraction, each reward right and wrong, safety, time limits, combining.
+
+Hostile rewards and completions (hangs in C, SystemExit, os._exit, inf) are in tests/faults/test_rewards.py.
+"""
 
 from __future__ import annotations
 
-import signal
+import random
 import sys
 import textwrap
 import threading
@@ -13,6 +16,7 @@ import pytest
 
 from gradus.rewards import (
     CombinedReward,
+    RewardError,
     RewardSpec,
     RewardTimeout,
     available_rewards,
@@ -22,7 +26,6 @@ from gradus.rewards import (
 )
 from gradus.rewards.countdown import countdown_expression, countdown_value
 from gradus.rewards.extract import last_boxed, parse_number
-from gradus.rewards.timelimit import call_with_time_limit, time_limit
 
 
 def test_extraction_rules() -> None:
@@ -39,6 +42,40 @@ def test_extraction_rules() -> None:
         parse_number("1,000") == 1000 and parse_number("-0") == 0 and parse_number(" 2.50 ") == Fraction(5, 2)
     )
     assert parse_number("3/0") is None and parse_number("1e5") is None and parse_number("abc") is None
+
+
+def _last_boxed_by_rescanning(text: str) -> str | None:
+    """The old quadratic last_boxed, kept as the oracle: from the last \\boxed{ backwards, scan forward."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth = 0
+        for j in range(start + 6, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[start + 7 : j].strip()
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def test_last_boxed_matches_the_rescanning_oracle() -> None:
+    rng = random.Random(0)
+    atoms = ["{", "}", "{{", "}}", "\\boxed{", "\\boxed{{", "\\boxed", "\\", "boxed{", "x"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 14)))
+        assert last_boxed(text) == _last_boxed_by_rescanning(text), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\boxed{" + "{" * 1_000_000 + "}" * 999_999, "\\boxed{" + "x" * 1_000_000, "{{}}" * 50_000,
+     "the answer is " * 70_000, "1," * 500_000, "answer" + " " * 1_000_000 + "\n"],
+    ids=["deep nesting", "long unclosed brace", "pairs", "answer is", "digits and commas", "spaces"],
+)
+def test_extraction_stays_fast_on_hostile_text(text: str) -> None:
+    # The quadratic shapes that used to hang are in tests/faults/test_rewards.py; these never did.
+    start = time.perf_counter()
+    extract_answer(text)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_registry_is_strict() -> None:
@@ -259,98 +296,85 @@ def test_weights_combine(user_module: str) -> None:
 
 @pytest.mark.parametrize("fn", ["sleepy", "spin"])
 def test_timeouts_score_zero_and_are_counted(user_module: str, fn: str) -> None:
-    combined = CombinedReward([("exact_match", 1.0), (f"{user_module}:{fn}", 1.0)], timeout_s=0.2)
-    start = time.perf_counter()
-    result = combined(["p"] * 3, ["1", "2", "3"], answer=["1", "1", "3"])
-    assert time.perf_counter() - start < 2.0
-    assert result.parts[f"{user_module}:{fn}"] == [0.0, 0.0, 0.0]
-    assert result.total == [1.0, 0.0, 1.0]
-    assert result.timeouts == 3 and result.errors == 0
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no timer left armed
-    with pytest.raises(RewardTimeout):
-        CombinedReward([f"{user_module}:{fn}"], timeout_s=0.2, strict=True)(["p"], ["1"], answer=["1"])
+    with CombinedReward([("exact_match", 1.0), (f"{user_module}:{fn}", 1.0)], timeout_s=0.5, workers=2) as combined:
+        start = time.perf_counter()
+        result = combined(["p"] * 3, ["1", "2", "3"], answer=["1", "1", "3"])
+        # Every completion hangs: chunks time out (0.5 s), then each completion alone (3 on 2 workers: 1 s).
+        assert time.perf_counter() - start < 4.0
+        assert result.parts[f"{user_module}:{fn}"] == [0.0, 0.0, 0.0]
+        assert result.total == [1.0, 0.0, 1.0]
+        assert result.timeouts == 3 and result.errors == 0
+    with pytest.raises(RewardTimeout), CombinedReward([f"{user_module}:{fn}"], timeout_s=0.5, strict=True) as strict:
+        strict(["p"], ["1"], answer=["1"])
 
 
 def test_raising_rewards_score_zero_and_are_counted(user_module: str) -> None:
-    result = CombinedReward([f"{user_module}:boom", "exact_match"])(["p"] * 2, ["1", "2"], answer=["1", "1"])
+    with CombinedReward([f"{user_module}:boom", "exact_match"], workers=2) as combined:
+        result = combined(["p"] * 2, ["1", "2"], answer=["1", "1"])
     assert result.parts[f"{user_module}:boom"] == [0.0, 0.0] and result.errors == 2
     assert result.total == [1.0, 0.0]
-    # Only the completion that makes the reward raise loses its score: the batch is retried one by one.
-    partial = CombinedReward([f"{user_module}:boom_on_x"])(["p"] * 3, ["a", "x", "b"], answer=["1"] * 3)
-    assert partial.total == [1.0, 0.0, 1.0] and partial.errors == 1
+    # Only the completion that makes the reward raise loses its score: its chunk is retried one by one.
+    with CombinedReward([f"{user_module}:boom_on_x"], workers=2) as combined:
+        partial = combined(["p"] * 5, ["a", "x", "b", "c", "d"], answer=["1"] * 5)
+    assert partial.total == [1.0, 0.0, 1.0, 1.0, 1.0] and partial.errors == 1
     for bad in ("wrong_length", "nan"):
-        result = CombinedReward([f"{user_module}:{bad}"])(["p"] * 2, ["a", "b"], answer=["1"] * 2)
+        with CombinedReward([f"{user_module}:{bad}"], workers=2) as combined:
+            result = combined(["p"] * 2, ["a", "b"], answer=["1"] * 2)
         assert result.total == [0.0, 0.0] and result.errors == 2
-    with pytest.raises(RuntimeError, match="reward bug"):
-        CombinedReward([f"{user_module}:boom"], strict=True)(["p"], ["1"], answer=["1"])
+    with pytest.raises(RewardError, match="RuntimeError: reward bug"), CombinedReward(
+        [f"{user_module}:boom"], strict=True
+    ) as strict:
+        strict(["p"], ["1"], answer=["1"])
+    assert issubclass(RewardError, RuntimeError)
 
 
-def test_nested_limits_keep_the_outer_deadline() -> None:
-    # An inner limit (as math_equivalent uses) must not cancel the outer one (as CombinedReward uses).
-    start = time.perf_counter()
-    with pytest.raises(RewardTimeout), time_limit(0.3):
-        with time_limit(5.0):
-            pass
-        while True:
-            pass
-    assert time.perf_counter() - start < 1.0
-    # The outer deadline passing inside an inner block that swallows timeouts still fires after it.
-    with pytest.raises(RewardTimeout) as info, time_limit(0.2) as outer:
-        try:
-            with time_limit(5.0) as inner:
-                time.sleep(1.0)
-        except RewardTimeout as exc:
-            assert exc.limit is outer and exc.limit is not inner  # the outer deadline, not the inner one
-            raise
-    assert info.value.limit is outer
-    # The inner deadline passing first is the inner's own timeout; the outer block goes on.
-    with time_limit(2.0) as outer:
-        try:
-            with time_limit(0.1) as inner:
-                time.sleep(1.0)
-        except RewardTimeout as exc:
-            assert exc.limit is inner
-        assert time.perf_counter() > 0  # still running under the outer limit
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-
-
-def test_time_limit_in_worker_thread_fallback(user_module: str) -> None:
+def test_rewards_in_a_thread(user_module: str) -> None:
+    # Rollout workers may score from other threads: the limit does not need signals or the main thread.
     out: dict[str, object] = {}
 
     def run() -> None:
-        combined = CombinedReward([f"{user_module}:spin", "exact_match"], timeout_s=0.2)
-        out["result"] = combined(["p"], ["1"], answer=["1"])
-        out["value"] = call_with_time_limit(lambda x: x + 1, 1.0, 41)
+        with CombinedReward([f"{user_module}:spin", "exact_match"], timeout_s=0.5) as combined:
+            out["result"] = combined(["p"], ["1"], answer=["1"])
 
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(10)
+    thread.join(20)
     assert not thread.is_alive()
     assert out["result"].total == [1.0] and out["result"].timeouts == 1
-    assert out["value"] == 42
 
 
-def test_time_limit_overhead_small() -> None:
-    # The limit costs a few system calls per reward call: microseconds (about 10-15 us measured here), far
-    # below a subprocess round trip (milliseconds). Best of several repeats, to be robust on a busy machine.
-    def noop(prompts: list[str], completions: list[str]) -> list[float]:
-        return [0.0] * len(completions)
+def test_user_reward_import_errors_are_config_errors(user_module: str, tmp_path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="cannot import module 'nosuchmodule_xyz'"):
+        CombinedReward(["nosuchmodule_xyz:fn"])
+    with pytest.raises(ValueError, match="no callable 'missing'"):
+        CombinedReward([f"{user_module}:missing"])
+    _write_module(tmp_path, monkeypatch, "gradus_test_broken_reward", "raise RuntimeError('broken at import')\n")
+    with pytest.raises(ValueError, match="broken at import"):
+        CombinedReward(["gradus_test_broken_reward:fn"])
+    with pytest.raises(ValueError, match="bad options"):
+        CombinedReward([RewardSpec("countdown", 1.0, {"pattern": "x"})])
+    with pytest.raises(ValueError, match="weight"):
+        CombinedReward([RewardSpec("countdown", float("inf"))])
 
-    def per_call(limited: bool, n: int = 500) -> float:
+
+def test_pool_overhead_small() -> None:
+    # One request per worker and call: scoring 512 completions with a reward that does nothing costs a few
+    # milliseconds of pickling and IPC (about 2-4 ms measured here), small next to a training step
+    # (0.2-1 s). Best of several repeats, to be robust on a busy machine.
+    completions = [f"step by step ... so the answer is \\boxed{{{i}}}" * 4 for i in range(512)]
+    answers = [str(i) for i in range(512)]
+    with CombinedReward(["format"], workers=2) as combined:
         best = float("inf")
-        for _ in range(5):
+        for _ in range(10):
             start = time.perf_counter()
-            for _ in range(n):
-                if limited:
-                    call_with_time_limit(noop, 5.0, ["p"], ["c"])
-                else:
-                    noop(["p"], ["c"])
-            best = min(best, (time.perf_counter() - start) / n)
-        return best
-
-    overhead = per_call(True) - per_call(False)
-    assert overhead < 100e-6, f"overhead {1e6 * overhead:.1f} us per call"
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+            result = combined(["p"] * 512, completions, answer=answers)
+            best = min(best, time.perf_counter() - start)
+    assert result.total == [1.0] * 512
+    direct = get_reward("format")
+    start = time.perf_counter()
+    direct(["p"] * 512, completions)
+    compute = time.perf_counter() - start
+    assert best - compute < 0.05, f"pool overhead {1e3 * (best - compute):.1f} ms per call"
 
 
 def test_overlong_penalty_as_a_reward_term():

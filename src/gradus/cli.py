@@ -164,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, task.heldout(args.n or cfg.task.heldout_size),
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
-                      seed=cfg.run.seed)
+                      seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
     if args.json:
         print(json.dumps(result))
     else:

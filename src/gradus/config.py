@@ -62,7 +62,7 @@ class TaskConfig:
     rewards: str | None = None
     """Comma-separated reward[:weight] list (names or module:function); None: the task's default."""
     reward_timeout_s: float = 5.0
-    """Time limit of one reward call; past it the completions score 0."""
+    """Time limit of one reward request (a chunk, or a completion retried alone); past it its worker is killed."""
     strict_rewards: bool = False
     """Make a failing or timed-out reward fatal instead of scoring 0."""
     heldout_size: int = 500

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gradus.config import ConfigError
 from gradus.models.loading import ModelLoadError
+from gradus.rewards.pool import RewardError, RewardTimeout
 from gradus.tasks.files import DatasetError
 from gradus.train.update import NonFiniteUpdate
 
@@ -19,6 +20,8 @@ USER_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (ModelLoadError, "model error", 2),
     (DatasetError, "data error", 2),
     (NonFiniteUpdate, "run stopped", 1),
+    (RewardTimeout, "reward timed out (task.strict_rewards)", 1),
+    (RewardError, "reward failed (task.strict_rewards)", 1),
 )
 
 

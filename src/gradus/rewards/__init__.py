@@ -7,7 +7,7 @@ per completion; ``fields`` holds per-completion lists: ``answer`` and the task's
 ``get_reward(name, **options)`` builds one: ``name`` is a registered name (unknown names raise ValueError
 listing the valid ones) or ``"module:function"``, imported with importlib; ``options`` go to the
 registered factory (or are bound to the user function as keyword arguments). ``CombinedReward`` sums
-several with weights, time limits and error isolation.
+several with weights, and runs them in worker processes with time limits and error isolation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gradus.rewards.combine import CombinedReward, RewardResult, RewardSpec
 from gradus.rewards.countdown import countdown_reward
 from gradus.rewards.extract import extract_answer
 from gradus.rewards.math import is_equivalent, make_math_equivalent
-from gradus.rewards.timelimit import RewardTimeout
+from gradus.rewards.pool import RewardError, RewardTimeout
 
 
 def _no_options(fn: RewardFn) -> Callable[[], RewardFn]:
@@ -81,6 +81,7 @@ __all__ = [
     "CombinedReward",
     "RewardFn",
     "RewardResult",
+    "RewardError",
     "RewardSpec",
     "RewardTimeout",
     "available_rewards",

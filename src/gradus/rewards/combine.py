@@ -1,30 +1,34 @@
-"""Weighted sum of several rewards, robust to rewards that raise or hang.
+"""Weighted sum of several rewards, robust to rewards that raise, hang, exit or return absurd values.
 
 ``CombinedReward(specs)(prompts, completions, **fields)`` returns a :class:`RewardResult`: the weighted
 total per completion, every part per completion (for logging), and how many completions scored 0 because
-their reward raised (``errors``) or ran past ``timeout_s`` (``timeouts``).
+their reward failed (``errors``) or ran past ``timeout_s`` (``timeouts``).
 
-Failure policy (``strict=False``), per reward:
-- the reward is first called once on the whole batch under a ``timeout_s`` wall-clock limit;
-- if that call raises (or returns something that is not one finite number per completion), it is called
-  again one completion at a time, each under ``timeout_s``, so one bad completion does not zero its batch;
-  completions that still fail score 0 and count as errors (or timeouts);
-- if the batch call runs past the limit, the WHOLE BATCH scores 0 for that reward and every completion in
-  it counts as a timeout (retrying one at a time could cost up to n times the limit).
-With ``strict=True`` the first failure is re-raised instead (RewardTimeout for a timeout).
-The time limit is ``gradus.rewards.timelimit.call_with_time_limit`` (SIGALRM timer in the main thread,
-worker thread fallback elsewhere); see that module for why it stops runaway pure-Python code.
+Every reward runs in worker processes (:mod:`gradus.rewards.pool`), so a time limit holds whatever the reward
+does (a C call holding the GIL, a loop that catches ``Exception``), and ``SystemExit``, ``os._exit`` or a
+crash in a reward cannot end the trainer. Failure policy (``strict=False``), per reward:
+- a completion whose reward raises (any ``BaseException``), ends its worker, or returns a score that is
+  not a finite number within ``+-MAX_ABS_SCORE`` (1e308 would become inf in the float32 rewards) scores 0
+  and counts as an error; one that runs past ``timeout_s`` scores 0 and counts as a timeout;
+- failures are isolated: the batch is scored in chunks, and a chunk that fails is retried one completion at
+  a time, so only the completions that fail alone lose their score (details in the pool's docstring);
+- the first failure of each reward is logged (logger ``gradus.rewards``) with its traceback or message;
+  later ones are only counted, and :meth:`CombinedReward.close` logs each reward's failure totals.
+With ``strict=True`` the first failure raises instead (RewardTimeout for a timeout, RewardError else).
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradus.rewards.basic import RewardFn, check_batch
-from gradus.rewards.timelimit import RewardTimeout, call_with_time_limit
+from gradus.rewards.basic import check_batch
+from gradus.rewards.pool import Failure, RewardPool
+from gradus.rewards.worker import MAX_ABS_SCORE
+
+log = logging.getLogger("gradus.rewards")
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,6 @@ class RewardResult:
         return out
 
 
-def _validated(scores: Any, n: int) -> list[float]:
-    """One finite float per completion, or TypeError/ValueError (treated like the reward raising)."""
-    values = [float(s) for s in scores]
-    if len(values) != n:
-        raise ValueError(f"reward returned {len(values)} scores for {n} completions")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError("reward returned a non-finite score")
-    return values
-
-
 def _as_spec(spec: RewardSpec | str | tuple[str, float]) -> RewardSpec:
     if isinstance(spec, RewardSpec):
         return spec
@@ -78,7 +72,11 @@ def _as_spec(spec: RewardSpec | str | tuple[str, float]) -> RewardSpec:
 
 
 class CombinedReward:
-    """Weighted sum of rewards with per-call time limits and error isolation (policy: module docstring)."""
+    """Weighted sum of rewards with time limits and error isolation (policy: module docstring).
+
+    Starts its worker processes at once (a reward that cannot be imported or built is a ValueError here);
+    call :meth:`close` (or use it as a context manager) to stop them when done.
+    """
 
     def __init__(
         self,
@@ -86,12 +84,16 @@ class CombinedReward:
         *,
         timeout_s: float | None = 10.0,
         strict: bool = False,
+        workers: int | None = None,
     ) -> None:
-        from gradus.rewards import get_reward  # the registry imports this module
-
         if not specs:
             raise ValueError("CombinedReward needs at least one reward")
         self.specs = [_as_spec(s) for s in specs]
+        for spec in self.specs:
+            if not abs(spec.weight) <= MAX_ABS_SCORE:  # so that no weighted total can overflow
+                raise ValueError(
+                    f"reward {spec.name_or_path!r}: weight {spec.weight} is not within +-{MAX_ABS_SCORE:g}"
+                )
         self.timeout_s = timeout_s
         self.strict = strict
         self.labels: list[str] = []
@@ -100,20 +102,36 @@ class CombinedReward:
             while label in self.labels:  # the same reward twice (e.g. two format regexes): keep both parts
                 label, k = f"{spec.name_or_path}#{k}", k + 1
             self.labels.append(label)
-        self.fns: list[RewardFn] = [get_reward(s.name_or_path, **s.options) for s in self.specs]
+        self.failures = {label: {"error": 0, "timeout": 0} for label in self.labels}
+        self.pool = RewardPool(
+            [(s.name_or_path, s.options) for s in self.specs], self.labels, timeout_s=timeout_s, workers=workers
+        )
+
+    def close(self) -> None:
+        """Stop the workers and log how often each reward failed (if it did)."""
+        self.pool.close()
+        for label, count in self.failures.items():
+            if count["error"] or count["timeout"]:
+                log.warning("reward %r failed on %d completion(s) and timed out on %d in this run",
+                            label, count["error"], count["timeout"])
+                count["error"] = count["timeout"] = 0
+
+    def __enter__(self) -> CombinedReward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], **fields: Sequence[Any]
     ) -> RewardResult:
         n = len(completions)
         check_batch(completions, prompts=prompts, **fields)
+        columns = {k: list(v) for k, v in fields.items()}
         parts: dict[str, list[float]] = {}
         errors = timeouts = 0
-        for label, fn in zip(self.labels, self.fns, strict=True):
-            scores, e, t = self._score(
-                fn, list(prompts), list(completions), {k: list(v) for k, v in fields.items()}
-            )
-            parts[label] = scores
+        for k, label in enumerate(self.labels):
+            parts[label], e, t = self.score_part(k, prompts, completions, columns)
             errors += e
             timeouts += t
         total = [
@@ -122,36 +140,29 @@ class CombinedReward:
         ]
         return RewardResult(total=total, parts=parts, errors=errors, timeouts=timeouts)
 
-    def _score(
-        self, fn: RewardFn, prompts: list[str], completions: list[str], fields: dict[str, list[Any]]
+    def score_part(
+        self, k: int, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, list[Any]]
     ) -> tuple[list[float], int, int]:
-        """Scores of one reward on the batch, and how many completions errored / timed out."""
-        n = len(completions)
-        try:
-            return (
-                _validated(call_with_time_limit(fn, self.timeout_s, prompts, completions, **fields), n),
-                0,
-                0,
-            )
-        except RewardTimeout:
-            if self.strict:
-                raise
-            return [0.0] * n, 0, n
-        except Exception:
-            if self.strict:
-                raise
+        """Unweighted scores of reward ``k`` alone (0 where it failed), and its numbers of errors and timeouts."""
+        label = self.labels[k]
+        got = self.pool.score(k, list(prompts), list(completions), fields, strict=self.strict)
         scores, errors, timeouts = [], 0, 0
-        for i in range(n):
-            one = {k: v[i : i + 1] for k, v in fields.items()}
-            try:
-                got = call_with_time_limit(
-                    fn, self.timeout_s, prompts[i : i + 1], completions[i : i + 1], **one
-                )
-                scores.append(_validated(got, 1)[0])
-            except RewardTimeout:
-                scores.append(0.0)
-                timeouts += 1
-            except Exception:
-                scores.append(0.0)
-                errors += 1
+        for i, value in enumerate(got):
+            if isinstance(value, Failure):
+                self._record(label, i, value)
+                errors += value.kind == "error"
+                timeouts += value.kind == "timeout"
+                value = 0.0
+            scores.append(value)
         return scores, errors, timeouts
+
+    def _record(self, label: str, i: int, failure: Failure) -> None:
+        """Count a failure; log the first one of each reward in full."""
+        count = self.failures[label]
+        if not count["error"] and not count["timeout"]:
+            counted = "reward/timeouts" if failure.kind == "timeout" else "reward/errors"
+            log.warning(
+                "reward %r failed on completion %d of a batch; it scores 0 (counted in %s; further failures of "
+                "this reward are only counted):\n%s", label, i, counted, failure.detail.rstrip(),
+            )
+        count[failure.kind] += 1

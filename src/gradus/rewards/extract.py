@@ -14,6 +14,9 @@ import re
 from fractions import Fraction
 
 _BOXED = "\\boxed"
+# Groups: 1 a box opens; 2 a brace pair with no brace inside (it opens no box, closes nothing outside:
+# skipped); 3 a run of "{". No group: a run of "}".
+_BRACES = re.compile(r"(\\boxed\{)|(\{[^{}]*\})|(\{+)|\}+")
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
 # A number: optional sign, digits with optional thousands commas, optional decimals, optional "/denominator".
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -21,21 +24,42 @@ _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:/\d+)?")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` with balanced braces, or None (also when unclosed)."""
-    start = text.rfind(_BOXED + "{")
-    while start != -1:
-        depth = 0
-        i = start + len(_BOXED)
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        # Unclosed: try an earlier \boxed{ that may be complete.
-        start = text.rfind(_BOXED + "{", 0, start)
-    return None
+    """Content of the last ``\\boxed{...}`` with balanced braces, or None (also when unclosed).
+
+    One pass over the text, so linear in its length whatever it holds (``\\boxed{`` repeated 100,000
+    times, or a million nested braces): a stack holds the open braces (a ``\\boxed{`` as where its content
+    starts, a run of other ``{`` as one entry); each ``}`` closes the innermost open brace, and the closed
+    box that starts last wins. A ``{`` closes at the first ``}`` that balances it, whatever came before it,
+    so this is the box found by scanning forward from each ``\\boxed{``.
+    """
+    first = text.find(_BOXED + "{")
+    if first == -1:  # most texts: a C-speed search, no scan
+        return None
+    # Braces before the first box cannot change where a box closes: the scan starts there.
+    stack: list[int] = []  # a \boxed{'s content start (>= 0), or -k for a run of k other open braces
+    start = end = -1  # content of the last-starting closed box
+    for match in _BRACES.finditer(text, first):
+        kind = match.lastindex
+        if kind == 1:
+            stack.append(match.end())
+        elif kind == 3:
+            stack.append(match.start() - match.end())
+        elif kind == 2:
+            continue
+        else:  # a run of "}", closing the innermost open braces one by one
+            pos, stop = match.start(), match.end()
+            while pos < stop and stack:
+                top = stack.pop()
+                if top >= 0:
+                    if top > start:
+                        start, end = top, pos
+                    pos += 1
+                else:
+                    used = min(stop - pos, -top)
+                    pos += used
+                    if used < -top:
+                        stack.append(top + used)
+    return text[start:end].strip() if start != -1 else None
 
 
 def answer_is(text: str) -> str | None:

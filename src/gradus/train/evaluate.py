@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from gradus.models import stop_token_ids
-from gradus.rewards import get_reward
+from gradus.rewards import CombinedReward
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.tasks import Example, Task, reward_fields
 from gradus.train.data import encode_prompts
 
+# (prompts, completions, examples) -> the task's verdict per completion
+Verifier = Callable[[list[str], list[str], list[Example]], list[bool]]
 
-def correct_flags(task: Task, tokenizer: Any, prompts: list[str], ids: list[list[int]], lengths: list[int],
-                  examples: list[Example]) -> list[bool]:
+
+def correct_flags(tokenizer: Any, prompts: list[str], ids: list[list[int]], lengths: list[int],
+                  examples: list[Example], verify: Verifier) -> list[bool]:
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths, strict=True)], skip_special_tokens=True)
-    verdict = get_reward(task.default_reward)(prompts, texts, **reward_fields(examples))
-    return [v >= 1.0 for v in verdict]
+    return verify(prompts, texts, examples)
 
 
 @torch.no_grad()
@@ -32,25 +35,38 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
     seed: int = 0,
+    verify: Verifier | None = None,
+    reward_timeout_s: float = 5.0,
 ) -> dict[str, float]:
     """{"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
-    samples (only when k > 0), "n": number of problems}."""
+    samples (only when k > 0), "n": number of problems}. ``verify`` judges the completions (the trainer
+    passes its Scorer's); None: the task's verifier, in reward workers of its own started for this call,
+    under ``reward_timeout_s`` (a completion the model writes can hang math_verify in C code)."""
+    if verify is None:
+        with CombinedReward([task.default_reward], timeout_s=reward_timeout_s) as reward:
+
+            def verify_in_workers(prompts: list[str], texts: list[str], rows: list[Example]) -> list[bool]:
+                scores, _, _ = reward.score_part(0, prompts, texts, reward_fields(rows))
+                return [v >= 1.0 for v in scores]
+
+            return evaluate(model, tokenizer, task, examples, max_new_tokens=max_new_tokens, k=k,
+                            temperature=temperature, batch_size=batch_size, seed=seed, verify=verify_in_workers)
     engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stop_token_ids(model, tokenizer))
     right, any_right = 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = encode_prompts(task, tokenizer, chunk)
         greedy = engine.generate(prompts.ids, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-        right += sum(correct_flags(task, tokenizer, prompts.texts, greedy.completion_ids.tolist(),
-                                   greedy.lengths.tolist(), chunk))
+        right += sum(correct_flags(tokenizer, prompts.texts, greedy.completion_ids.tolist(),
+                                   greedy.lengths.tolist(), chunk, verify))
         if k > 0:
             sampled = engine.generate(prompts.ids, k, SamplingParams(temperature=temperature,
                                                                      max_new_tokens=max_new_tokens),
                                       seed=seed + start)
             rows = sampled.prompt_index.tolist()
-            flags = correct_flags(task, tokenizer, [prompts.texts[i] for i in rows],
+            flags = correct_flags(tokenizer, [prompts.texts[i] for i in rows],
                                   sampled.completion_ids.tolist(), sampled.lengths.tolist(),
-                                  [chunk[i] for i in rows])
+                                  [chunk[i] for i in rows], verify)
             solved = torch.tensor(flags).view(len(chunk), k).any(dim=1)  # [chunk]
             any_right += int(solved.sum())
     n = len(examples)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradus.rewards import CombinedReward, RewardSpec, get_reward
+from gradus.rewards import CombinedReward, RewardSpec
 from gradus.rewards.shaping import with_overlong_penalty
 from gradus.rollout import RolloutBatch
 from gradus.tasks import Example, Task, reward_fields
@@ -35,29 +35,42 @@ def parse_reward_specs(text: str | None, task: Task) -> list[RewardSpec]:
 
 
 class Scorer:
-    """Scores completions with the configured rewards; correctness always uses the task's verifier."""
+    """Scores completions with the configured rewards; correctness always uses the task's verifier.
 
-    def __init__(self, task: Task, specs: list[RewardSpec], *, timeout_s: float, strict: bool):
+    Every reward, the verifier included, runs in the reward workers (``gradus.rewards.pool``), under the
+    time limit; when the verifier is not one of the rewards it is scored as an extra part of weight 0 and
+    left out of the logged parts. Call :meth:`close` to stop the workers.
+    """
+
+    def __init__(self, task: Task, specs: list[RewardSpec], *, timeout_s: float, strict: bool,
+                 workers: int | None = None):
         self.task = task
-        self.reward = CombinedReward(specs, timeout_s=timeout_s, strict=strict)
-        self._verifier_part = next((s.name_or_path for s in specs if s.name_or_path == task.default_reward), None)
-        self._verifier = None if self._verifier_part else get_reward(task.default_reward)
+        self._extra = not any(s.name_or_path == task.default_reward for s in specs)
+        extra = [RewardSpec(task.default_reward, 0.0)] if self._extra else []
+        self.reward = CombinedReward(specs + extra, timeout_s=timeout_s, strict=strict, workers=workers)
+        self._verifier_part = next(label for label, s in zip(self.reward.labels, self.reward.specs, strict=True)
+                                   if s.name_or_path == task.default_reward)
+
+    def close(self) -> None:
+        self.reward.close()
 
     def completions_text(self, batch: RolloutBatch, tokenizer: Any) -> list[str]:
         ids = [row[:n] for row, n in zip(batch.completion_ids.tolist(), batch.lengths.tolist(), strict=True)]
         return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def score(self, prompts: list[str], completions: list[str], examples: list[Example]) -> Scores:
-        fields = reward_fields(examples)
-        result = self.reward(prompts, completions, **fields)
-        if self._verifier_part is not None:
-            verdict = result.parts[self._verifier_part]
-        else:
-            verdict = self._verifier(prompts, completions, **fields)
+        result = self.reward(prompts, completions, **reward_fields(examples))
+        verdict = result.parts.pop(self._verifier_part) if self._extra else result.parts[self._verifier_part]
         correct = torch.tensor([v >= 1.0 for v in verdict])
         metrics = result.metrics("reward/")
         metrics["reward/accuracy"] = correct.float().mean().item() if len(verdict) else 0.0
         return Scores(torch.tensor(result.total, dtype=torch.float32), correct, metrics)
+
+    def verify(self, prompts: list[str], completions: list[str], examples: list[Example]) -> list[bool]:
+        """The task's verdict per completion (held-out evaluation), under the same limits as training."""
+        k = self.reward.labels.index(self._verifier_part)
+        scores, _, _ = self.reward.score_part(k, prompts, completions, reward_fields(examples))
+        return [v >= 1.0 for v in scores]
 
 
 def add_overlong_penalty(scores: Scores, lengths: torch.Tensor, *, max_len: int, cache_len: int) -> Scores:

@@ -149,6 +149,12 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train to run.steps, evaluate, save, summarise. On a first SIGINT/SIGTERM: finish the step in
         progress, save it, raise Interrupted; on a second: raise KeyboardInterrupt, saving nothing."""
+        try:
+            return self._fit()
+        finally:
+            self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
         log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step, fresh=self.eval_before is None,
                         progress=cfg.run.progress and self.rank == 0, desc=self.label or self.algo.name)
@@ -268,7 +274,7 @@ class Trainer:
         self.governor.pick()
         self.policy.eval()
         return evaluate(self.policy, self.tokenizer, self.task, self.heldout,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens)
+                        max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 only). A step this run already saved, or resumed from, is
