@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from gradus.config import ConfigError, all_keys, field_doc, load_config
+from gradus.config import ConfigError, help_text, load_config
+from gradus.config_checks import validate
 from gradus.objectives import PRESETS
 
 # flag -> config key
@@ -41,11 +42,15 @@ def _config_from(args: argparse.Namespace):
                 overrides.append("task.name=file")
     if args.no_progress:
         overrides.append("run.progress=false")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    validate(cfg)  # every command checks its config before any work
+    return cfg
 
 
 def _help_config() -> str:
-    return "\n".join(f"{k:28s} {field_doc(k)}" for k in all_keys())
+    from gradus.train.presets import preset_values
+
+    return help_text(preset_values)
 
 
 def _algos_table() -> str:
@@ -113,8 +118,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("gradus eval needs --model PATH (a HF model directory or a checkpoint's policy/)")
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
+    heldout = task.heldout(args.n or cfg.task.heldout_size)
+    bootstrap.check_positions(cfg, task, heldout)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
-    result = evaluate(model, tokenizer, task, task.heldout(args.n or cfg.task.heldout_size),
+    result = evaluate(model, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
                       seed=cfg.run.seed)
     if args.json:
