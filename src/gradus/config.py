@@ -535,12 +535,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
                     return value.lower() in ("true", "1", "yes", "on")
                 raise ValueError
+            if isinstance(value, bool):  # YAML's `lr: true` is not the number 1
+                raise ValueError
             if typ is int and isinstance(value, float | str) and float(value) != int(float(value)):
                 raise ValueError
             if typ is int:
                 return int(float(value)) if isinstance(value, str) else int(value)
             return typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int("inf")
             continue
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ConfigError(f"{key} must be {names}, got {value!r}")

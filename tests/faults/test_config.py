@@ -103,6 +103,17 @@ def test_completion_past_a_user_models_positions_is_refused_before_loading_it(tm
     assert "32 positions" in err
 
 
+@pytest.mark.parametrize("override", ["run.steps=inf", "run.steps=1e400"])
+def test_an_infinite_count_is_a_config_error_not_a_traceback(override, capsys, no_work):
+    _refused(["train", override], capsys, "run.steps must be int")
+
+
+def test_yaml_true_is_not_the_number_one(tmp_path, capsys, no_work):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: true\n")
+    _refused(["train", "--config", str(path)], capsys, str(path), "optim.lr must be float")
+
+
 # ---- YAML and keys ------------------------------------------------------------------------------
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
