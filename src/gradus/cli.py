@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from gradus import __version__
-from gradus.config import ConfigError, TrainConfig, all_keys, field_doc, load_config
+from gradus.config import ConfigError, TrainConfig, help_text, load_config
+from gradus.config_checks import validate
 from gradus.objectives import PRESETS
 from gradus.threads import governor_for
 
@@ -62,6 +63,7 @@ def _overrides_from(args: argparse.Namespace) -> list[str]:
 
 def _config_from(args: argparse.Namespace):
     cfg = load_config(args.config, _overrides_from(args))
+    validate(cfg)  # every command checks its config before any work
     if cfg.model.path:  # a run or checkpoint folder stands for the policy inside it
         from gradus.train.bootstrap import resolve_model_dir
 
@@ -73,7 +75,9 @@ def _config_from(args: argparse.Namespace):
 
 
 def _help_config() -> str:
-    return "\n".join(f"{k:28s} {field_doc(k)}" for k in all_keys())
+    from gradus.train.presets import preset_values
+
+    return help_text(preset_values)
 
 
 def _algos_table() -> str:
@@ -159,10 +163,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
+    heldout = task.heldout(args.n or cfg.task.heldout_size)
+    bootstrap.check_positions(cfg, task, heldout)
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)
     governor_for(cfg.run.threads, device).pick()
-    result = evaluate(model, tokenizer, task, task.heldout(args.n or cfg.task.heldout_size),
+    result = evaluate(model, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
                       seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
     if args.json:

@@ -1,15 +1,23 @@
 """One typed config for a run: dataclasses, read from YAML and `section.key=value` overrides.
 
-The resolved config (every value, defaults included) is saved with every run as `config.yaml`.
-An unknown key is an error that suggests the closest valid one.
+Every field carries its valid values next to its default (`spec(default, gt=0)`, `choices=...`), and
+`gradus.config_checks.validate` checks all of them, and the rules that tie fields together, before
+any work. The resolved config (every value, the algorithm preset's included) is saved with every
+run as `config.yaml`. An unknown key is an error that suggests the key meant: by meaning for the
+names other trainers use (`learning_rate` -> `optim.lr`), else by spelling, else nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,167 +25,232 @@ from typing import Any
 import yaml
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The valid values of one field: a numeric range, a list of choices, or a text pattern.
+
+    `choices` may name where the list lives ("module:attribute", a collection or a function that
+    returns one), so a registry stays the one source of its names. None is always allowed where the
+    field's type allows it; numbers must be finite.
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] | str | None = None
+    pattern: str | None = None
+    text: str = ""  # how a pattern (or a free-text field) reads to a user
+
+    def options(self) -> tuple[Any, ...] | None:
+        if not isinstance(self.choices, str):
+            return self.choices
+        module, _, attr = self.choices.partition(":")
+        found = getattr(importlib.import_module(module), attr)
+        return tuple(found() if callable(found) else found)
+
+    def describe(self) -> str:
+        """E.g. '> 0', 'in [0, 1]', 'one of float32, bfloat16'."""
+        low = (f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}" if self.ge is not None else None)
+        high = (f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]" if self.le is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>' if low[0] == '(' else '>='} {low[1:]}"
+        if high:
+            return f"{'<' if high[-1] == ')' else '<='} {high[:-1]}"
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.options() or ()))
+        return self.text or "any"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed, or None when it is."""
+        if value is None or isinstance(value, bool):
+            return None
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                return f"must be a finite number {self.describe()}"
+            bounds = ((self.gt, lambda b: value > b), (self.ge, lambda b: value >= b),
+                      (self.lt, lambda b: value < b), (self.le, lambda b: value <= b))
+            if not all(ok(b) for b, ok in bounds if b is not None):
+                return f"must be {self.describe()}"
+        if self.choices is not None and value not in self.options():
+            return f"must be {self.describe()}"
+        if self.pattern is not None and not re.fullmatch(self.pattern, str(value), re.DOTALL):
+            return f"must be {self.describe()}"
+        return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def spec(default: Any, **allowed: Any) -> Any:
+    """A dataclass field with a default and its valid values (see `Allowed`)."""
+    return field(default=default, metadata={"allowed": Allowed(**allowed)})
+
+
 @dataclass
 class ModelConfig:
-    path: str | None = None
+    path: str | None = spec(None, text="a model directory")
     """Local Hugging Face model directory; None: the built-in tiny model (SFT warm-started, cached)."""
-    tiny_size: str = "micro"
+    tiny_size: str = spec("micro", choices="gradus.models.tiny:TINY_SIZES")
     """Built-in tiny model size (see gradus.models.TINY_SIZES); only used when path is None."""
-    arch: str = "qwen2"
+    arch: str = spec("qwen2", choices=("qwen2", "llama"))
     """Built-in tiny model architecture: qwen2 or llama."""
-    dtype: str = "float32"
+    dtype: str = spec("float32", choices=("float32", "bfloat16"))
     """Training dtype: float32 or bfloat16."""
-    chunk_size: int = 1024
+    chunk_size: int = spec(1024, ge=1)
     """Tokens per chunk in the memory-bounded log-prob computation."""
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
+    steps: int = spec(300, ge=0)
     """Optimizer steps of the supervised warm start (short on purpose: it teaches the format, RL the skill)."""
-    batch_size: int = 64
+    batch_size: int = spec(64, ge=1)
     """Examples per SFT step."""
-    lr: float = 3e-3
+    lr: float = spec(3e-3, gt=0)
     """SFT learning rate (AdamW, cosine decay after warm-up)."""
-    warmup_steps: int = 30
+    warmup_steps: int = spec(30, ge=0)
     """Linear warm-up steps."""
 
 
 @dataclass
 class TaskConfig:
-    name: str = "countdown"
+    name: str = spec("countdown", choices="gradus.tasks:available_tasks")
     """Task: a built-in name (arithmetic, countdown, math_file) or 'file' for data_file."""
-    difficulty: int | None = None
+    difficulty: int | None = spec(None, choices="gradus.tasks.arithmetic:LEVELS")
     """Difficulty level of procedural tasks; None: the task's default."""
-    data_file: str | None = None
+    data_file: str | None = spec(None, text="a file path")
     """JSONL, Parquet or CSV file (task 'file')."""
-    prompt_field: str = "question"
+    prompt_field: str = spec("question", pattern=r".+", text="a column name")
     """Prompt column of data_file."""
-    answer_field: str = "answer"
+    answer_field: str = spec("answer", pattern=r".+", text="a column name")
     """Answer column of data_file."""
-    template: str = "{prompt}"
+    template: str = spec("{prompt}", pattern=r".*\{prompt\}.*", text="a text containing {prompt}")
     """Plain prompt template, used when the tokenizer has no chat template."""
-    on_error: str = "raise"
+    on_error: str = spec("raise", choices=("raise", "skip"))
     """Bad rows in data_file: raise or skip."""
-    rewards: str | None = None
+    rewards: str | None = spec(None, text="name[:weight],... with finite weights")
     """Comma-separated reward[:weight] list (names or module:function); None: the task's default."""
-    reward_timeout_s: float = 5.0
+    reward_timeout_s: float = spec(5.0, gt=0)
     """Time limit of one reward request (a chunk, or a completion retried alone); past it its worker is killed."""
-    strict_rewards: bool = False
+    strict_rewards: bool = spec(False)
     """Make a failing or timed-out reward fatal instead of scoring 0."""
-    heldout_size: int = 500
+    heldout_size: int = spec(500, ge=1)
     """Held-out problems for evaluation; a data file holds out at most 20% of its distinct prompts (said)."""
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8
+    group_size: int = spec(8, ge=1)
     """G: completions sampled per prompt."""
-    prompts_per_step: int = 64
+    prompts_per_step: int = spec(64, ge=1)
     """Prompts (groups) per training step."""
-    temperature: float = 1.0
+    temperature: float = spec(1.0, gt=0)
     """Sampling temperature."""
-    top_p: float = 1.0
+    top_p: float = spec(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1.0: off)."""
-    top_k: int = 0
+    top_k: int = spec(0, ge=0)
     """Top-k sampling (0: off)."""
-    max_new_tokens: int = 16
+    max_new_tokens: int = spec(16, ge=1)
     """Hard limit on completion length (DAPO's L_max)."""
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
+    name: str = spec("grpo", choices="gradus.train.presets:ALGO_DEFAULTS")
     """Algorithm preset: ppo, grpo, dapo, gspo, gspo_token, sapo, dr_grpo, cispo."""
-    clip_low: float | None = None
+    clip_low: float | None = spec(None, gt=0, le=1)
     """Lower clip epsilon; None: the preset's."""
-    clip_high: float | None = None
+    clip_high: float | None = spec(None, gt=0)
     """Upper clip epsilon; None: the preset's."""
-    dual_clip: float | None = None
+    dual_clip: float | None = spec(None, gt=1)
     """Dual-clip constant c > 1 (token-ratio clip algos only)."""
-    tau_pos: float | None = None
+    tau_pos: float | None = spec(None, gt=0)
     """SAPO gate temperature for positive advantages."""
-    tau_neg: float | None = None
+    tau_neg: float | None = spec(None, gt=0)
     """SAPO gate temperature for negative advantages."""
-    agg: str | None = None
+    agg: str | None = spec(None, choices="gradus.objectives.aggregation:AGG_MODES")
     """Loss aggregation mode; None: the preset's."""
-    agg_norm: float | None = None
+    agg_norm: float | None = spec(None, gt=0)
     """Constant of seq-mean-token-sum-norm; None: max_new_tokens."""
-    kl_coef: float | None = None
+    kl_coef: float | None = spec(None, ge=0)
     """KL coefficient (in the loss; in the reward for PPO); None: the preset's. 0 loads no reference."""
-    kl_estimator: str | None = None
+    kl_estimator: str | None = spec(None, choices=("k1", "k2", "k3"))
     """KL estimator: k1, k2 or k3; None: the preset's (k1 in PPO's reward, k3 in the others' loss)."""
-    monitor_kl: bool = False
+    monitor_kl: bool = spec(False)
     """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
-    adv_scale: str | None = None
+    adv_scale: str | None = spec(None, choices=("group", "batch", "none"))
     """Group advantage scaling: group, batch or none; None: the preset's."""
-    dynamic_sampling: bool | None = None
+    dynamic_sampling: bool | None = spec(None)
     """DAPO dynamic sampling; None: the preset's."""
-    max_gen_rounds: int = 4
+    max_gen_rounds: int = spec(4, ge=1)
     """Dynamic sampling: at most this many generation rounds per step."""
-    overlong_shaping: bool | None = None
+    overlong_shaping: bool | None = spec(None)
     """DAPO soft overlong punishment; None: the preset's."""
-    overlong_cache: int = 4
+    overlong_cache: int = spec(4, ge=1)
     """DAPO L_cache, in tokens."""
-    overlong_filter: bool = False
+    overlong_filter: bool = spec(False)
     """Mask truncated completions out of the loss."""
-    gamma: float = 1.0
+    gamma: float = spec(1.0, ge=0, le=1)
     """PPO: GAE discount."""
-    lam: float = 0.95
+    lam: float = spec(0.95, ge=0, le=1)
     """PPO: GAE lambda."""
-    value_clip: float = 0.2
+    value_clip: float = spec(0.2, gt=0)
     """PPO: value-loss clip range."""
-    critic_lr: float = 1e-3
+    critic_lr: float = spec(1e-3, gt=0)
     """PPO: critic learning rate."""
-    critic_warmup: int = 0
+    critic_warmup: int = spec(0, ge=0)
     """PPO: first steps that train only the critic (measured on the default task: it did not help)."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = spec(2e-4, gt=0)
     """Actor peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: float = spec(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = 5
+    warmup_steps: int = spec(5, ge=0)
     """Linear learning-rate warm-up, in optimizer steps."""
-    schedule: str = "cosine"
+    schedule: str = spec("cosine", choices=("constant", "linear", "cosine"))
     """Learning rate after warm-up: constant, linear (to 10%) or cosine (to 10%) over the run."""
-    grad_clip: float = 1.0
+    grad_clip: float = spec(1.0, gt=0)
     """Gradient-norm clip."""
-    epochs: int | None = None
+    epochs: int | None = spec(None, ge=1)
     """Passes over each rollout batch; None: the algo preset's (see `gradus algos`)."""
-    minibatches: int | None = None
+    minibatches: int | None = spec(None, ge=1)
     """Optimizer steps per pass (the batch is split into this many); None: the algo preset's."""
-    token_budget: int = 16384
+    token_budget: int = spec(16384, ge=1)
     """Most tokens in one forward/backward; larger minibatches are accumulated in pieces."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = spec(5, ge=1)
     """Stop the run after this many consecutive updates skipped for NaN/inf."""
 
 
 @dataclass
 class RunConfig:
-    steps: int = 250
+    steps: int = spec(250, ge=1)
     """RL training steps."""
-    seed: int = 0
+    seed: int = spec(0, ge=0, lt=2**32)
     """Seed of everything: model init, data order, sampling."""
-    device: str = "auto"
+    device: str = spec("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?", text="auto, cpu, cuda, cuda:N or mps")
     """cpu, cuda, cuda:N, mps or auto."""
-    out_dir: str = "runs"
+    out_dir: str = spec("runs", pattern=r".+", text="a folder")
     """Parent folder of run folders."""
-    name: str | None = None
+    name: str | None = spec(None, pattern=r".+", text="a folder name")
     """Run folder name; None: algo and a timestamp."""
-    eval_every: int = 50
+    eval_every: int = spec(50, ge=0)
     """Held-out evaluation every this many steps (0: only before and after)."""
-    save_every: int = 50
+    save_every: int = spec(50, ge=0)
     """Checkpoint every this many steps."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = spec(2, ge=1)
     """Checkpoints kept on disk."""
-    cache_dir: str | None = None
+    cache_dir: str | None = spec(None, text="a folder")
     """Where the SFT-warm-started built-in model is cached; None: ~/.cache/gradus."""
-    progress: bool = True
+    progress: bool = spec(True)
     """Show a progress bar."""
-    threads: int | None = None
+    threads: int | None = spec(None, ge=1)
     """CPU threads; None: every core while the machine is idle, fewer while other work keeps cores busy."""
 
 
@@ -190,6 +263,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+_SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+_FIELDS = {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()}
 
 
 class ConfigError(ValueError):
@@ -214,9 +291,17 @@ def field_doc(key: str) -> str:
     return _field_docs().get(key, "")
 
 
+def allowed(key: str) -> Allowed:
+    """The valid values of a dotted key."""
+    section, name = key.split(".")
+    return _FIELDS[section][name].metadata["allowed"]
+
+
 def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
     """Set a dotted key, converting strings to the field's type. Unknown key -> ConfigError."""
     parts = key.split(".")
+    if len(parts) == 1 and parts[0] in _FIELDS:
+        raise ConfigError(_section_given_a_value(parts[0], value))
     target: Any = cfg
     for part in parts[:-1]:
         if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
@@ -230,21 +315,48 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file (nested sections), then `key=value` overrides, in that order."""
+    """Defaults, then the YAML file (nested sections), then `key=value` overrides, in that order.
+
+    Values are converted to the fields' types here; their ranges are checked by
+    `gradus.config_checks.validate`, which every command runs before any work.
+    """
     cfg = TrainConfig()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
-        for key, value in _flatten(data).items():
-            set_key(cfg, key, value)
+        for key, value in _flatten(read_yaml(p)).items():
+            try:
+                set_key(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"config file {p}: {err}") from None
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
     for key, value in items:
         set_key(cfg, key, value)
     return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping of sections; every way it cannot be read is a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path},{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -253,6 +365,30 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_text(preset_values: Callable[[], dict[str, dict[str, Any]]] | None = None) -> str:
+    """Every key with its default, valid values and meaning; for a default that is "the preset's",
+    each algorithm's value (from `preset_values()`, e.g. `gradus.train.presets.preset_values`)."""
+    presets = preset_values() if preset_values else {}
+    lines = []
+    for key in all_keys():
+        section, name = key.split(".")
+        f = _FIELDS[section][name]
+        rule = f.metadata["allowed"].describe()
+        rule = "true or false" if typing.get_type_hints(_SECTIONS[section])[name] in (bool, bool | None) else rule
+        lines.append(f"{key:26s} default {_show(f.default):10s} {field_doc(key)} [{rule}]")
+        if key in presets:
+            by_value: dict[str, list[str]] = {}
+            for algo, value in presets[key].items():
+                if value is not None:  # None: the algorithm does not use the knob
+                    by_value.setdefault(_show(value), []).append(algo)
+            lines.append(f"{'':26s}   preset: " + "; ".join(f"{v} ({', '.join(a)})" for v, a in by_value.items()))
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    return "None" if value is None else str(value).lower() if isinstance(value, bool) else f"{value!r}".strip("'")
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -267,21 +403,120 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in data.items():
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
+        elif v is None and not prefix and k in _FIELDS:
+            continue  # an empty section (`algo:` with nothing under it) changes nothing
         else:
             out[prefix + str(k)] = v
     return out
 
 
-def _unknown(key: str) -> str:
+# The key a section's scalar most likely meant: `algo: grpo` is `algo.name: grpo`.
+_SECTION_MAIN = {"algo": "name", "task": "name", "model": "path"}
+
+# Names other trainers use for our keys (TRL's GRPOConfig and TrainingArguments, verl's
+# ppo_trainer.yaml, common PPO code); a leaf in the user's own section wins (sft.learning_rate
+# -> sft.lr). Keys whose meaning differs a little carry a note in _ALIAS_NOTES.
+ALIASES: dict[str, str] = {
+    # optimizer
+    "learning_rate": "optim.lr", "actor_lr": "optim.lr", "max_grad_norm": "optim.grad_clip",
+    "clip_grad_norm": "optim.grad_clip", "gradient_clipping": "optim.grad_clip",
+    "warmup": "optim.warmup_steps", "num_warmup_steps": "optim.warmup_steps", "lr_warmup_steps": "optim.warmup_steps",
+    "warmup_ratio": "optim.warmup_steps", "lr_scheduler_type": "optim.schedule", "lr_scheduler": "optim.schedule",
+    "scheduler": "optim.schedule", "warmup_style": "optim.schedule",
+    "ppo_epochs": "optim.epochs", "num_ppo_epochs": "optim.epochs", "num_iterations": "optim.epochs",
+    "mu": "optim.epochs", "num_mini_batches": "optim.minibatches", "num_minibatches": "optim.minibatches",
+    "steps_per_generation": "optim.minibatches", "ppo_mini_batch_size": "optim.minibatches",
+    "gradient_accumulation_steps": "optim.token_budget", "gradient_accumulation": "optim.token_budget",
+    "ppo_micro_batch_size": "optim.token_budget", "micro_batch_size": "optim.token_budget",
+    "ppo_max_token_len_per_gpu": "optim.token_budget",
+    # algorithm
+    "algorithm": "algo.name", "adv_estimator": "algo.name", "loss": "algo.name",
+    "beta": "algo.kl_coef", "kl_beta": "algo.kl_coef", "kl_loss_coef": "algo.kl_coef", "init_kl_coef": "algo.kl_coef",
+    "kl_penalty_coef": "algo.kl_coef", "kl": "algo.kl_coef", "kl_loss_type": "algo.kl_estimator",
+    "kl_penalty": "algo.kl_estimator", "epsilon": "algo.clip_low", "epsilon_low": "algo.clip_low",
+    "clip_ratio_low": "algo.clip_low", "cliprange_low": "algo.clip_low", "epsilon_high": "algo.clip_high",
+    "clip_ratio_high": "algo.clip_high", "cliprange_high": "algo.clip_high", "clip_ratio": "algo.clip_low",
+    "cliprange": "algo.clip_low", "clip_range": "algo.clip_low", "clip_eps": "algo.clip_low",
+    "clip_ratio_c": "algo.dual_clip", "dual_clip_c": "algo.dual_clip", "loss_agg_mode": "algo.agg",
+    "loss_type": "algo.agg", "scale_rewards": "algo.adv_scale", "norm_adv_by_std_in_grpo": "algo.adv_scale",
+    "filter_groups": "algo.dynamic_sampling", "max_num_gen_batches": "algo.max_gen_rounds",
+    "overlong_buffer": "algo.overlong_shaping", "mask_truncated_completions": "algo.overlong_filter",
+    "lambda": "algo.lam", "lmbda": "algo.lam", "gae_lambda": "algo.lam", "discount": "algo.gamma",
+    "cliprange_value": "algo.value_clip", "clip_range_vf": "algo.value_clip", "vf_clip": "algo.value_clip",
+    "critic_learning_rate": "algo.critic_lr", "vf_lr": "algo.critic_lr",
+    # sampling
+    "num_generations": "rollout.group_size", "n": "rollout.group_size", "n_samples": "rollout.group_size",
+    "num_samples": "rollout.group_size", "num_return_sequences": "rollout.group_size",
+    "batch_size": "rollout.prompts_per_step", "train_batch_size": "rollout.prompts_per_step",
+    "per_device_train_batch_size": "rollout.prompts_per_step", "rollout_batch_size": "rollout.prompts_per_step",
+    "max_completion_length": "rollout.max_new_tokens", "max_response_length": "rollout.max_new_tokens",
+    "response_length": "rollout.max_new_tokens", "max_tokens": "rollout.max_new_tokens",
+    "max_length": "rollout.max_new_tokens",
+    # run, task, model
+    "steps": "run.steps", "max_steps": "run.steps", "total_steps": "run.steps", "num_steps": "run.steps",
+    "total_training_steps": "run.steps", "num_train_epochs": "run.steps", "total_epochs": "run.steps",
+    "output_dir": "run.out_dir", "default_local_dir": "run.out_dir", "run_name": "run.name",
+    "experiment_name": "run.name", "save_steps": "run.save_every", "save_freq": "run.save_every",
+    "eval_steps": "run.eval_every", "test_freq": "run.eval_every", "save_total_limit": "run.keep_checkpoints",
+    "max_ckpt_to_keep": "run.keep_checkpoints", "disable_tqdm": "run.progress", "num_threads": "run.threads",
+    "random_seed": "run.seed", "reward_funcs": "task.rewards", "reward_weights": "task.rewards",
+    "reward_fn": "task.rewards", "reward": "task.rewards", "dataset": "task.data_file",
+    "dataset_name": "task.data_file", "train_files": "task.data_file", "data_path": "task.data_file",
+    "prompt_key": "task.prompt_field", "answer_key": "task.answer_field", "model_name_or_path": "model.path",
+    "model_path": "model.path", "torch_dtype": "model.dtype", "bf16": "model.dtype", "precision": "model.dtype",
+}
+_ALIAS_NOTES = {
+    "clip_ratio": "a symmetric clip is algo.clip_low and algo.clip_high",
+    "cliprange": "a symmetric clip is algo.clip_low and algo.clip_high",
+    "clip_range": "a symmetric clip is algo.clip_low and algo.clip_high",
+    "clip_eps": "a symmetric clip is algo.clip_low and algo.clip_high",
+    "warmup_ratio": "gradus counts warm-up in optimizer steps",
+    "ppo_mini_batch_size": "gradus sets the number of minibatches, not their size",
+    "num_train_epochs": "gradus counts RL steps, not passes over the data",
+    "total_epochs": "gradus counts RL steps, not passes over the data",
+    "disable_tqdm": "note the opposite sense: run.progress=false",
+    "batch_size": "prompts per step; each gets rollout.group_size completions",
+    "train_batch_size": "prompts per step; each gets rollout.group_size completions",
+    "per_device_train_batch_size": "prompts per step; each gets rollout.group_size completions",
+    "bf16": "model.dtype=bfloat16",
+}
+for _alias in ("gradient_accumulation_steps", "gradient_accumulation", "ppo_micro_batch_size", "micro_batch_size"):
+    _ALIAS_NOTES[_alias] = "gradus accumulates by itself: a minibatch is cut into pieces of at most this many tokens"
+
+
+def _section_given_a_value(section: str, value: Any) -> str:
+    keys = [f"{section}.{f.name}" for f in dataclasses.fields(_SECTIONS[section])]
+    if section in _SECTION_MAIN:
+        main = _SECTION_MAIN[section]
+        return (f"{section!r} is a section, not a key; did you mean {section}.{main}={value}? "
+                f"(in YAML a section holds keys: `{section}: {{{main}: {value}}}`)")
+    return f"{section!r} is a section, not a key; set one of its keys: {', '.join(keys)}"
+
+
+def suggest(key: str) -> tuple[str | None, str]:
+    """The key `key` most likely meant, and a note when it means it only roughly: by ALIASES, then
+    by the same name in another section, then by spelling; (None, "") when nothing is close."""
     keys = all_keys()
-    leaf = key.split(".")[-1]
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    section, _, leaf = key.rpartition(".")
+    leaf = leaf.lower().replace("-", "_")
+
+    def prefer_section(name: str, fallback: str) -> str:
+        return f"{section}.{name}" if f"{section}.{name}" in keys else fallback
+
+    if leaf in ALIASES:
+        target = ALIASES[leaf]
+        return prefer_section(target.split(".")[-1], target), _ALIAS_NOTES.get(leaf, "")
     same_leaf = [k for k in keys if k.split(".")[-1] == leaf]
-    guess = same_leaf[0] if same_leaf else (close[0] if close else None)
-    if guess is None:
-        close_leaf = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
-        guess = next((k for k in keys if close_leaf and k.endswith("." + close_leaf[0])), None)
-    hint = f"; did you mean {guess!r}?" if guess else ""
+    if same_leaf:
+        return prefer_section(leaf, same_leaf[0]), ""
+    names = sorted({k.split(".")[-1] for k in keys} | set(ALIASES))
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.75)
+    return suggest(f"{section}.{close[0]}" if section else close[0]) if close else (None, "")
+
+
+def _unknown(key: str) -> str:
+    guess, note = suggest(key)
+    hint = f"; did you mean {guess!r}{f' ({note})' if note else ''}?" if guess else ""
     return f"unknown config key {key!r}{hint} (`gradus train --help-config` lists every key)"
 
 
@@ -300,17 +535,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
                     return value.lower() in ("true", "1", "yes", "on")
                 raise ValueError
+            if isinstance(value, bool):  # YAML's `lr: true` is not the number 1
+                raise ValueError
             if typ is int and isinstance(value, float | str) and float(value) != int(float(value)):
                 raise ValueError
             if typ is int:
                 return int(float(value)) if isinstance(value, str) else int(value)
             return typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int("inf")
             continue
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
+@functools.cache
 def _field_docs() -> dict[str, str]:
     """Map dotted keys to the docstring line under each field (CleanRL-style field docs)."""
     import ast

@@ -63,3 +63,25 @@ def test_presets_papers_defaults():
     dr = resolve_algo(load_config(overrides=["algo.name=dr_grpo", "rollout.max_new_tokens=32"]))
     assert dr.adv_scale == "none" and dr.objective.agg_norm == 32.0
     assert set(ALGO_DEFAULTS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}
+
+
+def test_every_field_declares_its_valid_values():
+    from gradus.config import allowed
+
+    for key in all_keys():
+        rule = allowed(key)  # KeyError if a field was added without spec(...)
+        assert rule.describe(), key
+        if rule.choices is not None:
+            assert rule.options(), key  # a registry named in choices= resolves to names
+
+
+@pytest.mark.parametrize(("key", "good", "bad"), [
+    ("optim.lr", 1e-3, 0.0), ("algo.clip_low", 1.0, 1.5), ("rollout.top_p", 1.0, 0.0),
+    ("run.device", "cuda:1", "gpu"), ("task.template", "Q: {prompt}", "Q: {question}"),
+    ("algo.name", "cispo", "trpo"), ("model.tiny_size", "nano", "huge"),
+])
+def test_a_fields_rule_accepts_and_refuses(key, good, bad):
+    from gradus.config import allowed
+
+    assert allowed(key).problem(good) is None
+    assert allowed(key).problem(bad) is not None

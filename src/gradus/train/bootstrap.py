@@ -30,6 +30,8 @@ from gradus.train.data import prompt_problems
 from gradus.train.sft import run_sft
 
 SFT_CACHE_VERSION = 1
+# build_char_tokenizer()'s fingerprint when the version-1 cache keys were made (see warm_start_key)
+_CHAR_TOKENIZER_V1 = "aa90672ff7fbfb15"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,18 +49,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_task(cfg: TrainConfig) -> Task:
+    """The configured task (the config was validated: task.data_file and task.difficulty apply)."""
     t = cfg.task
     kwargs: dict[str, Any] = {"seed": cfg.run.seed}
     if t.name == "file":
-        if not t.data_file:
-            raise ConfigError("task.data_file is required with task.name=file")
         kwargs.update(path=t.data_file, prompt_field=t.prompt_field, answer_field=t.answer_field,
                       template=t.template, on_error=t.on_error)
-    elif t.data_file:
-        raise ConfigError(f"task.data_file is only used with task.name=file, not {t.name!r}")
     if t.difficulty is not None:
-        if t.name != "arithmetic":
-            raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
         kwargs["difficulty"] = t.difficulty
     if t.name in ("file", "math_file"):
         kwargs["heldout_size"] = t.heldout_size  # at most: a file holds out a share that fits it
@@ -103,16 +100,52 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(os.environ.get("GRADUS_CACHE", Path.home() / ".cache" / "gradus"))
 
 
+def warm_start_key(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
+    """Everything the warm start's weights depend on, as the cache key of the built-in model.
+
+    A task read from a file adds the file's content (not its name: an edited file is another
+    task), its fields, template and on_error. The tokenizer is in the key only when it is not the
+    one the version-1 keys were made with, so the default task's existing caches still hit.
+    """
+    key: dict[str, Any] = {"v": SFT_CACHE_VERSION, "size": cfg.model.tiny_size, "arch": cfg.model.arch,
+                           "task": cfg.task.name, "difficulty": cfg.task.difficulty, "sft": vars(cfg.sft),
+                           "seed": cfg.run.seed}
+    data = Path(cfg.task.data_file) if cfg.task.name == "file" else None
+    if cfg.task.name == "math_file":
+        from gradus.tasks import math_word_problems_path
+
+        data = math_word_problems_path()
+    if data is not None:
+        t = cfg.task
+        key["data"] = {"sha256": _file_sha256(data), "prompt_field": t.prompt_field,
+                       "answer_field": t.answer_field, "template": t.template, "on_error": t.on_error}
+    specials = [tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token]
+    fingerprint = hashlib.sha256((tokenizer.backend_tokenizer.to_str() + repr(specials)).encode()).hexdigest()[:16]
+    if fingerprint != _CHAR_TOKENIZER_V1:
+        key["tokenizer"] = fingerprint
+    return key
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise ConfigError(f"task.data_file: cannot read {path}: {err}") from err
+    return digest.hexdigest()
+
+
 def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """The built-in tiny model, SFT-warm-started on the task; trained once, then read from cache."""
-    key = {"v": SFT_CACHE_VERSION, "size": cfg.model.tiny_size, "arch": cfg.model.arch, "task": cfg.task.name,
-           "difficulty": cfg.task.difficulty, "sft": vars(cfg.sft), "seed": cfg.run.seed}
+    tokenizer = build_char_tokenizer()
+    key = warm_start_key(cfg, tokenizer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root(cfg) / f"tiny-{cfg.model.tiny_size}-{cfg.task.name}-{digest}"
     if (path / "gradus_sft.json").is_file():
         return path
     task = build_task(cfg)
-    tokenizer = build_char_tokenizer()
     try:
         model = build_tiny_model(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch, seed=cfg.run.seed)
     except ValueError as err:
@@ -129,6 +162,48 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
         shutil.rmtree(path)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a cache entry that looks complete
     return path
+
+
+def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
+    """Prompt + rollout.max_new_tokens must fit the model's positions. Checked as soon as the model's
+    config is known (its config.json, or the built-in model's sizes), before any warm start or load.
+    The prompts measured: `examples` (the held-out set) and the first training batch."""
+    from gradus.models import tiny_config
+    from gradus.train.data import encode_prompts
+
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # an unreadable model folder is reported by the model loader
+        limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None)
+        where = f"{path / 'config.json'}"
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+    else:
+        tokenizer = build_char_tokenizer()
+        limit = tiny_config(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch).max_position_embeddings
+        where = f"the built-in {cfg.model.tiny_size} model"
+    if not isinstance(limit, int):
+        return
+    new = cfg.rollout.max_new_tokens
+    longest = 0
+    if tokenizer is not None:
+        sample = [*examples, *task.train_batch(0, cfg.rollout.prompts_per_step)]
+        try:
+            longest = max(map(len, encode_prompts(task, tokenizer, sample).ids), default=0)
+        except ValueError as err:
+            raise ConfigError(f"task: {err}") from err
+    if longest + new > limit:
+        raise ConfigError(
+            f"rollout.max_new_tokens={new}: the longest prompt ({longest} tokens, of the held-out set and the "
+            f"first training batch) plus {new} new tokens is {longest + new}, past the {limit} positions of "
+            f"{where} (max_position_embeddings); rollout.max_new_tokens must be <= {max(0, limit - longest)}")
 
 
 def check_model_path(path: str) -> None:

@@ -9,6 +9,7 @@ punishment; Dr. GRPO does not divide advantages by the group std.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -108,29 +109,15 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError("algo.max_gen_rounds only applies with algo.dynamic_sampling=true")
     if not overlong and a.overlong_cache != defaults.overlong_cache:
         raise ConfigError("algo.overlong_cache only applies with algo.overlong_shaping=true")
-    if overlong and not 0 < a.overlong_cache <= cfg.rollout.max_new_tokens:
-        raise ConfigError(
-            f"algo.overlong_cache must be in 1..rollout.max_new_tokens ({cfg.rollout.max_new_tokens}), "
-            f"got {a.overlong_cache}"
-        )
-    if a.max_gen_rounds < 1:
-        raise ConfigError(f"algo.max_gen_rounds must be >= 1, got {a.max_gen_rounds}")
-    kl_coef = d.kl_coef if a.kl_coef is None else a.kl_coef
-    if kl_coef < 0:
-        raise ConfigError(f"algo.kl_coef must be >= 0, got {kl_coef}")
-    kl_estimator = d.kl_estimator if a.kl_estimator is None else a.kl_estimator
-    if kl_estimator not in ("k1", "k2", "k3"):
-        raise ConfigError(f"algo.kl_estimator must be k1, k2 or k3, got {kl_estimator!r}")
-    adv_scale = d.adv_scale if a.adv_scale is None else a.adv_scale
-    if adv_scale is not None and adv_scale not in ("group", "batch", "none"):
-        raise ConfigError(f"algo.adv_scale must be group, batch or none, got {adv_scale!r}")
+    # ranges (kl_coef >= 0, the estimator's name, ...) are checked on these resolved values by
+    # gradus.config_checks.validate, with the rules declared next to each field
     return ResolvedAlgo(
         name=a.name,
         objective=objective,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
+        kl_coef=d.kl_coef if a.kl_coef is None else a.kl_coef,
+        kl_estimator=d.kl_estimator if a.kl_estimator is None else a.kl_estimator,
         kl_in_reward=is_ppo,
-        adv_scale=adv_scale,
+        adv_scale=d.adv_scale if a.adv_scale is None else a.adv_scale,
         dynamic_sampling=dynamic,
         max_gen_rounds=a.max_gen_rounds,
         overlong_shaping=overlong,
@@ -140,6 +127,40 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         minibatches=d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches,
         monitor_kl=a.monitor_kl,
     )
+
+
+def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> TrainConfig:
+    """A copy of `cfg` with every "None: the preset's" value filled in with what the run uses.
+
+    This is what a run saves as config.yaml: it reads as the run was, and resolves to the same
+    algorithm again (the filled-in knobs are the preset's own, so they are all valid for it).
+    """
+    algo = resolve_algo(cfg) if algo is None else algo
+    out = copy.deepcopy(cfg)
+    for knob, value in algo.objective.knobs().items():
+        setattr(out.algo, knob, value)
+    out.algo.kl_coef, out.algo.kl_estimator = algo.kl_coef, algo.kl_estimator
+    out.algo.adv_scale = algo.adv_scale  # None for PPO: GAE from the critic
+    out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
+    out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
+    return out
+
+
+def preset_values() -> dict[str, dict[str, object]]:
+    """For each key whose default is None ("the preset's"): every algorithm's value, for --help-config."""
+    base = TrainConfig()
+    resolved = {}
+    for name in ALGO_DEFAULTS:
+        cfg = TrainConfig()
+        cfg.algo.name = name
+        resolved[name] = resolved_config(cfg)
+    out: dict[str, dict[str, object]] = {}
+    for section in ("algo", "optim"):
+        for f in dataclasses.fields(getattr(base, section)):
+            values = {name: getattr(getattr(r, section), f.name) for name, r in resolved.items()}
+            if getattr(getattr(base, section), f.name) is None and any(v is not None for v in values.values()):
+                out[f"{section}.{f.name}"] = values
+    return out
 
 
 def describe(algo: ResolvedAlgo) -> dict[str, object]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from gradus.config import ConfigError, TrainConfig, load_config, save_config
+from gradus.config_checks import validate
 from gradus.models import build_critic, load_critic, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.rollout import LocalEngine, SamplingParams
@@ -38,7 +39,7 @@ from gradus.train.evaluate import evaluate
 from gradus.train.generation import Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
 from gradus.train.passes import batch_logprobs, batch_values
-from gradus.train.presets import ResolvedAlgo, resolve_algo
+from gradus.train.presets import ResolvedAlgo, resolved_config
 from gradus.train.runlog import RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
 from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, global_min, run_updates
@@ -48,36 +49,6 @@ from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_cou
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
-
-
-def validate(cfg: TrainConfig) -> ResolvedAlgo:
-    """Every check that can fail before any work, with the field named."""
-    algo = resolve_algo(cfg)
-    r = cfg.rollout
-    if r.group_size < 2 and not algo.uses_critic:
-        raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
-                          f"got {r.group_size}")
-    if r.group_size < 1 or r.prompts_per_step < 1:
-        raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
-    rows = r.group_size * r.prompts_per_step
-    if algo.minibatches < 1 or rows % algo.minibatches:
-        raise ConfigError(f"optim.minibatches ({algo.minibatches}) must divide the batch of "
-                          f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
-    for name, value in (("optim.epochs", algo.epochs), ("run.steps", cfg.run.steps), ("optim.token_budget",
-                        cfg.optim.token_budget), ("rollout.max_new_tokens", r.max_new_tokens)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    try:
-        SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
-    except ValueError as err:
-        raise ConfigError(f"rollout: {err}") from err
-    if r.temperature == 0:
-        raise ConfigError("rollout.temperature must be > 0 for training (0 is greedy: every sample alike)")
-    if cfg.optim.schedule not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {cfg.optim.schedule!r}")
-    if cfg.task.heldout_size < 1:
-        raise ConfigError(f"task.heldout_size must be >= 1, got {cfg.task.heldout_size}")
-    return algo
 
 
 class Trainer:
@@ -92,6 +63,7 @@ class Trainer:
         if cfg.model.path:
             bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
+        bootstrap.check_positions(cfg, self.task, self.task.heldout(cfg.task.heldout_size))  # before any warm start
         specs = parse_reward_specs(cfg.task.rewards, self.task)
         try:
             self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,
@@ -143,7 +115,7 @@ class Trainer:
                 self.critic_opt.optimizer.load_state_dict(state["critic_optimizer"])
                 self.critic_opt.scheduler.load_state_dict(state["critic_scheduler"])
             restore_rng(state["rng"])
-        _save_config_atomically(cfg, self.run_dir / "config.yaml")
+        _save_config_atomically(resolved_config(cfg, self.algo), self.run_dir / "config.yaml")
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -347,6 +319,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
     saved, cfg = load_config(path), load_config(path, overrides)
+    validate(cfg)
     changed = [f"{key} (saved {_get(saved, key)!r}, given {_get(cfg, key)!r})" for key in FIXED_ON_RESUME
                if _comparable(key, _get(saved, key)) != _comparable(key, _get(cfg, key))]
     if changed:

@@ -1,0 +1,85 @@
+"""The one validation of a run's config, run by every command before any work.
+
+1. Every field against its own valid values (declared next to it in `gradus.config`): ranges,
+   finiteness, choices, patterns.
+2. The algorithm preset applied (`resolve_algo`: which knobs the algorithm uses), and every value
+   the preset filled in checked by the same rules.
+3. The rules that tie fields together (minibatches divide the batch, groups of two or more, ...).
+4. The reward list parsed, its weights finite.
+
+What needs the model (prompt + completion within its positions) is checked in
+`gradus.train.bootstrap.check_positions`, right after the model's config is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+from gradus.config import ConfigError, TrainConfig, allowed
+
+if TYPE_CHECKING:
+    from gradus.train.presets import ResolvedAlgo
+
+
+def validate(cfg: TrainConfig) -> ResolvedAlgo:
+    """Check everything that can be checked before any work; return the resolved algorithm.
+
+    Raises ConfigError naming the field, its value and what is allowed.
+    """
+    from gradus.train.presets import resolve_algo, resolved_config
+
+    check_fields(cfg)
+    algo = resolve_algo(cfg)
+    check_fields(resolved_config(cfg, algo), note=f" (the {algo.name} preset's value)")
+    _check_rules(cfg, algo)
+    reward_weights(cfg.task.rewards)
+    return algo
+
+
+def check_fields(cfg: TrainConfig, note: str = "") -> None:
+    """Every field's value against the valid values declared with it (`note` ends each message)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            problem = allowed(key).problem(value)
+            if problem:
+                raise ConfigError(f"{key} {problem}, got {value!r}{note}")
+
+
+def reward_weights(text: str | None) -> list[tuple[str, float]]:
+    """task.rewards parsed into (name, weight) pairs; a weight that is not finite is a ConfigError."""
+    if not text:
+        return []
+    from gradus.train.scoring import parse_reward_specs
+
+    specs = parse_reward_specs(text, None)  # the task is only read when text is empty
+    for spec in specs:
+        if not spec.name_or_path:
+            raise ConfigError(f"task.rewards: an entry has no reward name, got {text!r}")
+        if not math.isfinite(spec.weight):
+            raise ConfigError(f"task.rewards: the weight of {spec.name_or_path!r} must be a finite number, "
+                              f"got {spec.weight} (in {text!r})")
+    return [(s.name_or_path, s.weight) for s in specs]
+
+
+def _check_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
+    r, t = cfg.rollout, cfg.task
+    if r.group_size < 2 and not algo.uses_critic:
+        raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
+                          f"got {r.group_size}")
+    rows = r.group_size * r.prompts_per_step
+    if rows % algo.minibatches:
+        raise ConfigError(f"optim.minibatches ({algo.minibatches}) must divide the batch of "
+                          f"rollout.prompts_per_step x rollout.group_size = {rows} completions")
+    if algo.overlong_shaping and algo.overlong_cache > r.max_new_tokens:
+        raise ConfigError(f"algo.overlong_cache must be in 1..rollout.max_new_tokens ({r.max_new_tokens}), "
+                          f"got {algo.overlong_cache}")
+    if t.name == "file" and not t.data_file:
+        raise ConfigError("task.data_file is required with task.name=file")
+    if t.name != "file" and t.data_file:
+        raise ConfigError(f"task.data_file is only used with task.name=file, not {t.name!r}")
+    if t.difficulty is not None and t.name != "arithmetic":
+        raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")

@@ -1,0 +1,214 @@
+"""Config values that would run and quietly do harm, or fail only after minutes of warm start:
+each is refused before any work, with the field, its value and what is allowed named.
+
+`no_work` makes every warm start and model load fail the test, so "refused before any work" is
+checked, not assumed.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from gradus.cli import main
+from gradus.config import ConfigError, load_config
+from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+from gradus.train import bootstrap, sft
+from gradus.train.presets import ALGO_DEFAULTS, resolve_algo
+from gradus.train.trainer import Trainer, resume_config
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def work(*args, **kwargs):
+        raise AssertionError("a warm start or model load ran before the config was checked")
+
+    for module, name in ((bootstrap, "tiny_model_dir"), (bootstrap, "run_sft"), (bootstrap, "load_model"),
+                         (sft, "run_sft")):
+        monkeypatch.setattr(module, name, work)
+
+
+def _refused(argv, capsys, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+HARMFUL = [  # (override, field, what the message must show of the value)
+    ("optim.grad_clip=-1", "optim.grad_clip", "-1"),  # would negate the gradient
+    ("optim.grad_clip=0", "optim.grad_clip", "0"),
+    ("optim.grad_clip=nan", "optim.grad_clip", "nan"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints", "0"),  # would delete every checkpoint, final model too
+    ("algo.clip_high=nan", "algo.clip_high", "nan"),
+    ("algo.kl_coef=nan", "algo.kl_coef", "nan"),
+    ("task.rewards=countdown:nan", "task.rewards", "nan"),
+    ("optim.lr=inf", "optim.lr", "inf"),
+    ("optim.lr=-1e-4", "optim.lr", "-0.0001"),
+    ("sft.steps=-1", "sft.steps", "-1"),
+    ("model.chunk_size=0", "model.chunk_size", "0"),
+    ("sft.batch_size=0", "sft.batch_size", "0"),
+    ("model.dtype=float16", "model.dtype", "float16"),  # was only checked after the warm start
+    ("rollout.top_p=0", "rollout.top_p", "0"),
+    ("algo.name=ppo algo.gamma=2", "algo.gamma", "2"),
+    ("algo.name=ppo algo.lam=-1", "algo.lam", "-1"),
+    ("algo.name=ppo algo.critic_lr=-1", "algo.critic_lr", "-1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field", "value"), HARMFUL)
+def test_train_refuses_a_harmful_value_before_any_work(overrides, field, value, tmp_path, capsys, no_work):
+    err = _refused(["train", *overrides.split(), f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"],
+                   capsys, field, value)
+    assert not any(tmp_path.iterdir())  # not even a run folder
+    if field != "task.rewards":
+        assert "must be" in err  # the allowed range is named
+
+
+@pytest.mark.parametrize(("overrides", "field"), [("sft.batch_size=0", "sft.batch_size"),
+                                                  ("sft.lr=nan", "sft.lr"), ("model.dtype=fp16", "model.dtype")])
+def test_sft_refuses_before_the_warm_start(overrides, field, tmp_path, capsys, no_work):
+    _refused(["sft", "--output", str(tmp_path / "out"), overrides, f"run.cache_dir={tmp_path}"], capsys, field)
+
+
+def test_eval_refuses_before_loading_the_model(tmp_path, capsys, no_work):
+    _refused(["eval", "--model", str(tmp_path), "model.chunk_size=0"], capsys, "model.chunk_size")
+
+
+def test_compare_checks_every_run_before_the_first(tmp_path, capsys, no_work):
+    _refused(["compare", "--algos", "grpo,dapo", "--out", str(tmp_path / "cmp"), "optim.grad_clip=-1"],
+             capsys, "optim.grad_clip")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_resume_checks_the_saved_config(tmp_path, capsys, no_work):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"optim": {"grad_clip": -1.0}}))
+    _refused(["train", "--resume", str(tmp_path)], capsys, "optim.grad_clip", "-1")
+
+
+def test_completion_past_the_tiny_models_positions_is_refused_before_the_warm_start(tmp_path, capsys, no_work):
+    _refused(["train", "rollout.max_new_tokens=600", "task.heldout_size=8", f"run.out_dir={tmp_path}",
+              f"run.cache_dir={tmp_path}"], capsys, "rollout.max_new_tokens", "512")
+
+
+def test_completion_past_a_user_models_positions_is_refused_before_loading_it(tmp_path, capsys, no_work):
+    model = tmp_path / "model"
+    tokenizer = build_char_tokenizer()
+    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, max_positions=32), tokenizer, model)
+    assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 32
+    err = _refused(["train", "--model", str(model), "--task", "arithmetic", "rollout.max_new_tokens=30",
+                    "task.heldout_size=8", f"run.out_dir={tmp_path / 'runs'}"], capsys, "rollout.max_new_tokens")
+    assert "32 positions" in err
+
+
+@pytest.mark.parametrize("override", ["run.steps=inf", "run.steps=1e400"])
+def test_an_infinite_count_is_a_config_error_not_a_traceback(override, capsys, no_work):
+    _refused(["train", override], capsys, "run.steps must be int")
+
+
+def test_yaml_true_is_not_the_number_one(tmp_path, capsys, no_work):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: true\n")
+    _refused(["train", "--config", str(path)], capsys, str(path), "optim.lr must be float")
+
+
+# ---- YAML and keys ------------------------------------------------------------------------------
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("algo:\n  name: grpo\n   clip_high: 0.3\n")
+    _refused(["train", "--config", str(path)], capsys, str(path), "line 3")
+
+
+def test_non_utf8_yaml_names_the_file(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  name: café\n".encode("latin-1"))
+    _refused(["train", "--config", str(path)], capsys, str(path), "UTF-8")
+
+
+def test_a_section_given_a_value_suggests_its_key(tmp_path, capsys):
+    _refused(["train", "algo=grpo"], capsys, "section", "algo.name=grpo")
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: dapo\n")
+    _refused(["train", "--config", str(path)], capsys, str(path), "algo.name=dapo")
+
+
+@pytest.mark.parametrize(("key", "meant"), [
+    ("optim.learning_rate", "optim.lr"), ("learning_rate", "optim.lr"), ("sft.learning_rate", "sft.lr"),
+    ("num_generations", "rollout.group_size"), ("algo.beta", "algo.kl_coef"), ("num_iterations", "optim.epochs"),
+    ("max_completion_length", "rollout.max_new_tokens"), ("max_steps", "run.steps"),
+])
+def test_did_you_mean_by_meaning_then_spelling(key, meant):
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+        load_config(overrides=[f"{key}=1"])
+
+
+@pytest.mark.parametrize("key", ["algo.foo", "algo.bar", "optim.xyz"])
+def test_nothing_close_suggests_nothing(key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}=1"])
+    assert "did you mean" not in str(err.value)
+
+
+def test_help_config_shows_defaults_and_the_presets_values(capsys):
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lr = next(line for line in lines if line.startswith("optim.lr "))
+    assert "0.0002" in lr and "> 0" in lr
+    at = next(i for i, line in enumerate(lines) if line.startswith("algo.clip_high "))
+    assert "None" in lines[at] and "0.28 (dapo)" in lines[at + 1]
+
+
+# ---- the saved config is the resolved one ---------------------------------------------------------
+
+@pytest.mark.parametrize("algo", list(ALGO_DEFAULTS))
+def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
+    from gradus.config import save_config
+    from gradus.train.presets import resolved_config
+
+    cfg = load_config(overrides=[f"algo.name={algo}", "rollout.max_new_tokens=12"])
+    save_config(resolved_config(cfg), tmp_path / "config.yaml")
+    saved = load_config(tmp_path / "config.yaml")
+    assert resolve_algo(saved) == resolve_algo(cfg)
+    assert saved.optim.epochs is not None and saved.algo.kl_coef is not None
+
+
+def test_run_saves_the_resolved_config_and_resumes_from_it(tmp_path):
+    tokenizer = build_char_tokenizer()
+    model = save_pretrained(build_tiny_model("nano", tokenizer=tokenizer), tokenizer, tmp_path / "nano")
+    overrides = [f"model.path={model}", f"run.out_dir={tmp_path}", "run.name=r", "run.progress=false",
+                 "run.steps=1", "run.eval_every=0", "run.save_every=1", "task.heldout_size=4", "task.name=arithmetic",
+                 "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "algo.name=dapo"]
+    trainer = Trainer(load_config(overrides=overrides))
+    trainer.fit()
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["algo"]["clip_high"] == 0.28 and saved["algo"]["clip_low"] == 0.2
+    assert saved["algo"]["kl_coef"] == 0.0 and saved["algo"]["dynamic_sampling"] is True
+    assert saved["optim"]["epochs"] == 1 and saved["optim"]["minibatches"] == 1
+    resumed = Trainer(resume_config(tmp_path / "r", ["run.steps=2"]), run_dir=tmp_path / "r", resume=True)
+    assert resumed.step == 1 and resumed.algo == trainer.algo
+    resumed.fit()
+    assert resumed.step == 2
+
+
+# ---- the warm start's cache key -----------------------------------------------------------------
+
+def test_warm_start_cache_changes_with_the_data_files_content(tmp_path, monkeypatch):
+    monkeypatch.setattr(bootstrap, "run_sft", lambda *a, **k: {"sft/loss": 0.0})
+    data = tmp_path / "data.jsonl"
+    overrides = ["task.name=file", f"task.data_file={data}", "model.tiny_size=nano", f"run.cache_dir={tmp_path}"]
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(30)))
+    first = bootstrap.tiny_model_dir(load_config(overrides=overrides), progress=False)
+    data.write_text("".join(json.dumps({"question": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(30)))
+    second = bootstrap.tiny_model_dir(load_config(overrides=overrides), progress=False)
+    assert first != second
+    third = bootstrap.tiny_model_dir(load_config(overrides=[*overrides, "task.template=Q: {prompt}"]),
+                                     progress=False)
+    assert third not in (first, second)
+    # the default task's key did not change, so users' existing warm starts still hit
+    cached = tmp_path / "tiny-micro-countdown-5aa697940e4743c0"
+    cached.mkdir()
+    (cached / "gradus_sft.json").write_text("{}")
+    assert bootstrap.tiny_model_dir(load_config(overrides=[f"run.cache_dir={tmp_path}"]), progress=False) == cached
