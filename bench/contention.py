@@ -1,13 +1,14 @@
 """Training speed on a shared CPU: idle against one busy process beside gradus, side by side.
 
 For each thread policy (a fixed 2 threads, as gradus ran before; a fixed 1 thread; `auto`, the
-default: `gradus.threads.ThreadGovernor` picks before each unit of work) and each load (idle; one
-other process spinning on a core, as on a laptop or a shared CI runner), a fresh process times
-DAPO training steps of the built-in micro model (untrained, so every completion runs to the limit:
-64 prompts x 8 samples x 16 tokens) and warm-start (SFT) steps. The cases alternate, so slow drift
-of the machine hits them alike. A last table shows the cause: one elementwise op at 1 and 2 threads.
+default: `gradus.threads.ThreadGovernor` picks before each unit of work from the kernel's CPU
+accounting) and each load (idle; one other process spinning on a core, as on a laptop or a shared
+CI runner), a fresh process times DAPO training steps of the built-in micro model (untrained, so
+every completion runs to the limit: 64 prompts x 8 samples x 16 tokens) and warm-start (SFT)
+steps. The cases alternate, so slow drift of the machine hits them alike. A last table shows the
+cause: one elementwise op at 1 and 2 threads.
 
-    python bench/contention.py [--steps 4] [--sft-steps 20] [--repeats 1]
+    python bench/contention.py [--steps 5] [--sft-steps 20] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4, help="timed training steps per case (median)")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per case (median)")
     ap.add_argument("--sft-steps", type=int, default=20, help="warm-start steps per case (total time)")
-    ap.add_argument("--repeats", type=int, default=1, help="times each case runs (the median is shown)")
+    ap.add_argument("--repeats", type=int, default=2, help="times each case runs (the median is shown)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -118,13 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.median(r[key] for r in results[(name, busy)])
 
     print(f"\n| threads | step s, idle | step s, one busy process | busy / idle | {args.sft_steps} SFT steps s, idle "
-          "| SFT, busy | busy / idle | steps with fewer threads, busy |")
+          "| SFT, busy | busy / idle | steps with fewer threads, idle / busy |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in POLICIES:
         si, sb = med(name, False, "step_s"), med(name, True, "step_s")
         fi, fb = med(name, False, "sft_s"), med(name, True, "sft_s")
         print(f"| {name} | {si:.2f} | {sb:.2f} | {sb / si:.1f}x | {fi:.1f} | {fb:.1f} | {fb / fi:.1f}x "
-              f"| {med(name, True, 'reduced_frac'):.0%} |")
+              f"| {med(name, False, 'reduced_frac'):.0%} / {med(name, True, 'reduced_frac'):.0%} |")
     base = med("2 threads (before)", False, "step_s")
     idle, busy = med("auto (default)", False, "step_s") / base, med("auto (default)", True, "step_s") / base
     print(f"\nauto's step against the idle 2-thread step: {idle:.2f}x idle, {busy:.2f}x beside a busy process")

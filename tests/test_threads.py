@@ -5,6 +5,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from gradus.config import SFTConfig, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model
 from gradus.tasks import get_task
-from gradus.threads import ThreadGovernor, governor_for
+from gradus.threads import Sample, ThreadGovernor, governor_for, read_sample, threads_for
 from gradus.train.sft import run_sft
 
 
@@ -23,69 +24,101 @@ def keep_threads():
     torch.set_num_threads(before)
 
 
-def fake_regions(monkeypatch, slow_above: int):
-    """Regions take 20 us on one thread, 12 us per op when parallel, 20 ms above `slow_above` threads."""
-    seen = []
+def fake_kernel(steps):
+    """A sampler that replays (wall, ours, idle) deltas: each pick sees the next one."""
+    state = {"wall": 0.0, "ours": 0.0, "idle": 0.0}
+    queue = list(steps)
 
-    def region(self, threads, limit=None):
-        seen.append(threads)
-        return 20e-3 if threads > slow_above else (20e-6 if threads == 1 else 12e-6)
+    def sample(helpers=()):
+        if queue:
+            wall, ours, idle = queue.pop(0)
+            state["wall"] += wall
+            state["ours"] += ours
+            state["idle"] += idle
+        return Sample(state["wall"], state["ours"], state["idle"])
 
-    monkeypatch.setattr(ThreadGovernor, "_region_seconds", region)
-    return seen
-
-
-def test_idle_keeps_every_thread(monkeypatch):
-    seen = fake_regions(monkeypatch, slow_above=99)
-    gov = ThreadGovernor(max_threads=8)
-    assert gov.pick() == 8 and torch.get_num_threads() == 8
-    assert seen == [1, 8] and gov.reduced == 0
+    return sample
 
 
-def test_contention_halves_until_regions_are_fast(monkeypatch):
-    seen = fake_regions(monkeypatch, slow_above=2)
-    gov = ThreadGovernor(max_threads=8)
-    assert gov.pick() == 2 and torch.get_num_threads() == 2
-    assert seen == [1, 8, 4, 2] and gov.reduced == 1
-    fake_regions(monkeypatch, slow_above=1)
-    assert gov.pick() == 1 and gov.reduced == 2
+@pytest.mark.parametrize(("free", "max_threads", "expected"), [
+    (2.0, 2, 2), (1.8, 2, 2), (1.74, 2, 1), (1.33, 2, 1), (0.4, 2, 1), (9.0, 8, 8), (5.8, 8, 6), (5.7, 8, 5)])
+def test_threads_for_rounds_down_unless_close_to_a_whole_core(free, max_threads, expected):
+    assert threads_for(free, max_threads) == expected
 
 
-def test_fixed_count_is_never_probed(monkeypatch):
-    seen = fake_regions(monkeypatch, slow_above=1)
-    gov = governor_for(3)
-    assert gov.pick() == 3 and torch.get_num_threads() == 3 and seen == []
+def test_governor_follows_the_cores_left_to_it(monkeypatch):
+    monkeypatch.setattr("gradus.threads._FIRST_LOOK_S", 0.0)
+    gov = ThreadGovernor(max_threads=2, sample=fake_kernel([
+        (0.0, 0.0, 0.0),   # first pick: the counters now ...
+        (0.05, 0.0, 0.1),  # ... and 50 ms later: both cores idle -> 2 threads
+        (1.0, 2.0, 0.0),   # a unit where we used both cores -> 2
+        (1.0, 1.33, 0.0),  # a busy process took a third of our time -> 1
+        (1.0, 1.0, 0.0),   # one thread, the other core busy elsewhere -> 1
+        (1.0, 1.0, 0.95),  # the busy process ended: a core sat idle -> 2
+    ]))
+    assert [gov.pick() for _ in range(5)] == [2, 2, 1, 1, 2]
+    assert torch.get_num_threads() == 2
 
 
-def test_cuda_runs_keep_torch_default(monkeypatch):
-    seen = fake_regions(monkeypatch, slow_above=1)
+def test_first_look_at_a_busy_machine_starts_with_fewer_threads(monkeypatch):
+    monkeypatch.setattr("gradus.threads._FIRST_LOOK_S", 0.0)
+    gov = ThreadGovernor(max_threads=2, sample=fake_kernel([(0.0, 0.0, 0.0), (0.05, 0.0, 0.05)]))
+    assert gov.pick() == 1 and torch.get_num_threads() == 1
+
+
+def test_without_proc_the_default_is_kept():
+    gov = ThreadGovernor(max_threads=2, sample=lambda helpers: None)
+    assert gov.pick() == 2
+
+
+def test_fixed_count_is_never_sampled():
+    calls = []
+    gov = ThreadGovernor(fixed=3, sample=lambda helpers: calls.append(1))
+    assert gov.pick() == 3 and torch.get_num_threads() == 3 and calls == []
+    assert governor_for(3).fixed == 3
+
+
+def test_cuda_runs_keep_torch_default():
     gov = governor_for(None, "cuda")
-    assert gov.pick() == torch.get_num_threads() and seen == []
+    assert gov.fixed == torch.get_num_threads()
 
 
-def test_probe_stops_early_once_over_its_limit():
-    gov = ThreadGovernor(max_threads=2)
-    gov._region_seconds(1)
-    # a limit of zero: the first timed op already passes it, so only one op is timed
-    assert gov._region_seconds(1, limit=0.0) > 0
+def test_reward_workers_count_as_our_own_work():
+    """A helper's CPU time is gradus' work; another process's is not."""
+    if read_sample() is None:
+        pytest.skip("no /proc")
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.6: pass\n"
+                              "time.sleep(5)"])
+    try:
+        before, before_mine = read_sample(), read_sample([child.pid])
+        time.sleep(0.8)
+        after, after_mine = read_sample(), read_sample([child.pid])
+    finally:
+        child.kill()
+        child.wait()
+    assert after_mine.ours - before_mine.ours >= 0.4 > after.ours - before.ours
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
-def test_real_busy_process_is_seen():
-    """With every other core kept busy, regions at full width wait for descheduled threads."""
+@pytest.mark.skipif(read_sample() is None or (os.cpu_count() or 1) < 2, reason="needs /proc and two cores")
+def test_real_busy_process_takes_a_thread():
+    """Every other core kept busy by another process: after a unit of real work, fewer threads."""
     cores = os.cpu_count() or 2
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
     try:
-        import time
-
         time.sleep(0.3)
         gov = ThreadGovernor(max_threads=cores)
-        picks = [gov.pick() for _ in range(5)]
+        picks = [gov.pick()]
+        a = torch.rand(256, 256)
+        for _ in range(3):
+            end = time.monotonic() + 0.4
+            while time.monotonic() < end:
+                a = torch.tanh(a @ a)  # a unit of work at the picked width
+            picks.append(gov.pick())
     finally:
         for h in hogs:
             h.kill()
             h.wait()
-    assert sum(p < cores for p in picks) >= 4, picks
+    assert all(p < cores for p in picks[1:]), picks
 
 
 def _digest(model: torch.nn.Module) -> str:

@@ -1,87 +1,125 @@
 """CPU threads that follow the machine's load.
 
 Why: torch runs each CPU op as an OpenMP parallel region that ends in a barrier. The ops of a small
-model take microseconds, so a step is thousands of regions. When another process keeps one of the
-cores busy, one of gradus' threads is descheduled for a whole time slice at a time, and every barrier
-waits for it: measured here (2 cores, one busy process), an elementwise op on 2^17 floats took 12 us
-with 2 threads on an idle machine and 6-30 ms with 2 threads beside the busy process (18 us with one
-thread), and a training step took ten times as long (`bench/contention.py`). Waiting passively
-(`OMP_WAIT_POLICY=PASSIVE`) does not help: the barrier still waits for the descheduled thread.
+model take microseconds, so a step is thousands of regions. When another process keeps a core busy,
+one of gradus' threads is descheduled for a time slice now and then, and every barrier waits for it:
+measured here (2 cores, one busy process beside gradus) a DAPO step of the built-in model took 3.5x
+its idle time with 2 threads and 1.0x with one (`bench/contention.py`; the issue that asked for this
+saw 10x under heavier load). Waiting passively (`OMP_WAIT_POLICY=PASSIVE`) cannot help: the barrier
+still waits for the descheduled thread.
 
-What: before each unit of work (a training step, an evaluation, a few warm-start steps) `pick()` times
-a few such regions at the candidate thread counts and keeps the largest count whose regions are not
-much slower than one thread's (a parallel op that is slower than the same op on one thread means
-threads are waiting for each other). On an idle machine that is every core, as before, at the cost
-of about a millisecond per check; beside a busy process it is fewer threads, at once.
+What: before each unit of work (a training step, an evaluation, every fifth warm-start step) `pick()`
+reads the kernel's accounting since the last pick: CPU seconds of gradus (its threads and its reward
+worker processes) plus the seconds every core sat idle, per second of wall time. That
+is how many cores gradus could have had; it uses that many threads (rounded down after adding 0.25,
+at least 1, at most every core). An idle machine gives every core, as before; a busy process beside
+it takes its core away at the next unit, and gives it back when it ends. Before the first unit, with
+nothing of gradus running, it looks at the machine for 50 ms. Linux only (`/proc/stat`); elsewhere
+torch's default is kept.
 
 Thread count and results: on the built-in models the parameters after warm-start and RL steps are
-bit-identical with 1 and 2 threads (tested in tests/test_threads.py), so following the load changes
-speed, not results. A fixed `run.threads` turns this off.
+bit-identical with 1 and 2 threads (tests/test_threads.py), so following the load changes speed, not
+results. A fixed `run.threads` turns this off.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-_PROBE_ELEMENTS = 1 << 17  # above ATen's parallel grain (32768), so the op really runs on every thread
-_PROBE_REPS = 16
-_SLOWER = 2.0  # a parallel op this much slower than on one thread: threads are waiting for each other
+_FIRST_LOOK_S = 0.05
+_ROUND_UP_FROM = 0.75  # 1.75 cores free -> 2 threads; 1.5 (a busy process sharing our cores) -> 1
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class Sample:
+    wall: float  # seconds, monotonic
+    ours: float  # CPU seconds of this process and its children
+    idle: float  # idle CPU seconds summed over every core
+
+
+def read_sample(helpers: Iterable[int] = ()) -> Sample | None:
+    """The kernel's counters now, counting the processes `helpers` (pids) as our own work; None where
+    /proc is not there (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    idle = (int(fields[4]) + int(fields[5])) / _TICK  # idle + iowait, every core
+    return Sample(time.monotonic(), time.process_time() + _cpu_of(helpers), idle)
+
+
+def _cpu_of(pids: Iterable[int]) -> float:
+    """CPU seconds of live processes `pids` (one that ended since is left out)."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        after_name = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; the fields follow ')'
+        total += int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _TICK
+
+
+def threads_for(cores_free: float, max_threads: int) -> int:
+    """Threads for `cores_free` cores: round down, unless within 0.25 of the next whole core."""
+    return max(1, min(max_threads, math.floor(cores_free + 1 - _ROUND_UP_FROM)))
 
 
 class ThreadGovernor:
     """Chooses torch's CPU thread count for the next unit of work; `fixed` pins it instead."""
 
-    def __init__(self, fixed: int | None = None, *, max_threads: int | None = None):
+    def __init__(self, fixed: int | None = None, *, max_threads: int | None = None,
+                 helpers: Callable[[], Iterable[int]] = tuple,
+                 sample: Callable[[Iterable[int]], Sample | None] = read_sample):
         self.fixed = fixed
         self.max_threads = max(1, max_threads or torch.get_num_threads())
         self.current = fixed or self.max_threads
-        self.reduced = 0  # units run with fewer threads than max_threads (a metric)
+        self.cores_free = float(self.max_threads)  # the last estimate (a metric)
         self._initial = torch.get_num_threads()
-        self._a = self._b = self._out = None
+        self._sample = lambda: sample(helpers())
+        self._last: Sample | None = None
 
     def pick(self) -> int:
         """Set and return the thread count for the next unit of work."""
         if self.fixed:
             torch.set_num_threads(self.fixed)
             return self.fixed
-        n = self.max_threads
-        if n > 1:
-            serial = self._region_seconds(1)
-            while n > 1 and self._region_seconds(n, limit=_SLOWER * serial * _PROBE_REPS) > _SLOWER * serial:
-                n //= 2
-        self.reduced += n < self.max_threads
-        self.current = n
-        torch.set_num_threads(n)
-        return n
+        now = self._sample()
+        if now is None:
+            self.current = self.max_threads
+        else:
+            if self._last is None:  # nothing of ours ran yet: look at the machine for a moment
+                time.sleep(_FIRST_LOOK_S)
+                self._last, now = now, self._sample()
+            wall = max(now.wall - self._last.wall, 1e-6)
+            self.cores_free = ((now.ours - self._last.ours) + (now.idle - self._last.idle)) / wall
+            self.current = threads_for(self.cores_free, self.max_threads)
+            self._last = now
+        torch.set_num_threads(self.current)
+        return self.current
 
     def restore(self) -> None:
         """Give torch back the thread count it had when this governor was made."""
         torch.set_num_threads(self._initial)
 
-    def _region_seconds(self, threads: int, limit: float | None = None) -> float:
-        """Mean seconds of one elementwise op at `threads`; stops early once `limit` seconds are spent."""
-        if self._a is None:
-            self._a, self._b = torch.rand(_PROBE_ELEMENTS), torch.rand(_PROBE_ELEMENTS)  # [E]
-            self._out = torch.empty(_PROBE_ELEMENTS)
-        torch.set_num_threads(threads)
-        torch.add(self._a, self._b, out=self._out)  # the team of `threads` exists before timing
-        start = time.perf_counter()
-        for rep in range(1, _PROBE_REPS + 1):
-            torch.add(self._a, self._b, out=self._out)
-            spent = time.perf_counter() - start
-            if limit is not None and spent > limit:
-                return spent / rep
-        return (time.perf_counter() - start) / _PROBE_REPS
 
-
-def governor_for(threads: int | None, device: torch.device | str = "cpu") -> ThreadGovernor:
+def governor_for(threads: int | None, device: torch.device | str = "cpu",
+                 helpers: Callable[[], Iterable[int]] = tuple) -> ThreadGovernor:
     """The run's governor: `threads` pins the count; None follows the load (CPU only: on a GPU the
-    CPU threads matter little, so torch's default is kept there)."""
+    CPU threads matter little, so torch's default is kept there). `helpers`: the pids whose CPU time
+    is gradus' own work (the reward workers)."""
     if threads is None and torch.device(device).type != "cpu":
         return ThreadGovernor(fixed=torch.get_num_threads())
-    return ThreadGovernor(fixed=threads)
+    return ThreadGovernor(fixed=threads, helpers=helpers)
 
 
-__all__ = ["ThreadGovernor", "governor_for"]
+__all__ = ["Sample", "ThreadGovernor", "governor_for", "read_sample", "threads_for"]

@@ -59,7 +59,6 @@ class Trainer:
         self.algo = validate(cfg)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = bootstrap.resolve_device(cfg.run.device)
-        self.governor = governor_for(cfg.run.threads, self.device)  # CPU threads that follow the load
         if cfg.model.path:
             bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
@@ -70,6 +69,8 @@ class Trainer:
                                  strict=cfg.task.strict_rewards)
         except ValueError as err:
             raise ConfigError(f"task.rewards: {err}") from err
+        # CPU threads that follow the load; the reward workers' CPU time is this run's own work
+        self.governor = governor_for(cfg.run.threads, self.device, helpers=self.scorer.reward.pool.pids)
 
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir(cfg, self.algo)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,12 +320,12 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
     saved, cfg = load_config(path), load_config(path, overrides)
-    validate(cfg)
     changed = [f"{key} (saved {_get(saved, key)!r}, given {_get(cfg, key)!r})" for key in FIXED_ON_RESUME
                if _comparable(key, _get(saved, key)) != _comparable(key, _get(cfg, key))]
     if changed:
         raise ConfigError(f"--resume: {'; '.join(changed)} cannot change when a run is resumed; start a new run "
                           "for that (only keys such as run.steps, run.device or optim.lr may change)")
+    validate(cfg)
     return cfg
 
 
