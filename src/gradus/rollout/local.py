@@ -15,7 +15,7 @@ rounding in the last bits of the logits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,14 +31,19 @@ Backend = Literal["auto", "direct", "hf"]
 _DROP_FRACTION = 0.125
 
 
-def model_positions(model: nn.Module) -> int | None:
-    """The longest sequence (prompt + completion) the model's config allows; None when it does not say."""
-    config = getattr(model, "config", None)
+def config_positions(config: Any) -> int | None:
+    """The longest sequence (prompt + completion) a model config allows (a config object or the dict
+    of its config.json); None when it does not say."""
     for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """The longest sequence (prompt + completion) the model's config allows; None when it does not say."""
+    return config_positions(getattr(model, "config", None))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,

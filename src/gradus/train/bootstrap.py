@@ -23,7 +23,7 @@ from gradus.models import (
     load_pretrained,
     save_pretrained,
 )
-from gradus.rollout import model_positions
+from gradus.rollout.local import config_positions, model_positions
 from gradus.tasks import DatasetError, FileTask, Task, get_task
 from gradus.train.checkpoint import MARKER, checkpoint_dir, latest_checkpoint
 from gradus.train.data import prompt_problems
@@ -177,7 +177,7 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             return  # an unreadable model folder is reported by the model loader
-        limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None)
+        limit = config_positions(config)
         where = f"{path / 'config.json'}"
         try:
             from transformers import AutoTokenizer
