@@ -163,10 +163,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
-    heldout = task.heldout(args.n or cfg.task.heldout_size)
-    bootstrap.check_positions(cfg, task, heldout)
+    n = args.n or cfg.task.heldout_size
+    bootstrap.check_positions(cfg, task, task.heldout(n))
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
-    bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)
+    bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
+    heldout = task.heldout(n)
     governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,

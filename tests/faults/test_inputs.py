@@ -120,6 +120,27 @@ def test_long_prompts_skipped_with_on_error_skip(nano_dir, tmp_path, capsys):
     assert "then skipped 2 row(s) that are too long for the model" in capsys.readouterr().err
 
 
+def test_long_prompts_among_the_held_out_and_first_batch_are_skipped_too(nano_dir, tmp_path, capsys):
+    """Half the rows too long: some are held out and some in the first batch, and skip still skips them all
+    (the early check before any warm start once refused these, whatever task.on_error said)."""
+    data = tmp_path / "long.jsonl"
+    _jsonl(data, _rows(40, long_rows=tuple(range(1, 41, 2))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _train(nano_dir, tmp_path, data, **{"task.on_error": "skip"}) == 0
+    assert "then skipped 20 row(s) that are too long for the model" in capsys.readouterr().err
+
+
+def test_eval_holds_out_only_rows_that_fit(nano_dir, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    _jsonl(data, _rows(40, long_rows=tuple(range(1, 41, 2))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["eval", "--model", str(nano_dir), "--data", str(data), "--k", "0", "--json",
+                     "task.on_error=skip", "rollout.max_new_tokens=4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] >= 1
+
+
 def test_engine_refuses_prompts_past_the_positions_before_allocating(nano_dir):
     model, tok = load_pretrained(nano_dir)
     engine = LocalEngine(model, pad_token_id=tok.pad_token_id, eos_token_ids=[tok.eos_token_id])

@@ -79,8 +79,13 @@ def check_prompt_lengths(task: Task, tokenizer: Any, model: Any, cfg: TrainConfi
     if new >= positions:
         raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt in the model's "
                           f"{positions} positions")
-    if not isinstance(task, FileTask):
-        return  # procedural prompts are short; the rollout engine refuses any that is not
+    if isinstance(task, FileTask):  # procedural prompts are short; the rollout engine refuses any that is not
+        _check_file_rows(task, tokenizer, positions, new)
+
+
+def _check_file_rows(task: FileTask, tokenizer: Any, positions: int, new: int) -> None:
+    """Every row of a file must fit `positions` with `new` tokens to spare: raise naming file and rows,
+    or drop them (task.on_error=skip) and say so."""
     try:
         dropped = task.check_rows(lambda rows: prompt_problems(task, tokenizer, rows, positions=positions,
                                                                max_new_tokens=new), "are too long for the model")
@@ -146,6 +151,7 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
     if (path / "gradus_sft.json").is_file():
         return path
     task = build_task(cfg)
+    check_positions(cfg, task, [])  # the rows the trainer's task drops, this one drops too
     try:
         model = build_tiny_model(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch, seed=cfg.run.seed)
     except ValueError as err:
@@ -167,7 +173,8 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
 def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
     """Prompt + rollout.max_new_tokens must fit the model's positions. Checked as soon as the model's
     config is known (its config.json, or the built-in model's sizes), before any warm start or load.
-    The prompts measured: `examples` (the held-out set) and the first training batch."""
+    The prompts measured: a file's every row (too long ones named, or dropped with task.on_error=skip);
+    for a procedural task, `examples` (the held-out set) and the first training batch."""
     from gradus.models import tiny_config
     from gradus.train.data import encode_prompts
 
@@ -192,6 +199,13 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
     if not isinstance(limit, int):
         return
     new = cfg.rollout.max_new_tokens
+    if isinstance(task, FileTask):  # every row, named, honouring task.on_error (the warm start reads them too)
+        if new >= limit:
+            raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt in the {limit} positions "
+                              f"of {where} (max_position_embeddings)")
+        if tokenizer is not None:
+            _check_file_rows(task, tokenizer, limit, new)
+        return
     longest = 0
     if tokenizer is not None:
         sample = [*examples, *task.train_batch(0, cfg.rollout.prompts_per_step)]
