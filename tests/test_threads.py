@@ -13,7 +13,7 @@ import torch
 from gradus.config import SFTConfig, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model
 from gradus.tasks import get_task
-from gradus.threads import Sample, ThreadGovernor, governor_for, read_sample, threads_for
+from gradus.threads import MACHINE_THREADS, Sample, ThreadGovernor, governor_for, ours_between, read_sample, threads_for
 from gradus.train.sft import run_sft
 
 
@@ -66,6 +66,23 @@ def test_first_look_at_a_busy_machine_starts_with_fewer_threads(monkeypatch):
     assert gov.pick() == 1 and torch.get_num_threads() == 1
 
 
+def test_a_replaced_helper_takes_nothing_away():
+    # helper 7 ran 5 s and was killed; its replacement 8 has run 0.5 s; this process ran 1 s
+    before = Sample(0.0, 10.0, 0.0, {7: 5.0})
+    after = Sample(1.0, 11.0, 0.0, {8: 0.5})
+    assert ours_between(before, after) == pytest.approx(1.5)
+
+
+def test_a_run_left_at_one_thread_does_not_cap_the_next(monkeypatch):
+    """The most threads a governor uses is the machine's count at import, not what an earlier run left set."""
+    monkeypatch.setattr("gradus.threads._FIRST_LOOK_S", 0.0)
+    torch.set_num_threads(1)  # as a run that ended beside a busy process leaves it
+    gov = ThreadGovernor(sample=fake_kernel([(0.0, 0.0, 0.0), (0.05, 0.0, 0.05 * MACHINE_THREADS)]))
+    assert gov.max_threads == MACHINE_THREADS and gov.pick() == MACHINE_THREADS
+    gov.restore()
+    assert torch.get_num_threads() == MACHINE_THREADS
+
+
 def test_without_proc_the_default_is_kept():
     gov = ThreadGovernor(max_threads=2, sample=lambda helpers: None)
     assert gov.pick() == 2
@@ -97,7 +114,7 @@ def test_reward_workers_count_as_our_own_work():
     finally:
         child.kill()
         child.wait()
-    assert after_mine.ours - before_mine.ours >= 0.3 > after.ours - before.ours
+    assert ours_between(before_mine, after_mine) >= 0.3 > ours_between(before, after)
 
 
 @pytest.mark.skipif(read_sample() is None or (os.cpu_count() or 1) < 2, reason="needs /proc and two cores")

@@ -49,20 +49,21 @@ def check_fields(cfg: TrainConfig, note: str = "") -> None:
                 raise ConfigError(f"{key} {problem}, got {value!r}{note}")
 
 
-def reward_weights(text: str | None) -> list[tuple[str, float]]:
-    """task.rewards parsed into (name, weight) pairs; a weight that is not finite is a ConfigError."""
+def reward_weights(text: str | None) -> None:
+    """task.rewards must parse, with every weight a finite number within the bound rewards themselves
+    obey (so no weighted total can overflow); else a ConfigError."""
     if not text:
-        return []
+        return
+    from gradus.rewards.worker import MAX_ABS_SCORE
     from gradus.train.scoring import parse_reward_specs
 
     specs = parse_reward_specs(text, None)  # the task is only read when text is empty
     for spec in specs:
         if not spec.name_or_path:
             raise ConfigError(f"task.rewards: an entry has no reward name, got {text!r}")
-        if not math.isfinite(spec.weight):
-            raise ConfigError(f"task.rewards: the weight of {spec.name_or_path!r} must be a finite number, "
-                              f"got {spec.weight} (in {text!r})")
-    return [(s.name_or_path, s.weight) for s in specs]
+        if not (math.isfinite(spec.weight) and abs(spec.weight) <= MAX_ABS_SCORE):
+            raise ConfigError(f"task.rewards: the weight of {spec.name_or_path!r} must be a finite number within "
+                              f"+-{MAX_ABS_SCORE:g}, got {spec.weight} (in {text!r})")
 
 
 def _check_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,37 +36,47 @@ import torch
 _FIRST_LOOK_S = 0.05
 _ROUND_UP_FROM = 0.75  # 1.75 cores free -> 2 threads; 1.5 (a busy process sharing our cores) -> 1
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# torch's thread count when gradus was imported (every core, or OMP_NUM_THREADS): the most a governor uses,
+# whatever an earlier governor in this process left set
+MACHINE_THREADS = torch.get_num_threads()
 
 
 @dataclass(frozen=True)
 class Sample:
     wall: float  # seconds, monotonic
-    ours: float  # CPU seconds of this process and its children
+    own: float  # CPU seconds of this process
     idle: float  # idle CPU seconds summed over every core
+    helpers: dict[int, float] = field(default_factory=dict)  # CPU seconds of each helper process, by pid
+
+
+def ours_between(before: Sample, after: Sample) -> float:
+    """CPU seconds of this process and its helpers from `before` to `after`. A helper is counted by its
+    own increase (a new one from zero), so one that was replaced in between takes nothing away."""
+    return (after.own - before.own) + sum(cpu - before.helpers.get(pid, 0.0) for pid, cpu in after.helpers.items())
 
 
 def read_sample(helpers: Iterable[int] = ()) -> Sample | None:
-    """The kernel's counters now, counting the processes `helpers` (pids) as our own work; None where
+    """The kernel's counters now, with the processes `helpers` (pids) as our own work; None where
     /proc is not there (not Linux)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
         return None
     idle = (int(fields[4]) + int(fields[5])) / _TICK  # idle + iowait, every core
-    return Sample(time.monotonic(), time.process_time() + _cpu_of(helpers), idle)
+    return Sample(time.monotonic(), time.process_time(), idle, _cpu_of(helpers))
 
 
-def _cpu_of(pids: Iterable[int]) -> float:
-    """CPU seconds of live processes `pids` (one that ended since is left out)."""
-    total = 0
+def _cpu_of(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds of each live process of `pids` (one that has ended is left out)."""
+    found = {}
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         after_name = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; the fields follow ')'
-        total += int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / _TICK
+        found[pid] = (int(after_name[11]) + int(after_name[12])) / _TICK  # utime, stime (fields 14, 15)
+    return found
 
 
 def threads_for(cores_free: float, max_threads: int) -> int:
@@ -81,10 +91,10 @@ class ThreadGovernor:
                  helpers: Callable[[], Iterable[int]] = tuple,
                  sample: Callable[[Iterable[int]], Sample | None] = read_sample):
         self.fixed = fixed
-        self.max_threads = max(1, max_threads or torch.get_num_threads())
+        self.max_threads = max(1, max_threads or MACHINE_THREADS)
         self.current = fixed or self.max_threads
         self.cores_free = float(self.max_threads)  # the last estimate (a metric)
-        self._initial = torch.get_num_threads()
+        self._initial = MACHINE_THREADS
         self._sample = lambda: sample(helpers())
         self._last: Sample | None = None
 
@@ -101,14 +111,14 @@ class ThreadGovernor:
                 time.sleep(_FIRST_LOOK_S)
                 self._last, now = now, self._sample()
             wall = max(now.wall - self._last.wall, 1e-6)
-            self.cores_free = ((now.ours - self._last.ours) + (now.idle - self._last.idle)) / wall
+            self.cores_free = (ours_between(self._last, now) + (now.idle - self._last.idle)) / wall
             self.current = threads_for(self.cores_free, self.max_threads)
             self._last = now
         torch.set_num_threads(self.current)
         return self.current
 
     def restore(self) -> None:
-        """Give torch back the thread count it had when this governor was made."""
+        """Give torch back the machine's thread count (as it was when gradus was imported)."""
         torch.set_num_threads(self._initial)
 
 
@@ -118,8 +128,8 @@ def governor_for(threads: int | None, device: torch.device | str = "cpu",
     CPU threads matter little, so torch's default is kept there). `helpers`: the pids whose CPU time
     is gradus' own work (the reward workers)."""
     if threads is None and torch.device(device).type != "cpu":
-        return ThreadGovernor(fixed=torch.get_num_threads())
+        return ThreadGovernor(fixed=MACHINE_THREADS)
     return ThreadGovernor(fixed=threads, helpers=helpers)
 
 
-__all__ = ["Sample", "ThreadGovernor", "governor_for", "read_sample", "threads_for"]
+__all__ = ["MACHINE_THREADS", "Sample", "ThreadGovernor", "governor_for", "ours_between", "read_sample", "threads_for"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -129,3 +130,40 @@ def test_run_stopped_for_nan_ends_with_its_message_and_exit_1(nano_dir, tmp_path
     assert main(["train", *args]) == 1
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("gradus: run stopped: 2 steps in a row had only NaN/inf losses or gradients")
+
+
+def test_a_trainer_that_cannot_be_built_leaves_no_reward_workers(nano_dir, tmp_path):
+    """--resume of a folder with no checkpoint fails after the reward workers started: they are stopped."""
+    from gradus.config import ConfigError
+
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path))
+    started = []
+    real_init = Trainer._build
+
+    def build_and_remember(self, *args, **kwargs):
+        started.extend(self.scorer.reward.pool.pids())
+        return real_init(self, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "_build", build_and_remember)
+    try:
+        with pytest.raises(ConfigError, match="no complete checkpoint") as failure:
+            Trainer(cfg, run_dir=tmp_path / "empty-run", resume=True)
+    finally:
+        mp.undo()
+    assert started
+    # `failure` still holds the traceback, so the half-built trainer is alive: its workers must be gone anyway,
+    # stopped by the trainer itself, not later by garbage collection
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in started) and failure.value is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = open(f"/proc/{pid}/stat").read() if os.path.exists(f"/proc/{pid}/stat") else ""
+    return " Z " not in stat  # a zombie has ended; its parent has not collected it yet

@@ -104,20 +104,22 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, task: Task, cfg: SFTConfig, 
     model.train()
     bar = tqdm(range(cfg.steps), desc="sft", disable=not progress, dynamic_ncols=True)
     start, loss_ema = time.perf_counter(), None
-    for step in bar:
-        if step % _CHECK_THREADS_EVERY == 0:
-            governor.pick()
-        first = start_index + step * cfg.batch_size
-        batch = encode_sft_batch(task, tokenizer, task.train_batch(first, cfg.batch_size), device)
-        loss = sft_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
+    try:
+        for step in bar:
+            if step % _CHECK_THREADS_EVERY == 0:
+                governor.pick()
+            first = start_index + step * cfg.batch_size
+            batch = encode_sft_batch(task, tokenizer, task.train_batch(first, cfg.batch_size), device)
+            loss = sft_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
+    finally:
+        governor.restore()  # the next phase starts from the machine's thread count
     bar.close()
-    governor.restore()
     return {"sft/loss": float(loss_ema or 0.0), "sft/seconds": time.perf_counter() - start,
             "sft/examples": float(cfg.steps * cfg.batch_size)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from gradus.config import ConfigError, TrainConfig, load_config, save_config
+from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
 from gradus.models import build_critic, load_critic, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
@@ -34,7 +34,7 @@ from gradus.threads import governor_for
 from gradus.train import bootstrap
 from gradus.train.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
 from gradus.train.data import PromptSource
-from gradus.train.durable import DiskFull, fsync_dir, fsync_file, replace_text
+from gradus.train.durable import DiskFull, replace_text
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
@@ -71,6 +71,14 @@ class Trainer:
             raise ConfigError(f"task.rewards: {err}") from err
         # CPU threads that follow the load; the reward workers' CPU time is this run's own work
         self.governor = governor_for(cfg.run.threads, self.device, helpers=self.scorer.reward.pool.pids)
+        try:
+            self._build(cfg, run_dir, resume)
+        except BaseException:
+            self.scorer.close()  # the reward workers must not outlive a trainer that never ran
+            raise
+
+    def _build(self, cfg: TrainConfig, run_dir: Path | None, resume: bool) -> None:
+        """Run folder, models, optimizers and state (fresh, or from the newest complete checkpoint)."""
 
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir(cfg, self.algo)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +134,7 @@ class Trainer:
             return self._fit()
         finally:
             self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
+            self.governor.restore()  # the next run in this process starts from the machine's thread count
 
     def _fit(self) -> RunResult:
         cfg = self.cfg
@@ -343,11 +352,7 @@ def _comparable(key: str, value: Any) -> Any:
 
 def _save_config_atomically(cfg: TrainConfig, path: Path) -> None:
     """config.yaml is what --resume reads: a kill while writing it must leave the old one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_config(cfg, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    replace_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), what="config.yaml")
 
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
