@@ -3,10 +3,9 @@
 Why: torch runs each CPU op as an OpenMP parallel region that ends in a barrier. The ops of a small
 model take microseconds, so a step is thousands of regions. When another process keeps a core busy,
 one of gradus' threads is descheduled for a time slice now and then, and every barrier waits for it:
-measured here (2 cores, one busy process beside gradus) a DAPO step of the built-in model took 3.5x
-its idle time with 2 threads and 1.0x with one (`bench/contention.py`; the issue that asked for this
-saw 10x under heavier load). Waiting passively (`OMP_WAIT_POLICY=PASSIVE`) cannot help: the barrier
-still waits for the descheduled thread.
+measured here (2 cores, one busy process beside gradus) a DAPO step of the built-in model took 2.9x
+its idle time with 2 threads and 1.0x with one (`bench/contention.py`). Waiting passively
+(`OMP_WAIT_POLICY=PASSIVE`) cannot help: the barrier still waits for the descheduled thread.
 
 What: before each unit of work (a training step, an evaluation, every fifth warm-start step) `pick()`
 reads the kernel's accounting since the last pick: CPU seconds of gradus (its threads and its reward
