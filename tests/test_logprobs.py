@@ -217,6 +217,31 @@ def test_completion_entropy_matches_full_forward(tiny):
     torch.testing.assert_close(entropy, -(logp_all.exp() * logp_all).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_completion_logprobs_call_the_module_so_its_hooks_fire(tiny):
+    # Wrappers (DDP, FSDP2, PEFT) work through hooks and module calls; a hook that changes a layer's
+    # output must change the log-probs exactly as it changes the full forward's, and the model's own
+    # forward pre-hook must see the call. The head never computes [B, S, V] logits.
+    model, _, input_ids, attention_mask, start = tiny
+    calls, head_outputs = [], []
+    def seen(module, args, kwargs):
+        calls.append(kwargs.get("input_ids", args[0] if args else None).shape)
+
+    handles = [model.register_forward_pre_hook(seen, with_kwargs=True),
+               model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out * 1.5),
+               model.lm_head.register_forward_hook(lambda m, a, out: head_outputs.append(a[0].shape))]
+    try:
+        ours = completion_logprobs(model, input_ids, attention_mask, start)
+        ref = naive_completion_logprobs(model, input_ids, attention_mask, start)
+    finally:
+        for h in handles:
+            h.remove()
+    plain = completion_logprobs(model, input_ids, attention_mask, start)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-3  # the hook mattered
+    assert calls[0] == input_ids.shape
+    assert head_outputs[0][1] == 0  # our call: the head got an empty slice of positions
+
+
 def test_completion_logprobs_rejects_softcapping_and_bad_start(tiny):
     model, _, input_ids, attention_mask, _ = tiny
     with pytest.raises(ValueError, match="completion_start"):

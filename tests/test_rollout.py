@@ -260,3 +260,41 @@ def test_unsupported_models_and_bad_arguments():
         engine.generate([[1, 2], []], 1, SamplingParams())
     with pytest.raises(ValueError):
         engine.generate(PROMPTS, 0, SamplingParams())
+
+
+def test_row_uniforms_are_uniform_and_depend_on_key_and_step_only():
+    from gradus.rollout.sampling import row_uniforms
+
+    keys = torch.arange(200_000, dtype=torch.long) * 7919 - 10**12
+    u = row_uniforms(keys, 3)
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+    # chi-square over 100 equal bins: 99 degrees of freedom, mean 99, sd 14; 200 is ~7 sd out
+    counts = torch.histc(u, bins=100, min=0.0, max=1.0)
+    expected = len(u) / 100
+    assert ((counts - expected) ** 2 / expected).sum() < 200
+    # the same (key, step) gives the same number whatever the batch around it; another step another one
+    assert torch.equal(row_uniforms(keys[[5, 2]], 3), u[[5, 2]])
+    assert (row_uniforms(keys[:1000], 4) != u[:1000]).float().mean() > 0.999
+    # consecutive keys and steps are not correlated
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("backend", ["direct", "hf"])
+def test_sampling_is_batch_invariant(backend):
+    # A completion depends on (prompt key, sample index) alone: alone, in another batch, in another order.
+    engine = LocalEngine(tiny_qwen2(), pad_token_id=PAD, eos_token_ids=[3], backend=backend)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10)
+    keys = [101, 202, 303, 404]
+    full = engine.generate(PROMPTS, 3, params, seeds=keys)
+    alone = engine.generate(PROMPTS[2:3], 3, params, seeds=keys[2:3])
+    reversed_ = engine.generate(PROMPTS[::-1], 3, params, seeds=keys[::-1])
+    for j in range(len(PROMPTS)):
+        rows = slice(3 * j, 3 * j + 3)
+        back = slice(3 * (3 - j), 3 * (3 - j) + 3)
+        n = int(full.lengths[rows].max())
+        assert torch.equal(full.completion_ids[rows, :n], reversed_.completion_ids[back, :n])
+    n = int(alone.lengths.max())
+    assert torch.equal(full.completion_ids[6:9, :n], alone.completion_ids[:, :n])
+    assert not torch.equal(full.completion_ids[0], full.completion_ids[1])  # samples of a group differ
+    other = engine.generate(PROMPTS, 3, params, seeds=[k + 1 for k in keys])
+    assert not torch.equal(other.completion_ids, full.completion_ids)

@@ -119,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"gradus: {err}{hint}", file=sys.stderr)
         return 1
     s = result.summary
+    if not s:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print("\n| algo | task | held-out accuracy before | after | steps | wall time |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {s['algo']} | {s['task']} | {s['heldout_accuracy_before']:.3f} | {s['heldout_accuracy_after']:.3f} "

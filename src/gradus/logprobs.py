@@ -24,12 +24,9 @@ there does not matter). The rollout engine uses the same `position_ids_from_mask
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
 
 import torch
-
-if TYPE_CHECKING:  # only for annotations: importing transformers is slow and not needed here
-    from transformers import PreTrainedModel
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -198,24 +195,79 @@ _LOGIT_FEATURES: dict[str, float | None] = {
 }
 
 
-def check_plain_lm_head(model: PreTrainedModel) -> torch.nn.Module:
-    """Return the model's output embedding, or raise ValueError if its logits are not `hidden @ W^T + b`."""
-    config = model.config.get_text_config()
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside the wrappers gradus knows: DDP's `.module`, PEFT's base model. FSDP2's
+    `fully_shard` changes the model's class in place and needs no unwrapping. Only for reading the
+    config and finding modules to hook; every computation calls `model` itself."""
+    inner = model
+    while True:
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model") and hasattr(inner, "peft_config"):
+            inner = inner.get_base_model()
+        else:
+            return inner
+
+
+def check_plain_lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the model's output head, or raise ValueError if its logits are not `hidden @ W^T + b`."""
+    inner = base_model(model)
+    config = inner.config.get_text_config()
     for name, neutral in _LOGIT_FEATURES.items():
         value = getattr(config, name, neutral)
         if value is not None and value != neutral:
             raise ValueError(
-                f"{type(model).__name__} has config.{name}={value!r}: its logits are not a plain "
+                f"{type(inner).__name__} has config.{name}={value!r}: its logits are not a plain "
                 "lm_head(hidden) product, which completion_logprobs computes; not supported"
             )
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"expected the output embedding to be nn.Linear, got {type(head).__name__}")
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # an adapter or quantised layer on the head is not W h + b
+        raise ValueError(f"expected the output head to be a plain nn.Linear, got {type(head).__name__}")
     return head
 
 
+def _keeps_logits_arg(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (HF's, since transformers 4.50)."""
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+
+
+class _HeadAsLogprobs:
+    """Hooks that make the output head return chunked log-probs instead of [B, S, V] logits.
+
+    The pre-hook keeps the head's input (the final hidden states) and hands the head an empty slice,
+    so the full logits are never computed; the forward hook then returns, as the head's output,
+    `token_logprobs` of those hidden states (stacked with the detached entropy). The result leaves the
+    model as its `logits`, so it is part of the module call: wrappers that hook the model's outputs
+    (FSDP2's pre-backward unshard, DDP's reducer) see the loss depend on them as with real logits.
+    """
+
+    def __init__(self, targets: torch.Tensor, seq_len: int, first: int, temperature: float,
+                 chunk_size: int, with_entropy: bool) -> None:
+        self.targets, self.seq_len, self.first = targets, seq_len, first
+        self.temperature, self.chunk_size, self.with_entropy = temperature, chunk_size, with_entropy
+        self.hidden: torch.Tensor | None = None
+
+    def pre(self, module: torch.nn.Module, args: tuple) -> tuple:
+        if not args:
+            raise ValueError("the output head was called without a positional input; cannot compute log-probs")
+        self.hidden = args[0]  # [B, k, H], the last k positions
+        return (args[0][:, :0],) + tuple(args[1:])  # [B, 0, H]: the head computes nothing
+
+    def post(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        offset = self.seq_len - hidden.shape[1]  # column of hidden[:, 0] in the full sequence
+        predicting = hidden[:, self.first - 1 - offset : self.seq_len - 1 - offset]  # [B, L, H]
+        logp, entropy = token_logprobs(
+            predicting, module.weight, self.targets, temperature=self.temperature, chunk_size=self.chunk_size,
+            bias=module.bias, with_entropy=True,
+        ) if self.with_entropy else (token_logprobs(
+            predicting, module.weight, self.targets, temperature=self.temperature, chunk_size=self.chunk_size,
+            bias=module.bias), None)
+        return logp[..., None] if entropy is None else torch.stack([logp, entropy], dim=-1)  # [B, L, 1 or 2]
+
+
 def completion_logprobs(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_start: int,
@@ -228,11 +280,10 @@ def completion_logprobs(
 
     input_ids and attention_mask are [B, S] (prompts left-padded so every completion starts at column
     `completion_start`; completions may be right-padded, their values there are computed and meant to
-    be masked by the caller). Runs the model's decoder once with gradus' position ids (through
-    `gradus.models.lean.decoder_hidden`: the lean forward when the decoder supports it) and applies the
-    lm head only to the hidden states at positions completion_start-1 .. S-2, which predict the
-    completion tokens. Float32; with `with_entropy` also returns the detached entropy (see
-    `token_logprobs`).
+    be masked by the caller). `model` is a HF causal LM, bare or wrapped (DDP, FSDP2, PEFT): it is
+    called once, with gradus' position ids, and hooks on its output head turn the last hidden states
+    at positions completion_start-1 .. S-2 into log-probs in chunks (`token_logprobs`), so no
+    [B, S, V] tensor exists. Float32; with `with_entropy` also returns the detached entropy.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be [B, S]")
@@ -242,15 +293,18 @@ def completion_logprobs(
             f"completion_start must be in [1, {seq_len - 1}] for S={seq_len}, got {completion_start}"
         )
     head = check_plain_lm_head(model)
-    position_ids = position_ids_from_mask(attention_mask)  # [B, S]
-    # Imported here: gradus.models imports transformers, which this module otherwise does not need.
-    from gradus.models.lean import decoder_hidden
-
-    # The lean forward for stock Qwen2/Llama decoders, HF's otherwise (see gradus.models.lean).
-    hidden = decoder_hidden(model.get_decoder(), input_ids, attention_mask, position_ids)  # [B, S, H], final norm
-    predicting = hidden[:, completion_start - 1 : seq_len - 1]  # [B, L, H], L = S - completion_start
-    targets = input_ids[:, completion_start:]  # [B, L]
-    return token_logprobs(
-        predicting, head.weight, targets, temperature=temperature, chunk_size=chunk_size,
-        bias=head.bias, with_entropy=with_entropy,
-    )
+    hooks = _HeadAsLogprobs(input_ids[:, completion_start:], seq_len, completion_start, temperature, chunk_size,
+                            with_entropy)
+    keep = {"logits_to_keep": seq_len - completion_start + 1} if _keeps_logits_arg(model) else {}
+    pre = head.register_forward_pre_hook(hooks.pre)
+    post = head.register_forward_hook(hooks.post)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
+    finally:
+        pre.remove()
+        post.remove()
+    packed = out.logits if hasattr(out, "logits") else out[0]  # [B, L, 1 or 2]
+    if with_entropy:
+        return packed[..., 0], packed[..., 1]
+    return packed[..., 0]

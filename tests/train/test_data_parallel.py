@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gradus import parallel
 from gradus.config import load_config
 from gradus.objectives import group_advantages, masked_whiten
 from gradus.train.generation import collect
@@ -117,7 +118,7 @@ def _trainer_worker(rank: int, init_file: str, overrides: list[str], reward_dir:
     try:
         trainer = Trainer(load_config(overrides=overrides), run_dir=f"{out_dir}/rank{rank}")
         metrics = [trainer.train_step(step) for step in (1, 2, 3)]
-        params = {k: v.detach().clone() for k, v in trainer.policy.named_parameters()}
+        params = {k: v.detach().clone() for k, v in parallel.unwrap_ddp(trainer.policy).named_parameters()}
         torch.save({"params": params, "metrics": metrics}, f"{out_dir}/trainer{rank}.pt")
     finally:
         dist.destroy_process_group()

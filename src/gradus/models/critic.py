@@ -18,8 +18,7 @@ import copy
 import torch
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
-from gradus.logprobs import position_ids_from_mask
-from gradus.models.lean import decoder_hidden
+from gradus.logprobs import base_model, position_ids_from_mask
 
 
 def build_critic(policy: PreTrainedModel) -> PreTrainedModel:
@@ -29,7 +28,7 @@ def build_critic(policy: PreTrainedModel) -> PreTrainedModel:
     config.classifier_dropout = 0.0
     config.architectures = None  # filled in with the token-classification class on save
     critic = AutoModelForTokenClassification.from_config(config)
-    policy_backbone = policy.get_decoder()
+    policy_backbone = base_model(policy).get_decoder()
     critic_backbone = getattr(critic, critic.base_model_prefix)
     # strict=True: the two backbones must be the same module tree, or this is not the policy's network.
     critic_backbone.load_state_dict(policy_backbone.state_dict(), strict=True)
@@ -41,38 +40,18 @@ def build_critic(policy: PreTrainedModel) -> PreTrainedModel:
     return critic.to(device=parameter.device, dtype=parameter.dtype)
 
 
-def _plain_token_head(critic: PreTrainedModel) -> bool:
-    """Whether the critic's logits are exactly score(backbone hidden): a stock HF token-classification
-    model (`dropout` then `score`) whose dropout is inactive (p = 0, as build_critic sets, or eval mode)."""
-    dropout = getattr(critic, "dropout", None)
-    return (
-        type(getattr(critic, "score", None)) is torch.nn.Linear
-        and type(dropout) is torch.nn.Dropout
-        and (dropout.p == 0.0 or not critic.training)
-        and type(critic).__name__.endswith("ForTokenClassification")
-    )
-
-
 def critic_values(
-    critic: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Value estimates per position, [B, S] float32, with gradients when grad is enabled.
 
-    Positions follow gradus' convention (`position_ids_from_mask`), the same as the policy's
-    log-probs, so left-padded rows see the same positions as unpadded ones. Values at padded positions
-    are computed but meaningless; callers mask them.
+    Calls the critic module itself (bare or wrapped by DDP / FSDP2), with gradus' position ids
+    (`position_ids_from_mask`), the same as the policy's log-probs, so left-padded rows see the same
+    positions as unpadded ones. Values at padded positions are computed but meaningless; callers mask them.
     """
-    position_ids = position_ids_from_mask(attention_mask)  # [B, S]
-    if not _plain_token_head(critic):
-        output = critic(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return output.logits.squeeze(-1).float()  # [B, S]
-    # The same computation as critic(...): backbone, dropout (p = 0 or eval: identity), score head; the
-    # backbone through decoder_hidden, i.e. the lean forward when it supports it.
-    backbone = getattr(critic, critic.base_model_prefix)
-    hidden = decoder_hidden(backbone, input_ids, attention_mask, position_ids)  # [B, S, H]
-    return critic.score(hidden).squeeze(-1).float()  # [B, S]
+    output = critic(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return output.logits.squeeze(-1).float()  # [B, S]
 
 
 def completion_values(

@@ -36,16 +36,76 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
+# Config fields whose non-neutral value means layers the fast path does not compute.
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+_ATTENTION_KINDS = {None, "eager", "sdpa"}  # the HF attentions whose maths DirectDecoder reproduces
+
+
+def _wrapper_reason(model: nn.Module) -> str | None:
+    """Why `model` is not a bare HF model: a DDP, FSDP2 or PEFT wrapper, or None."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "the model is wrapped by DistributedDataParallel"
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return "the model is a PEFT model (adapters)"
+    if type(model).__name__.startswith("FSDP") or any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+        return "the model is sharded by FSDP2 (fully_shard)"
+    return None
+
+
+def _module_reason(model: nn.Module) -> str | None:
+    """Why the modules of a stock-looking model are not the ones DirectDecoder reads: hooks, injected
+    layers (LoRA, parametrisations), quantised or mixed-dtype weights; None when they are plain."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or type(model).__name__} has forward hooks"
+        if hasattr(module, "parametrizations"):
+            return f"module {name} has parametrisations"
+    for name, param in model.named_parameters():
+        if type(param) is not nn.Parameter or not param.dtype.is_floating_point:
+            return f"parameter {name} is {type(param).__name__} of {param.dtype} (quantised or sharded)"
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1:
+        return f"the parameters have several dtypes {sorted(map(str, dtypes))}"
+    inner = model.model
+    if type(inner.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
+        return "the embedding or the lm head is not a plain nn.Embedding / nn.Linear"
+    for i, layer in enumerate(inner.layers):
+        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for proj in names:
+                kind = type(getattr(getattr(layer, part), proj, None))
+                if kind is not nn.Linear:
+                    return f"layers.{i}.{part}.{proj} is {kind.__name__}, not nn.Linear (an adapter or injected layer)"
+    return None
+
+
 def direct_unsupported_reason(model: nn.Module) -> str | None:
-    """Why `DirectDecoder` cannot run `model` exactly, or None when it can."""
+    """Why `DirectDecoder` cannot run `model` exactly, or None when it can. It reads the weights of
+    stock dense Llama / Qwen2 layers itself, so anything else is refused: wrapped or hooked modules,
+    adapters, quantised weights, mixture-of-experts layers, other attention or rope variants."""
+    if (reason := _wrapper_reason(model)) is not None:
+        return reason
     prefix = _DIRECT_MODELS.get(type(model).__name__)
     if prefix is None:
         return f"model class {type(model).__name__} is not one of {sorted(_DIRECT_MODELS)}"
     config = model.config
+    if getattr(config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None) is not None:
+        return "the model is quantised"
+    for field in _MOE_FIELDS:
+        if getattr(config, field, None):
+            return f"mixture-of-experts layers (config.{field}={getattr(config, field)!r})"
+    if getattr(config, "_attn_implementation", None) not in _ATTENTION_KINDS:
+        return f"attention implementation {config._attn_implementation!r} is not eager or sdpa"
     if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
         return "sliding-window attention layers"
     if getattr(model.model.rotary_emb, "rope_type", "default") not in _STATIC_ROPE:
         return f"rope type {model.model.rotary_emb.rope_type!r} is not static"
+    partial = getattr(config, "partial_rotary_factor", 1.0)
+    if partial not in (None, 1.0):
+        return f"partial rotary embeddings (partial_rotary_factor={partial})"
     expected = {"layer": "DecoderLayer", "self_attn": "Attention", "mlp": "MLP",
                 "input_layernorm": "RMSNorm", "post_attention_layernorm": "RMSNorm"}
     for layer in model.model.layers:
@@ -55,7 +115,7 @@ def direct_unsupported_reason(model: nn.Module) -> str | None:
                 return f"{name} is {type(module).__name__}, not the stock {prefix + suffix}"
     if type(model.model.norm).__name__ != prefix + "RMSNorm":
         return "final norm is not the stock RMSNorm"
-    return None
+    return _module_reason(model)
 
 
 class HFDecoder:

@@ -25,8 +25,10 @@ class RolloutEngine(Protocol):
         params: SamplingParams,
         *,
         seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
-        """Rows j*n .. j*n+n-1 of the result are the completions of prompts[j]; same seed -> same batch."""
+        """Rows j*n .. j*n+n-1 of the result are the completions of prompts[j]. Completion s of prompts[j]
+        depends only on (seeds[j], s) (or (seed, j, s)), never on the rest of the batch."""
         ...
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:

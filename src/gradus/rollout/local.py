@@ -14,6 +14,7 @@ rounding in the last bits of the logits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 
 from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
-from gradus.rollout.sampling import next_tokens
+from gradus.rollout.sampling import next_tokens, row_keys, row_uniforms
 from gradus.rollout.types import RolloutBatch, SamplingParams
 
 Backend = Literal["auto", "direct", "hf"]
+log = logging.getLogger("gradus.rollout")
+_FALLBACKS_LOGGED: set[str] = set()  # reasons already logged: one line per reason per process
 
 # Dropping rows copies the whole KV cache, so wait until this fraction of the live rows has finished
 # (finished rows still decode meanwhile; their tokens are discarded).
@@ -80,10 +83,16 @@ class LocalEngine:
         return next(self.model.parameters()).device
 
     def uses_direct(self) -> bool:
-        """Whether generate runs the fast `DirectDecoder` (else the model's own forward)."""
-        if self.backend == "auto":
-            return direct_unsupported_reason(self.model) is None
-        return self.backend == "direct"
+        """Whether generate runs the fast `DirectDecoder` (else the model's own forward). With backend
+        "auto", a model the fast path cannot run exactly falls back, and the log says why (once per reason)."""
+        if self.backend != "auto":
+            return self.backend == "direct"
+        reason = direct_unsupported_reason(self.model)
+        if reason is not None and reason not in _FALLBACKS_LOGGED:
+            _FALLBACKS_LOGGED.add(reason)
+            log.warning("rollout: the fast decoder cannot run this model exactly (%s); sampling with the "
+                        "model's own forward", reason)
+        return reason is None
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Copy weights into the engine's model (strict: every key must match)."""
@@ -91,15 +100,27 @@ class LocalEngine:
             self.model.load_state_dict(dict(state_dict), strict=True)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, *,
-                 seed: int | None = None) -> RolloutBatch:
-        """n completions per prompt; rows j*n .. j*n+n-1 belong to prompts[j]. Same seed -> same batch."""
+                 seed: int | None = None, seeds: Sequence[int] | None = None) -> RolloutBatch:
+        """n completions per prompt; rows j*n .. j*n+n-1 belong to prompts[j].
+
+        Randomness is per completion: completion s of prompts[j] draws from a counter-based stream keyed by
+        (seeds[j], s), so it is the same whatever else is in the batch (batch-invariant sampling: the
+        trainer keys prompts by (run seed, step, example index), which no rank or world size changes).
+        Without `seeds`, prompt j's key is (seed, j); without either, the seed is drawn from torch's RNG.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+        if seeds is None:
+            if seed is None:  # draw one from torch's global RNG, so torch.manual_seed still governs it
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            seeds = [seed * 1_000_003 + j for j in range(len(prompts))]
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                batch = self._generate(prompts, n, params, seed)
+                batch = self._generate(prompts, n, params, seeds)
         finally:
             self.model.train(was_training)
         # Inference tensors cannot enter autograd (the trainer embeds completion_ids), so hand back
@@ -107,7 +128,7 @@ class LocalEngine:
         return batch.clone()
 
     def _generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
-                  seed: int | None) -> RolloutBatch:
+                  seeds: Sequence[int]) -> RolloutBatch:
         device = self.device
         T = params.max_new_tokens
         positions = model_positions(self.model)
@@ -118,12 +139,8 @@ class LocalEngine:
                              f"{positions} positions")
         ids, mask = left_pad(prompts, self.pad_token_id, device)  # [N, P] each
         B = ids.shape[0] * n
-        generator = None
-        if not params.greedy:
-            if seed is None:  # draw one from torch's global RNG, so torch.manual_seed still governs it
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed)
+        base = torch.tensor([int(s) & 0x7FFFFFFFFFFFFFFF for s in seeds], dtype=torch.long, device=device)
+        keys = row_keys(base.repeat_interleave(n), torch.arange(n, device=device).repeat(len(prompts)))  # [B]
         decoder = (DirectDecoder if self.uses_direct() else HFDecoder)(self.model, T)
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)  # [E]
 
@@ -137,7 +154,8 @@ class LocalEngine:
         logits = decoder.prefill(ids, mask, n)  # [B, V]
         steps = 0
         while True:
-            tokens, logp = next_tokens(logits, params, generator)  # [R], [R]
+            uniforms = None if params.greedy else row_uniforms(keys[rows], steps)  # [R]
+            tokens, logp = next_tokens(logits, params, uniforms=uniforms)  # [R], [R]
             out_ids[:, steps].index_copy_(0, rows, tokens)
             out_logp[:, steps].index_copy_(0, rows, logp)
             steps += 1

@@ -49,16 +49,55 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _signed(x: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _M1, _M2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic on negative values)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser (Steele, Lea and Flood 2014) on int64 tensors; multiplication wraps mod 2^64."""
+    x = (x ^ _shift_right(x, 30)) * _M1
+    x = (x ^ _shift_right(x, 27)) * _M2
+    return x ^ _shift_right(x, 31)
+
+
+def row_keys(base: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A key per row from a per-prompt key `base` and the sample's index in its group: [B] int64 each."""
+    return mix64(base.long() * _GOLDEN + index.long())
+
+
+def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One U[0, 1) float64 per row, a pure function of (row key, decode step): [B] int64 -> [B].
+
+    Counter-based, like Philox: a completion's random numbers depend only on its key, never on which
+    other rows share the batch, their order, the device or the rank that samples it.
+    """
+    bits = mix64(mix64(keys + _signed((step + 1) * _GOLDEN % (1 << 64))))  # [B]
+    return _shift_right(bits, 11).double() * (1.0 / (1 << 53))  # 53 random bits -> [0, 1)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None,
+                      uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row with probability proportional to probs [B, V] (rows need not sum to 1).
 
     Inverse-CDF sampling: the first token whose cumulative mass exceeds u ~ U[0, total). It is several
     times faster than torch.multinomial on small batches. u is kept strictly below the total, so the
     chosen token always has c[i-1] <= u < c[i], i.e. positive probability (filtered tokens never win).
+    `uniforms` [B] in [0, 1) (from `row_uniforms`) replace the draws from `generator` when given.
     """
     cdf = probs.cumsum(dim=-1)  # [B, V]
     total = cdf[:, -1:]  # [B, 1]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total  # [B, 1]
+    if uniforms is None:
+        uniforms = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)  # [B, 1]
+    u = uniforms.reshape(total.shape).to(cdf.dtype) * total  # [B, 1]
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # [B, 1] guard u*total rounding up
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # [B]
 
@@ -69,12 +108,14 @@ def sample_tokens(filtered_logits: torch.Tensor, generator: torch.Generator | No
 
 
 def next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the next token of every row and its log-prob under the full tempered distribution.
 
     logits: [B, V] (any float dtype; computed in float32). Returns (tokens [B] long, logp [B] float32).
-    Greedy (temperature 0) takes the argmax and reports the log-prob at temperature 1.
+    Greedy (temperature 0) takes the argmax and reports the log-prob at temperature 1. The draw uses
+    `uniforms` [B] when given (see `row_uniforms`), else `generator`.
     """
     logits = logits.float()  # [B, V]
     if params.greedy:
@@ -86,6 +127,6 @@ def next_tokens(
         filtered = top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)  # [B, V]
         # unfiltered: exp(log-probs) are the probabilities already, saving a softmax
         probs = logp_all.exp() if filtered is scaled else filtered.softmax(dim=-1)  # [B, V]
-        tokens = sample_from_probs(probs, generator)  # [B]
+        tokens = sample_from_probs(probs, generator, uniforms)  # [B]
     logp = logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
     return tokens, logp

@@ -41,10 +41,12 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, models: dict[str, tuple[Any, Any]], state: dict[str, Any], keep: int = 2
+    run_dir: Path, step: int, *, models: dict[str, tuple[Any, Any]], state: dict[str, Any], keep: int = 2,
+    writers: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write checkpoint `step-<step>` with each model (and tokenizer, if given) in HF format, then keep
-    only the newest `keep` (at least this one; any newer than it belong to an abandoned history)."""
+    only the newest `keep` (at least this one; any newer than it belong to an abandoned history).
+    `writers`: name -> a function that fills folder `<checkpoint>/<name>` (before the manifest is made)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
@@ -57,6 +59,8 @@ def save_checkpoint(
             model.save_pretrained(tmp / name, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / name)
+        for name, write in (writers or {}).items():
+            write(tmp / name)
         torch.save({**state, "step": step, "rng": capture_rng()}, tmp / "state.pt")
         files = fsync_tree(tmp)
         write_text_synced(tmp / MARKER, json.dumps({"step": step, "files": files}))

@@ -1,7 +1,8 @@
 """Where prompts come from during training: a task's training stream, as token ids.
 
 The data position is one integer (the next example index), so a checkpoint stores it and a
-resumed run continues exactly. Data-parallel rank r of w takes indices r, r + w, r + 2w, ...
+resumed run continues exactly. Data-parallel rank r of w takes indices r, r + w, r + 2w, ...: a step
+of n prompts per rank uses the same n * w examples whatever w is (the global batch).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Prompts:
     examples: list[Example]
     texts: list[str]
     ids: list[list[int]]
+    indices: list[int] | None = None  # each example's index in the task's training stream
 
 
 def prompt_problems(task: Task, tokenizer: Any, examples: list[Example], *, positions: int,
@@ -55,4 +57,6 @@ class PromptSource:
     def next(self, n: int) -> Prompts:
         indices = [(self.position + k) * self.world + self.rank for k in range(n)]
         self.position += n
-        return encode_prompts(self.task, self.tokenizer, [self.task.train_example(i) for i in indices])
+        prompts = encode_prompts(self.task, self.tokenizer, [self.task.train_example(i) for i in indices])
+        prompts.indices = indices
+        return prompts

@@ -17,6 +17,12 @@ from gradus.train.presets import ResolvedAlgo
 from gradus.train.scoring import Scorer, Scores, add_overlong_penalty
 
 
+# Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
+# the others are averaged.
+SUMMED_OVER_RANKS = ("rollout/tokens", "rollout/tokens_per_s", "dapo/groups_kept", "dapo/groups_dropped",
+                     "dapo/batch_short")
+
+
 @dataclass
 class Collected:
     """A scored rollout batch, laid out group by group (G contiguous rows per prompt)."""
@@ -43,7 +49,8 @@ def collect(
     """Sample and score `num_groups` groups; with dynamic sampling, only groups with signal count.
 
     Dynamic sampling draws up to `algo.max_gen_rounds` rounds of `num_groups` prompts each; if the
-    batch is still short after the last round, training goes on with what there is (logged).
+    batch is still short after the last round, training goes on with what there is (logged). `seed`
+    (31 bits) is the step's: completion s of example i is drawn from the stream keyed by (seed, i, s).
     """
     kept: list[tuple[RolloutBatch, list[Example], Scores]] = []
     sampled: list[dict[str, float]] = []  # per round: metrics over every sampled completion
@@ -52,7 +59,8 @@ def collect(
     while have < num_groups and rounds < max_rounds:
         prompts = source.next(num_groups)
         start = time.perf_counter()
-        batch = engine.generate(prompts.ids, group_size, params, seed=seed * 1000 + rounds)
+        # each prompt's randomness is keyed by (step seed, example index): the same on any rank or world size
+        batch = engine.generate(prompts.ids, group_size, params, seeds=[(seed << 32) | i for i in prompts.indices])
         gen_time += time.perf_counter() - start
         tokens += batch.num_completion_tokens
         rounds += 1

@@ -3,12 +3,23 @@ old log-probs, reference log-probs, critic values (step 5 of a training step).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
+from gradus.parallel import equal_pieces
 from gradus.rollout import RolloutBatch
 from gradus.train.update import micro_batches
+
+
+def _pieces(batch: RolloutBatch, token_budget: int) -> Iterator[tuple[torch.Tensor, RolloutBatch, bool]]:
+    """(rows, their trimmed sub-batch, real) per micro-batch; as many on every rank (parallel.equal_pieces)."""
+    pieces = micro_batches(torch.arange(batch.batch_size), batch, token_budget)
+    for micro, real in equal_pieces(pieces, batch.device):
+        idx = micro.to(batch.device)
+        yield idx, batch.select(idx).trim(), real
 
 
 @torch.no_grad()
@@ -17,12 +28,11 @@ def batch_logprobs(
 ) -> torch.Tensor:
     """Log-probs of every completion token under `model`. -> [N, T] float32 (0 past each row's end)"""
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.device)  # [N, T]
-    for micro in micro_batches(torch.arange(batch.batch_size), batch, token_budget):
-        idx = micro.to(batch.device)
-        sub = batch.select(idx).trim()
+    for idx, sub, real in _pieces(batch, token_budget):
         logp = completion_logprobs(model, sub.input_ids, sub.attention_mask, sub.completion_start,
                                    temperature=temperature, chunk_size=chunk_size)  # [m, T']
-        out[idx, : logp.shape[1]] = logp * sub.completion_mask
+        if real:
+            out[idx, : logp.shape[1]] = logp * sub.completion_mask
     return out
 
 
@@ -30,9 +40,8 @@ def batch_logprobs(
 def batch_values(critic: torch.nn.Module, batch: RolloutBatch, *, token_budget: int) -> torch.Tensor:
     """V(state before completion token t) for every row. -> [N, T] float32 (0 past each row's end)"""
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.device)  # [N, T]
-    for micro in micro_batches(torch.arange(batch.batch_size), batch, token_budget):
-        idx = micro.to(batch.device)
-        sub = batch.select(idx).trim()
+    for idx, sub, real in _pieces(batch, token_budget):
         values = completion_values(critic, sub.input_ids, sub.attention_mask, sub.completion_start)  # [m, T']
-        out[idx, : values.shape[1]] = values * sub.completion_mask
+        if real:
+            out[idx, : values.shape[1]] = values * sub.completion_mask
     return out

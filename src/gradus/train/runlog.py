@@ -21,6 +21,22 @@ from gradus.train.durable import DiskFull, is_disk_full, replace_text
 BAR_FIELDS = {"reward/mean": "reward", "eval/accuracy": "acc", "rollout/tokens_per_s": "tok/s"}
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's files)."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunLogger:
     """Writes `metrics.jsonl` and TensorBoard events in the run folder; drives a progress bar."""
 

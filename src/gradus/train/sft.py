@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from gradus.config import SFTConfig
 from gradus.logprobs import completion_logprobs
-from gradus.models.lean import hf_forward_forced
 from gradus.models.loading import ModelLoadError
 from gradus.rollout import RolloutBatch
 from gradus.tasks import Example, Task
@@ -74,12 +73,8 @@ def encode_sft_batch(task: Task, tokenizer: Any, examples: list[Example], device
 
 
 def sft_loss(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 1024) -> torch.Tensor:
-    # The warm start runs the reference HF forward, never the lean one: the built-in model is cached
-    # by its config alone, so its weights must not depend on which forward a gradus version prefers
-    # (the lean forward's gradients differ in rounding, and 300 steps turn that into another model).
-    with hf_forward_forced():
-        logp = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_start,
-                                   chunk_size=chunk_size)  # [B, T]
+    logp = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_start,
+                               chunk_size=chunk_size)  # [B, T]
     mask = batch.completion_mask.to(logp.dtype)
     return -(logp * mask).sum() / mask.sum()
 

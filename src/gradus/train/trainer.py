@@ -13,9 +13,11 @@ denominators are global (see update.py).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +27,31 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from gradus import parallel
 from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
 from gradus.models import build_critic, load_critic, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
+from gradus.parallel.checkpoint import DCP_DIR, load_sharded, save_hf_full, save_sharded
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.threads import governor_for
 from gradus.train import bootstrap
-from gradus.train.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
+from gradus.train.checkpoint import (
+    capture_rng,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_state,
+    restore_rng,
+    save_checkpoint,
+)
 from gradus.train.data import PromptSource
 from gradus.train.durable import DiskFull, replace_text
 from gradus.train.evaluate import evaluate
-from gradus.train.generation import Collected, collect
+from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
 from gradus.train.passes import batch_logprobs, batch_values
 from gradus.train.presets import ResolvedAlgo, resolved_config
-from gradus.train.runlog import RunLogger, read_metrics
+from gradus.train.runlog import NullLogger, RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
 from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, global_min, run_updates
 
@@ -57,8 +68,20 @@ class Trainer:
         self.cfg = cfg
         self.label = label  # the progress bar's title; None: the algorithm's name
         self.algo = validate(cfg)
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.device = bootstrap.resolve_device(cfg.run.device)
+        # under torchrun: join the process group (every rank has validated the config by now)
+        self.layout = parallel.setup(cfg.run.device, cfg.run.dist_timeout_s)
+        try:
+            self._start(cfg, run_dir, resume)
+        except BaseException:
+            parallel.teardown(self.layout)
+            raise
+
+    def _start(self, cfg: TrainConfig, run_dir: Path | None, resume: bool) -> None:
+        self.rank, self.world = self.layout.rank, max(1, dist.get_world_size() if self.layout.distributed else 1)
+        if cfg.rollout.prompts_per_step % self.world:
+            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
+                              f"{self.world} processes: it is the global batch, split evenly over the ranks")
+        self.device = parallel.rank_device(bootstrap.resolve_device(cfg.run.device), self.layout)
         if cfg.model.path:
             bootstrap.check_model_path(cfg.model.path)
         self.task = bootstrap.build_task(cfg)
@@ -89,10 +112,9 @@ class Trainer:
         self._saved = (state["step"], ckpt) if ckpt else None  # (step, folder) of this history's newest save
 
         torch.manual_seed(cfg.run.seed * 1009 + self.rank)
-        self.initial_dir = Path(state.get("initial_model_dir") or bootstrap.initial_model_dir(
-            cfg, progress=cfg.run.progress and self.rank == 0))
-        self.policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir,
-                                                           cfg, self.device)
+        self.initial_dir = Path(state.get("initial_model_dir") or self._initial_dir())
+        policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir, cfg, self.device)
+        self.policy = policy
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
         self.heldout = self.task.heldout(cfg.task.heldout_size)
         if not self.heldout:
@@ -105,8 +127,18 @@ class Trainer:
         if self.algo.uses_critic:
             self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
                            else build_critic(self.policy))
-        self.engine = LocalEngine(self.policy, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_ids=stop_token_ids(self.policy, self.tokenizer))
+        # Data parallel: DDP replicas sample with the bare module (the same tensors); FSDP2 shards the
+        # weights, so sampling uses a full copy that is refreshed after every update (sync_rollout_weights).
+        fsdp2 = self.layout.distributed and cfg.run.parallel == "fsdp2"
+        self.rollout_model = copy.deepcopy(policy) if fsdp2 else None
+        self.policy = parallel.wrap(policy, cfg.run.parallel, self.device)
+        if self.reference is not None:
+            self.reference = parallel.wrap(self.reference, cfg.run.parallel, self.device, trainable=False)
+        if self.critic is not None:
+            self.critic = parallel.wrap(self.critic, cfg.run.parallel, self.device)
+        sampler = self.rollout_model if fsdp2 else parallel.unwrap_ddp(self.policy)
+        self.engine = LocalEngine(sampler, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_ids=stop_token_ids(sampler, self.tokenizer))
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
         self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg, self.algo)
@@ -118,13 +150,38 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         self.eval_before = state.get("eval_before")
         if ckpt:
-            self.actor_opt.optimizer.load_state_dict(state["actor_optimizer"])
-            self.actor_opt.scheduler.load_state_dict(state["actor_scheduler"])
-            if self.critic_opt is not None:
-                self.critic_opt.optimizer.load_state_dict(state["critic_optimizer"])
-                self.critic_opt.scheduler.load_state_dict(state["critic_scheduler"])
-            restore_rng(state["rng"])
-        _save_config_atomically(resolved_config(cfg, self.algo), self.run_dir / "config.yaml")
+            self._restore(ckpt, state)
+        if self.rank == 0:
+            _save_config_atomically(resolved_config(cfg, self.algo), self.run_dir / "config.yaml")
+
+    def _initial_dir(self) -> Path:
+        """The model a fresh run starts from; a warm start of the built-in model is made by rank 0 alone,
+        the other ranks wait for it and then read it from the cache."""
+        progress = self.cfg.run.progress and self.rank == 0
+        if self.rank == 0:
+            path = bootstrap.initial_model_dir(self.cfg, progress=progress)
+        parallel.barrier()
+        return path if self.rank == 0 else bootstrap.initial_model_dir(self.cfg, progress=False)
+
+    def _restore(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """Optimizer, scheduler and RNG state of a checkpoint (the weights are loaded already)."""
+        self.actor_opt.scheduler.load_state_dict(state["actor_scheduler"])
+        if self.critic_opt is not None:
+            self.critic_opt.scheduler.load_state_dict(state["critic_scheduler"])
+        if (ckpt / DCP_DIR).is_dir():  # written by a data-parallel run
+            rng = load_sharded(ckpt, self._sharded_parts())
+            restore_rng(rng if rng is not None else state["rng"])
+            return
+        self.actor_opt.optimizer.load_state_dict(state["actor_optimizer"])
+        if self.critic_opt is not None:
+            self.critic_opt.optimizer.load_state_dict(state["critic_optimizer"])
+        restore_rng(state["rng"])
+
+    def _sharded_parts(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        parts = {"actor": (self.policy, self.actor_opt.optimizer)}
+        if self.critic_opt is not None:
+            parts["critic"] = (self.critic, self.critic_opt.optimizer)
+        return parts
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -135,19 +192,21 @@ class Trainer:
         finally:
             self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
             self.governor.restore()  # the next run in this process starts from the machine's thread count
+            parallel.teardown(self.layout)
 
     def _fit(self) -> RunResult:
         cfg = self.cfg
-        log = RunLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.step, fresh=self.eval_before is None,
-                        progress=cfg.run.progress and self.rank == 0, desc=self.label or self.algo.name)
+        log = NullLogger() if self.rank != 0 else RunLogger(
+            self.run_dir, total_steps=cfg.run.steps, start_step=self.step, fresh=self.eval_before is None,
+            progress=cfg.run.progress, desc=self.label or self.algo.name)
         try:
             with StopSignals() as stop:
                 if self.eval_before is None:
                     self.eval_before = self.evaluate()
                     log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
-                while self.step < cfg.run.steps and not stop.requested:
+                while self.step < cfg.run.steps and not parallel.any_rank(stop.requested):
                     self._step(log)
-                if stop.requested:
+                if parallel.any_rank(stop.requested):
                     ckpt = self.save()
                     message = f"stopped by {stop.name} after step {self.step}, saved in {ckpt}"
                     log.write(message)
@@ -156,7 +215,7 @@ class Trainer:
                 final = self.evaluate()
                 log.log(self.step, {f"eval/{k}": v for k, v in final.items()})
                 self.save()
-                summary = self.write_summary(final)
+                summary = self.write_summary(final) if self.rank == 0 else {}
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -179,6 +238,7 @@ class Trainer:
         self.elapsed += time.perf_counter() - start
         metrics["time/step_seconds"] = time.perf_counter() - start
         metrics["time/elapsed"] = self.elapsed
+        metrics = parallel.combine_over_ranks(metrics, summed=SUMMED_OVER_RANKS)
         if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
         log.log(self.step, metrics)
@@ -192,8 +252,8 @@ class Trainer:
         # 1-3: sample and score (dynamic sampling inside)
         self.policy.eval()
         got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
-                      num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
-                      seed=_mix(cfg.run.seed, step, self.rank))
+                      num_groups=cfg.rollout.prompts_per_step // self.world, group_size=cfg.rollout.group_size,
+                      seed=_mix(cfg.run.seed, step))
         metrics = dict(got.metrics, **{"time/threads": float(threads)})
         # every rank must take the same number of optimizer steps (they all-reduce gradients), so the
         # smallest batch over ranks sets the minibatch count, and if one rank has none, none trains
@@ -215,8 +275,14 @@ class Trainer:
             value_clip=cfg.algo.value_clip,
             train_actor=not (self.algo.uses_critic and step <= cfg.algo.critic_warmup))
         metrics.update(update_metrics)
+        self.sync_rollout_weights()
         self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
         return metrics
+
+    def sync_rollout_weights(self) -> None:
+        """FSDP2: refresh the full copy the engine samples from with the updated (sharded) weights."""
+        if self.rollout_model is not None:
+            self.rollout_model.load_state_dict(parallel.full_state_dict(self.policy, rank0_only=False))
 
     def prepare(self, got: Collected, metrics: dict[str, float], minibatches: int | None = None) -> UpdateInputs:
         """Steps 4-5: advantages, and the log-probs / values the update needs for `minibatches` per epoch
@@ -253,30 +319,49 @@ class Trainer:
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy; under torchrun each rank takes every world-th problem, and the
+        counts are summed over ranks."""
         self.governor.pick()
         self.policy.eval()
-        return evaluate(self.policy, self.tokenizer, self.task, self.heldout,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
+        mine = self.heldout[self.rank :: self.world]
+        got = evaluate(self.engine.model, self.tokenizer, self.task, mine,
+                       max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
+        right, n = parallel.sum_over_ranks([got["accuracy"] * got["n"], got["n"]], self.device)
+        return {**got, "accuracy": round(right) / max(n, 1), "n": int(n)}
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 only). A step this run already saved, or resumed from, is
-        not written again: a step's state is fully determined, and rewriting it would only risk the copy."""
-        if self.rank != 0:
-            return None
+        """Checkpoint the current step. A step this run already saved, or resumed from, is not written
+        again: a step's state is fully determined, and rewriting it would only risk the copy. Under
+        torchrun every rank takes part (sharded optimizer states, gathered weights) and rank 0 writes the
+        checkpoint; the other ranks get None."""
         if self._saved is not None and self._saved[0] == self.step:
             return self._saved[1]
-        models = {"policy": (self.policy, self.tokenizer)}
-        if self.critic is not None:
-            models["critic"] = (self.critic, None)
         state = {"data_position": self.source.position, "bad_streak": self.bad_streak, "elapsed": self.elapsed,
                  "initial_model_dir": str(self.initial_dir), "eval_before": self.eval_before,
-                 "actor_optimizer": self.actor_opt.optimizer.state_dict(),
                  "actor_scheduler": self.actor_opt.scheduler.state_dict()}
         if self.critic_opt is not None:
-            state["critic_optimizer"] = self.critic_opt.optimizer.state_dict()
             state["critic_scheduler"] = self.critic_opt.scheduler.state_dict()
-        path = save_checkpoint(self.run_dir, self.step, models=models, state=state,
-                               keep=self.cfg.run.keep_checkpoints)
+        models, writers = {}, {}
+        if self.layout.distributed:
+            root = checkpoint_dir(self.run_dir)
+            staging = save_sharded(root, self.step, self._sharded_parts(), capture_rng())
+            writers["dcp"] = functools.partial(os.replace, staging)
+            for name, model in (("policy", self.policy), ("critic", self.critic)):
+                if model is not None and (full := parallel.full_state_dict(model, rank0_only=True)):
+                    writers[name] = functools.partial(save_hf_full, parallel.unwrap_ddp(model), full)
+            if "policy" in writers:
+                writers["policy"] = _then(writers["policy"], self.tokenizer.save_pretrained)
+        else:
+            models["policy"] = (self.policy, self.tokenizer)
+            state["actor_optimizer"] = self.actor_opt.optimizer.state_dict()
+            if self.critic is not None:
+                models["critic"] = (self.critic, None)
+                state["critic_optimizer"] = self.critic_opt.optimizer.state_dict()
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.run_dir, self.step, models=models, state=state,
+                                   keep=self.cfg.run.keep_checkpoints, writers=writers)
+        parallel.barrier()
         self._saved = (self.step, path)
         return path
 
@@ -372,6 +457,15 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str, floor: float = 0
     if kind == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
     return 1.0
+
+
+def _then(first: Any, second: Any) -> Any:
+    """A writer that runs `first(folder)` then `second(folder)`."""
+    def both(folder: Path) -> None:
+        first(folder)
+        second(folder)
+
+    return both
 
 
 def _mix(*parts: int) -> int:

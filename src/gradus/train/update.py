@@ -19,9 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gradus import parallel
 from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
 from gradus.objectives import agg_loss, kl_penalty, objective_loss, value_loss
+from gradus.parallel import equal_pieces, gradient_sync
 from gradus.rollout import RolloutBatch
 from gradus.train.presets import ResolvedAlgo
 
@@ -89,6 +91,8 @@ def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
     if flag.item() == 0.0:
         return False
     for model in models:
+        if parallel.is_wrapped(model):  # DDP and FSDP2 reduced the gradients in the last backward
+            continue
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # same layout on every rank, whatever this rank's graph touched
@@ -218,51 +222,18 @@ def _minibatch_step(
     value_counts = agg_counts("token-mean", mask_mb)
     sums: dict[str, float] = defaultdict(float)
     finite = True
-    for micro in micro_batches(rows, inputs.batch, token_budget):
-        idx = micro.to(device)
-        sub = inputs.batch.select(idx).trim()
-        T = sub.completion_ids.shape[1]
-        mask = inputs.loss_mask[idx, :T]  # [m, T]
-        weight = mask.sum().item() / max(mask_mb.sum().item(), 1)  # share of the minibatch's tokens
-        if not train_actor:
-            if not _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums):
-                finite = False
-                break
-            continue
-        logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
-                                            temperature=temperature, chunk_size=chunk_size, with_entropy=True)
-        if inputs.old_logp is None:
-            old = logp.detach()
-            if capture is not None:
-                capture[idx, :T] = old
-        else:
-            old = inputs.old_logp[idx, :T]
-        loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
-                                 else inputs.advantages[idx, :T], mask, **counts)
-        m["pg_loss"] = loss.item()
-        if inputs.ref_logp is not None:
-            # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
-            with torch.set_grad_enabled(algo.kl_coef != 0.0):
-                kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
-                              norm=obj.agg_norm, **counts)
-            if algo.kl_coef != 0.0:
-                loss = loss + algo.kl_coef * kl
-            m["kl_ref"] = kl.item()
-        m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-        if not torch.isfinite(loss):
-            finite = False
-            break
-        loss.backward()
-        for k, v in m.items():
-            merge_metric(sums, f"actor/{k}", v, weight)
-        if critic is not None and not _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts,
-                                                       weight, sums):
-            finite = False
-            break
     models = ([actor] if train_actor else []) + ([critic] if critic is not None else [])
+    # The same number of micro-batches on every rank (FSDP2 gathers weights in each forward); only the
+    # last backward synchronises gradients. A non-finite loss does not stop the loop early: every rank
+    # must make the same calls, and the agreement below skips the step everywhere.
+    pieces = equal_pieces(micro_batches(rows, inputs.batch, token_budget), device)
+    for i, (micro, real) in enumerate(pieces):
+        with gradient_sync([o.model for o in models], enabled=i == len(pieces) - 1):
+            finite &= _micro_step(inputs, micro.to(device), real, mask_mb, actor, algo, counts, value_counts,
+                                  temperature, chunk_size, critic, value_clip, train_actor, capture, sums)
     finite = sync_gradients([o.model for o in models], finite)
-    norms = [torch.nn.utils.clip_grad_norm_(o.model.parameters(), o.grad_clip) for o in models] if finite else []
-    if not finite or not all(math.isfinite(float(x)) for x in norms):
+    norms = [parallel.clip_grad_norm(o.model, o.grad_clip) for o in models] if finite else []
+    if not finite or not all(math.isfinite(x) for x in norms):
         for o in models:
             o.optimizer.zero_grad(set_to_none=True)
         return None
@@ -276,18 +247,62 @@ def _minibatch_step(
     return dict(sums)
 
 
+def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: torch.Tensor, actor: Optim,
+                algo: ResolvedAlgo, counts: dict[str, torch.Tensor], value_counts: dict[str, torch.Tensor],
+                temperature: float, chunk_size: int, critic: Optim | None, value_clip: float | None,
+                train_actor: bool, capture: torch.Tensor | None, sums: dict[str, float]) -> bool:
+    """Forward and backward of one micro-batch (rows `idx`); False if a loss was not finite. A padding
+    micro-batch (real=False, see parallel.equal_pieces) runs with its losses times 0 and no metrics."""
+    obj = algo.objective
+    sub = inputs.batch.select(idx).trim()
+    T = sub.completion_ids.shape[1]
+    mask = inputs.loss_mask[idx, :T]  # [m, T]
+    weight = mask.sum().item() / max(mask_mb.sum().item(), 1) if real else 0.0  # share of the minibatch's tokens
+    if not train_actor:
+        return _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums, real)
+    logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
+                                        temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+    if inputs.old_logp is None:
+        old = logp.detach()
+        if capture is not None and real:
+            capture[idx, :T] = old
+    else:
+        old = inputs.old_logp[idx, :T]
+    loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
+                             else inputs.advantages[idx, :T], mask, **counts)
+    m["pg_loss"] = loss.item()
+    if inputs.ref_logp is not None:
+        # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
+        with torch.set_grad_enabled(algo.kl_coef != 0.0):
+            kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
+                          norm=obj.agg_norm, **counts)
+        if algo.kl_coef != 0.0:
+            loss = loss + algo.kl_coef * kl
+        m["kl_ref"] = kl.item()
+    m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+    finite = bool(torch.isfinite(loss))
+    (loss if real else loss * 0.0).backward()
+    if real and finite:
+        for k, v in m.items():
+            merge_metric(sums, f"actor/{k}", v, weight)
+    if critic is not None:
+        finite &= _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums, real)
+    return finite
+
+
 def _critic_backward(critic: Optim, sub: RolloutBatch, inputs: UpdateInputs, idx: torch.Tensor, mask: torch.Tensor,
                      value_clip: float | None, counts: dict[str, torch.Tensor], weight: float,
-                     sums: dict[str, float]) -> bool:
-    """Clipped value loss of one micro-batch, backward; False if it is not finite."""
+                     sums: dict[str, float], real: bool = True) -> bool:
+    """Clipped value loss of one micro-batch, backward (times 0 for a padding micro-batch); False if it is
+    not finite."""
     T = mask.shape[1]
     values = completion_values(critic.model, sub.input_ids, sub.attention_mask, sub.completion_start)  # [m, T]
     vloss, vm = value_loss(values, inputs.old_values[idx, :T], inputs.returns[idx, :T], mask,
                            clip=value_clip, agg="token-mean", **counts)
-    if not torch.isfinite(vloss):
-        return False
-    vloss.backward()
-    sums["critic/loss"] += vloss.item()
-    for k, v in vm.items():
-        sums[f"critic/{k}"] += v * weight
-    return True
+    finite = bool(torch.isfinite(vloss))
+    (vloss if real else vloss * 0.0).backward()
+    if real and finite:
+        sums["critic/loss"] += vloss.item()
+        for k, v in vm.items():
+            sums[f"critic/{k}"] += v * weight
+    return finite

@@ -1,0 +1,221 @@
+"""Data-parallel training under torchrun: the process group, the DDP / FSDP2 wrappers, and the few
+collectives the trainer needs. Nothing here runs in a single process: every function is the identity
+(or a no-op) when torch.distributed is not initialised, so the single-process trainer is unchanged.
+
+How a data-parallel step stays exact (one process on the whole batch and N processes on 1/N of it take
+the same optimizer step, up to float rounding):
+- the loss of every rank is divided by the global counts (`train.update.agg_counts`), so the SUM of the
+  ranks' gradients is the gradient of the whole batch: DDP gets an all-reduce-sum communication hook and
+  FSDP2 a gradient divide factor of 1 (both average by default);
+- every rank runs the same number of micro-batches (`equal_pieces`), so FSDP2's per-layer all-gathers
+  and the single synchronising backward line up; only the last micro-batch's backward synchronises;
+- whether a step is skipped (a non-finite loss or gradient anywhere) is agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradus.config import ConfigError
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: rank of world, and its rank on its node (its GPU index)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process group was started by gradus (and is ended by it)
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def setup(device_name: str, timeout_s: float) -> Layout:
+    """Join the process group torchrun's environment describes (gloo on CPU, nccl on CUDA), or return
+    the single-process layout. An already initialised group (a test, a user's own launcher) is used as is."""
+    if dist.is_available() and dist.is_initialized():
+        return Layout(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not launched_by_torchrun():
+        return Layout()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if device_name.startswith("cuda:"):
+        raise ConfigError(f"run.device={device_name!r}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                          "set run.device=cuda (or auto)")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device={device_name!r} but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return Layout(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+
+def teardown(layout: Layout) -> None:
+    if layout.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, layout: Layout) -> torch.device:
+    """One device per local rank: cuda:LOCAL_RANK under torchrun, the configured device otherwise."""
+    if layout.distributed and device.type == "cuda":
+        return torch.device("cuda", layout.local_rank)
+    return device
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---- wrapping ---------------------------------------------------------------------------------------
+def _sum_hook(_state, bucket):  # unannotated: DDP checks real annotations, this module has strings
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size, and gradus'
+    losses are already divided by global counts)."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block (the classes HF lists in `_no_split_modules`) and the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ConfigError(f"run.parallel=fsdp2: {type(model).__name__} names no transformer block class "
+                          "(_no_split_modules) to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)  # sum, not mean: see the module docstring
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def wrap(model: nn.Module, kind: str, device: torch.device, *, trainable: bool = True) -> nn.Module:
+    """The model as this run trains (or, trainable=False, evaluates) it: bare in one process; DDP or FSDP2
+    under torchrun. A frozen model under DDP stays bare (a replica needs no gradient sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    if kind == "fsdp2":
+        return shard(model)
+    if not trainable:
+        return model
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,  # no collective in forward (buffers are synced once, at init)
+    )
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the same parameters), or the model itself."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether the wrapper syncs gradients itself (DDP, FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(models: list[nn.Module], enabled: bool) -> Iterator[None]:
+    """Within the block, backward passes accumulate locally (enabled=False) or synchronise (True)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+                stack.enter_context(model.no_sync())
+            elif isinstance(model, FSDPModule):
+                model.set_requires_gradient_sync(enabled)
+                stack.callback(model.set_requires_gradient_sync, True)
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping (over all shards)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Tensor]:
+    """The unsharded weights of a (possibly wrapped) model, keyed as the bare model's state_dict. With
+    rank0_only, other ranks get {} and rank 0 gets CPU tensors (for saving)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_wrapped(model):
+        return model.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    return get_model_state_dict(model, options=options)
+
+
+# ---- collectives ------------------------------------------------------------------------------------
+def global_max(value: int, device: torch.device | str = "cpu") -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    x = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def equal_pieces(pieces: list[torch.Tensor], device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, bool]]:
+    """(rows, real) for each micro-batch, padded to the largest count over ranks by repeating the last
+    piece with real=False (its forward and backward run, weighted 0), so every rank makes the same calls."""
+    count = global_max(len(pieces), device)
+    return [(p, True) for p in pieces] + [(pieces[-1], False)] * (count - len(pieces))
+
+
+def combine_over_ranks(metrics: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each metric over the ranks that report it: summed for the keys in `summed` (counts, throughput),
+    averaged otherwise (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, metrics)
+    keys = dict.fromkeys(k for m in gathered for k in m)
+    total = {k: sum(m[k] for m in gathered if k in m) for k in keys}
+    return {k: v if k in summed else v / sum(k in m for m in gathered) for k, v in total.items()}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (e.g. a stop signal one rank saw first)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    x = torch.tensor([int(flag)])
+    if dist.get_backend() == "nccl":
+        x = x.cuda()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    x = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(x)
+    return x.tolist()

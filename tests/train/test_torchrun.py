@@ -1,0 +1,191 @@
+"""`torchrun -m gradus train` on CPU (gloo), end to end: a 2-rank run (DDP or FSDP2) takes the steps a
+1-process run takes on the same global batch, a killed 2-rank run resumes exactly, and a rank killed
+mid-step ends the whole job at once, named. Each launch is a real torchrun of the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gradus
+
+from .conftest import tiny_overrides
+
+STEPS = 3
+
+
+def _env(reward_dir: Path, **extra: str) -> dict[str, str]:
+    src = str(Path(gradus.__file__).parents[1])
+    path = os.pathsep.join([src, str(reward_dir), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+
+
+def _launch(nproc: int | None, args: list[str], reward_dir: Path, **popen) -> subprocess.Popen:
+    """`torchrun --nproc-per-node N -m gradus train ARGS` (nproc None: `python -m gradus train ARGS`)."""
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+              if nproc else [sys.executable])
+    env = popen.pop("env", None) or _env(reward_dir)
+    return subprocess.Popen([*runner, "-m", "gradus", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def _run(nproc: int | None, args: list[str], reward_dir: Path, timeout: float = 240) -> str:
+    proc = _launch(nproc, args, reward_dir)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _policy(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "policy" / "model.safetensors")
+
+
+def _args(nano_dir: Path, out: Path, name: str, **extra) -> list[str]:
+    return [*tiny_overrides(nano_dir, out, **{"run.steps": STEPS, "run.save_every": 1, "run.name": name,
+                                              "rollout.max_new_tokens": 8,
+                                              "task.rewards": "my_rewards:digits:0.5,numeric_match", **extra})]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rewards")
+    (path / "my_rewards.py").write_text(
+        "def digits(prompts, completions, **fields):\n"
+        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_runs(nano_dir, reward_dir, tmp_path_factory):
+    """One process on the whole global batch, per algorithm (computed once, compared by several tests)."""
+    out = tmp_path_factory.mktemp("single")
+    cache: dict[str, Path] = {}
+
+    def get(algo: str) -> Path:
+        if algo not in cache:
+            _run(None, _args(nano_dir, out, algo, **{"algo.name": algo}), reward_dir)
+            cache[algo] = out / algo
+        return cache[algo]
+
+    return get
+
+
+def _assert_same_policy(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], start: dict[str, torch.Tensor]):
+    assert set(got) == set(want)
+    moved = max(float((want[k] - start[k]).norm() / start[k].norm().clamp(min=1e-12)) for k in want)
+    assert moved > 1e-4, "the runs must really train for their agreement to mean something"
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(want)])  # noqa: E731
+    err = float((flat(got) - flat(want)).norm() / flat(want).norm())
+    assert err < 1e-5, err  # fp32: the whole policy, relative 1e-5
+    for k in want:
+        # per tensor too, except the key biases: their gradient is exactly 0 in exact arithmetic (a bias on
+        # every key adds the same q.b to each score of a softmax row), so it is pure rounding noise, which
+        # Adam's first steps scale up to lr-sized moves in either direction
+        if not k.endswith("k_proj.bias"):
+            err = float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-12))
+            assert err < 1e-5, (k, err)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(algo, parallel, nano_dir, reward_dir,
+                                                                  single_runs, tmp_path):
+    name = f"{algo}-{parallel}"
+    out = _run(2, _args(nano_dir, tmp_path, name, **{"algo.name": algo, "run.parallel": parallel}), reward_dir)
+    run = tmp_path / name
+    assert "| " + algo in out  # rank 0 printed the summary table, once
+    assert out.count("run folder:") == 1
+    single = single_runs(algo)
+    # batch-invariant sampling: the two ranks drew exactly the completions the single process drew
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    single_lines = (single / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    for a, b in zip(lines[1:-1], single_lines[1:-1], strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a["rollout/length_mean"] == b["rollout/length_mean"] and a["rollout/tokens"] == b["rollout/tokens"]
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+    _assert_same_policy(_policy(run), _policy(single), load_file(nano_dir / "model.safetensors"))
+    # the policy is a plain HF checkpoint: transformers alone loads it
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / f"step-{STEPS:06d}" / "policy")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    if algo == "ppo":
+        assert (run / "checkpoints" / f"step-{STEPS:06d}" / "critic" / "config.json").is_file()
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_killed_two_rank_run_resumes_exactly(parallel, nano_dir, reward_dir, tmp_path):
+    args = _args(nano_dir, tmp_path, "straight", **{"run.parallel": parallel})
+    _run(2, args, reward_dir)
+    killed = _args(nano_dir, tmp_path, "killed", **{"run.parallel": parallel})
+    proc = _launch(2, killed, reward_dir)
+    marker = tmp_path / "killed" / "checkpoints" / "step-000001" / "COMPLETE"
+    _wait_for(marker.is_file, proc, 240)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once, wherever they are
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    _run(2, ["--resume", str(tmp_path / "killed")], reward_dir)
+    got, want = _policy(tmp_path / "killed"), _policy(tmp_path / "straight")
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def _pids_with(marker: str, rank: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"GRADUS_TEST_MARK={marker}".encode() in env and f"RANK={rank}".encode() in env:
+                found.append(int(entry.name))
+    # the rank itself, not its reward workers (children that inherit its environment)
+    return [pid for pid in found if _parent(pid) not in found]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_rank_killed_mid_step_ends_the_job_at_once_and_is_named(nano_dir, reward_dir, tmp_path):
+    marker = uuid.uuid4().hex
+    args = _args(nano_dir, tmp_path, "dies", **{"run.steps": 500, "run.save_every": 0, "run.dist_timeout_s": 60})
+    proc = _launch(2, args, reward_dir, env=_env(reward_dir, GRADUS_TEST_MARK=marker))
+    metrics = tmp_path / "dies" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc, 240)
+    victims = _pids_with(marker, "1")
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    out, _ = proc.communicate(timeout=90)
+    took = time.monotonic() - killed_at
+    assert proc.returncode != 0
+    assert took < 45, f"the job took {took:.0f} s to end after a rank died"
+    assert "rank      : 1" in out and "SIGKILL" in out, out[-3000:]  # torchrun's report names the rank
+    assert not _pids_with(marker, "0"), "rank 0 outlived the job"
