@@ -13,8 +13,9 @@ import yaml
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+from gradus.objectives import ALGORITHMS
 from gradus.train import bootstrap, sft
-from gradus.train.presets import ALGO_DEFAULTS, resolve_algo
+from gradus.train.presets import resolve_algo
 from gradus.train.trainer import Trainer, resume_config
 
 
@@ -163,7 +164,7 @@ def test_help_config_shows_defaults_and_the_presets_values(capsys):
 
 # ---- the saved config is the resolved one ---------------------------------------------------------
 
-@pytest.mark.parametrize("algo", list(ALGO_DEFAULTS))
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
     from gradus.config import save_config
     from gradus.train.presets import resolved_config
