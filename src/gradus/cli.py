@@ -165,9 +165,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = bootstrap.build_task(cfg)
     n = args.n or cfg.task.heldout_size
     bootstrap.check_positions(cfg, task, task.heldout(n))
+    bootstrap.heldout_set(task, n)  # before loading the model: the check above may have dropped every row
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
-    heldout = task.heldout(n)
+    heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,

@@ -58,11 +58,7 @@ class Trainer:
         self.label = label  # the progress bar's title; None: the algorithm's name
         self.algo = validate(cfg)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.device = bootstrap.resolve_device(cfg.run.device)
-        if cfg.model.path:
-            bootstrap.check_model_path(cfg.model.path)
-        self.task = bootstrap.build_task(cfg)
-        bootstrap.check_positions(cfg, self.task, self.task.heldout(cfg.task.heldout_size))  # before any warm start
+        self.device, self.task = bootstrap.preflight(cfg)  # before any warm start
         specs = parse_reward_specs(cfg.task.rewards, self.task)
         try:
             self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,
@@ -94,9 +90,7 @@ class Trainer:
         self.policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir,
                                                            cfg, self.device)
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
-        self.heldout = self.task.heldout(cfg.task.heldout_size)
-        if not self.heldout:
-            raise ConfigError("task: the held-out set is empty")
+        self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         self.reference = None
         if self.algo.needs_reference:
             self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
