@@ -2,7 +2,8 @@
 
 1-3. sample G completions for a batch of prompts and score them (DAPO: dynamic sampling)
 4.   advantages: group-normalised (GRPO family) or GAE from the critic (PPO)
-5.   old log-probs (skipped when the update is exactly on-policy), reference log-probs (KL only)
+5.   old log-probs (skipped when the update is exactly on-policy, except for PPO's KL reward),
+     reference log-probs (KL only)
 6.   actor (and critic) updates with the chosen objective
 7.   metrics, evaluation, checkpoint
 
@@ -232,18 +233,24 @@ class Trainer:
                                           total=global_count)  # [N]
             metrics["adv/abs_mean"] = advantages.abs().mean().item()
             return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp)
-        # PPO: per-token KL penalty in the reward, GAE from the critic's values
+        # PPO: per-token KL penalty in the reward, GAE from the critic's values. The penalty needs log pi_old
+        # before the advantages, so before the update: a no-grad pass even with one minibatch (the update's
+        # first forward cannot serve, its loss needs these advantages). With kl_coef 0 (algo.monitor_kl) the
+        # KL is only a metric, which the update measures on its own forwards, as for every algorithm.
         values = batch_values(self.critic, batch, token_budget=cfg.optim.token_budget)  # [N, T]
-        kl = kl_penalty(old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes),
-                        ref_logp, algo.kl_estimator) if ref_logp is not None else None
+        kl = None
+        if ref_logp is not None and algo.kl_coef != 0.0:
+            old = old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes)  # [N, T]
+            kl = kl_penalty(old, ref_logp, algo.kl_estimator)  # [N, T]
         token_rewards = outcome_token_rewards(rewards, loss_mask, kl, algo.kl_coef)  # [N, T]
         advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
                                   total=global_count)  # whitened over the batch of every rank
         metrics["critic/value_mean_rollout"] = (values * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
         if kl is not None:
             metrics["actor/kl_ref_reward"] = (kl * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
-        # the KL is in the reward for PPO, so the loss gets no KL term
-        return UpdateInputs(batch, loss_mask, advantages, old_logp, None, old_values=values, returns=returns)
+        # a KL in the reward is not also a term of the loss; a monitored one goes to the update to be measured
+        monitored = ref_logp if algo.kl_coef == 0.0 else None
+        return UpdateInputs(batch, loss_mask, advantages, old_logp, monitored, old_values=values, returns=returns)
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
