@@ -20,7 +20,7 @@ from typing import NoReturn
 from gradus import __version__
 from gradus.config import ConfigError, TrainConfig, help_text, load_config
 from gradus.config_checks import validate
-from gradus.objectives import PRESETS
+from gradus.objectives import ALGORITHMS
 from gradus.threads import governor_for
 
 # flag -> config key
@@ -82,15 +82,15 @@ def _help_config() -> str:
 
 def _algos_table() -> str:
     """Each preset's settings side by side, one row per setting."""
-    from gradus.train.presets import ALGO_DEFAULTS, describe, resolve_algo
+    from gradus.train.presets import describe, resolve_algo
 
     rows: dict[str, dict[str, str]] = {}
-    for name in ALGO_DEFAULTS:
+    for name in ALGORITHMS:
         for key, value in describe(resolve_algo(load_config(overrides=[f"algo.name={name}"]))).items():
             rows.setdefault(key, {})[name] = str(value)
-    lines = ["| setting | " + " | ".join(ALGO_DEFAULTS) + " |", "|" + " --- |" * (len(ALGO_DEFAULTS) + 1)]
+    lines = ["| setting | " + " | ".join(ALGORITHMS) + " |", "|" + " --- |" * (len(ALGORITHMS) + 1)]
     for key, by_algo in rows.items():
-        lines.append(f"| {key} | " + " | ".join(by_algo.get(a, "-") for a in ALGO_DEFAULTS) + " |")
+        lines.append(f"| {key} | " + " | ".join(by_algo.get(a, "-") for a in ALGORITHMS) + " |")
     return "\n".join(lines)
 
 
@@ -167,9 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = bootstrap.build_task(cfg)
     n = args.n or cfg.task.heldout_size
     bootstrap.check_positions(cfg, task, task.heldout(n))
+    bootstrap.heldout_set(task, n)  # before loading the model: the check above may have dropped every row
     model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
-    heldout = task.heldout(n)
+    heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()
     result = evaluate(model, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
@@ -265,7 +266,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("algos", help="print every algorithm preset's settings side by side")
     demo = sub.add_parser("demo", help="train a toy policy with each objective (no model needed)")
-    demo.add_argument("--algos", default=",".join(PRESETS), help="comma-separated presets (default: all)")
+    demo.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated algorithms (default: all)")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="steps per preset (default %(default)s)")
     return parser, sub.choices
 

@@ -160,8 +160,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = spec("grpo", choices="gradus.train.presets:ALGO_DEFAULTS")
-    """Algorithm preset: ppo, grpo, dapo, gspo, gspo_token, sapo, dr_grpo, cispo."""
+    name: str = spec("grpo", choices="gradus.objectives.presets:ALGORITHMS")
+    """Algorithm: a key of gradus.objectives.ALGORITHMS (`gradus algos` shows their settings)."""
     clip_low: float | None = spec(None, gt=0, le=1)
     """Lower clip epsilon; None: the preset's."""
     clip_high: float | None = spec(None, gt=0)
@@ -178,11 +178,11 @@ class AlgoConfig:
     """Constant of seq-mean-token-sum-norm; None: max_new_tokens."""
     kl_coef: float | None = spec(None, ge=0)
     """KL coefficient (in the loss; in the reward for PPO); None: the preset's. 0 loads no reference."""
-    kl_estimator: str | None = spec(None, choices=("k1", "k2", "k3"))
+    kl_estimator: str | None = spec(None, choices="gradus.objectives.kl:KL_ESTIMATORS")
     """KL estimator: k1, k2 or k3; None: the preset's (k1 in PPO's reward, k3 in the others' loss)."""
     monitor_kl: bool = spec(False)
     """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
-    adv_scale: str | None = spec(None, choices=("group", "batch", "none"))
+    adv_scale: str | None = spec(None, choices="gradus.objectives.advantages:ADV_SCALES")
     """Group advantage scaling: group, batch or none; None: the preset's."""
     dynamic_sampling: bool | None = spec(None)
     """DAPO dynamic sampling; None: the preset's."""

@@ -7,8 +7,9 @@
 3. The rules that tie fields together (minibatches divide the batch, groups of two or more, ...).
 4. The reward list parsed, its weights finite.
 
-What needs the model (prompt + completion within its positions) is checked in
-`gradus.train.bootstrap.check_positions`, right after the model's config is read.
+What needs the machine, the model's config.json or the task's data (the device exists, prompt +
+completion fit the model's positions, a held-out set is left) is checked next, still before any work,
+by `gradus.train.bootstrap.preflight`.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import yaml
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+from gradus.objectives import ALGORITHMS
 from gradus.train import bootstrap, sft
-from gradus.train.presets import ALGO_DEFAULTS, resolve_algo
+from gradus.train.presets import resolve_algo
 from gradus.train.trainer import Trainer, resume_config
 
 
@@ -103,6 +104,55 @@ def test_completion_past_a_user_models_positions_is_refused_before_loading_it(tm
     assert "32 positions" in err
 
 
+@pytest.mark.parametrize(("device", "cuda_devices", "words"), [
+    ("mps", 0, "MPS is not available"),
+    ("cuda:3", 1, "1 CUDA device(s)"),  # was: a traceback from the first .to(device), after the run folder
+])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(device, cuda_devices, words, tmp_path, capsys,
+                                                                monkeypatch, no_work):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if cuda_devices:  # pretend to be a one-GPU machine
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    _refused(["train", f"run.device={device}", f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"],
+             capsys, "run.device", words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_compare_checks_the_task_data_before_the_first_run(tmp_path, capsys, no_work):
+    _refused(["compare", "--algos", "grpo,dapo", "--out", str(tmp_path / "cmp"), "task.name=file",
+              f"task.data_file={tmp_path / 'missing.jsonl'}"], capsys, "missing.jsonl")
+    assert not (tmp_path / "cmp").exists()  # was: every run failed in turn, then an empty report
+
+
+def _long_heldout_file(tmp_path):
+    """Five distinct prompts hold out one, a long one (the split is seeded): skipping the rows too long for a
+    model of 512 positions or fewer leaves one to train on and none to evaluate on."""
+    rows = [{"question": "long " * 120 + str(i), "answer": str(i)} for i in range(4)] + [{"question": "0+0",
+                                                                                          "answer": "0"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
+def test_a_file_whose_heldout_rows_are_all_skipped_is_refused_before_the_warm_start(tmp_path, capsys, no_work):
+    _refused(["train", "--data", str(_long_heldout_file(tmp_path)), "task.on_error=skip",
+              f"run.out_dir={tmp_path / 'runs'}", f"run.cache_dir={tmp_path}"],
+             capsys, "the held-out set is empty", "0 held out")  # was: after the warm start and the model load
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_an_empty_heldout_set_is_refused_before_loading_the_model(tmp_path, capsys, no_work):
+    tokenizer = build_char_tokenizer()
+    model = save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, max_positions=64), tokenizer,
+                            tmp_path / "model")
+    _refused(["eval", "--model", str(model), "--data", str(_long_heldout_file(tmp_path)), "task.on_error=skip"],
+             capsys, "the held-out set is empty")  # was: n=0 accuracy=0.000 after loading the model
+
+
 @pytest.mark.parametrize("override", ["run.steps=inf", "run.steps=1e400"])
 def test_an_infinite_count_is_a_config_error_not_a_traceback(override, capsys, no_work):
     _refused(["train", override], capsys, "run.steps must be int")
@@ -163,7 +213,7 @@ def test_help_config_shows_defaults_and_the_presets_values(capsys):
 
 # ---- the saved config is the resolved one ---------------------------------------------------------
 
-@pytest.mark.parametrize("algo", list(ALGO_DEFAULTS))
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
     from gradus.config import save_config
     from gradus.train.presets import resolved_config

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 
 from gradus.config import ConfigError, all_keys, field_doc, load_config
-from gradus.train.presets import ALGO_DEFAULTS, resolve_algo
+from gradus.objectives import ALGORITHMS
+from gradus.train.presets import resolve_algo
 from gradus.train.trainer import validate
 
 
@@ -62,7 +65,7 @@ def test_presets_papers_defaults():
     assert resolve_algo(load_config(overrides=["algo.name=ppo", "algo.kl_estimator=k3"])).kl_estimator == "k3"
     dr = resolve_algo(load_config(overrides=["algo.name=dr_grpo", "rollout.max_new_tokens=32"]))
     assert dr.adv_scale == "none" and dr.objective.agg_norm == 32.0
-    assert set(ALGO_DEFAULTS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}
+    assert set(ALGORITHMS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}
 
 
 def test_every_field_declares_its_valid_values():
@@ -85,3 +88,34 @@ def test_a_fields_rule_accepts_and_refuses(key, good, bad):
 
     assert allowed(key).problem(good) is None
     assert allowed(key).problem(bad) is not None
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_every_registry_entry_resolves_to_its_objective_and_trainer_defaults(name):
+    """One entry per algorithm is the only table: resolving a config by its name gives that entry's
+    loss and that entry's trainer defaults, and nothing else is needed."""
+    entry = ALGORITHMS[name]
+    algo = resolve_algo(load_config(overrides=[f"algo.name={name}", "rollout.max_new_tokens=12"]))
+    expected = entry.objective
+    if name == "dr_grpo":  # its constant norm is the trainer's: rollout.max_new_tokens
+        expected = dataclasses.replace(expected, agg_norm=12.0)
+    assert algo.objective == expected
+    t = entry.trainer
+    assert (algo.kl_coef, algo.kl_estimator, algo.adv_scale) == (t.kl_coef, t.kl_estimator, t.adv_scale)
+    assert (algo.dynamic_sampling, algo.overlong_shaping) == (t.dynamic_sampling, t.overlong_shaping)
+    assert (algo.epochs, algo.minibatches) == (t.epochs, t.minibatches)
+    assert algo.uses_critic == algo.kl_in_reward == entry.uses_critic
+
+
+def test_the_algorithm_names_everywhere_are_the_registrys(capsys):
+    from gradus.cli import main
+    from gradus.compare import DEFAULT_ALGOS
+    from gradus.config import allowed
+
+    assert allowed("algo.name").options() == tuple(ALGORITHMS)  # what `gradus train --algo X` accepts
+    assert main(["algos"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == list(ALGORITHMS)
+    assert set(DEFAULT_ALGOS) <= set(ALGORITHMS)
+    with pytest.raises(ConfigError, match="algo.name must be one of " + ", ".join(ALGORITHMS)):
+        validate(load_config(overrides=["algo.name=trpo"]))

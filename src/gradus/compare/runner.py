@@ -90,7 +90,9 @@ def load_plan(out: Path) -> ComparePlan:
 
 
 def validate_plan(plan: ComparePlan, out: Path) -> None:
-    """Every run's config is checked before any training, so a typo fails at once."""
+    """Every run's config is checked before any training, so a typo fails at once; so are the device, the
+    model folder and the task's data, which every run shares."""
+    from gradus.train.bootstrap import preflight
     from gradus.train.trainer import validate
 
     if not plan.algos:
@@ -101,8 +103,10 @@ def validate_plan(plan: ComparePlan, out: Path) -> None:
         raise ConfigError(f"--seeds must be >= 1, got {plan.seeds}")
     if plan.target is not None and not 0 < plan.target <= 1:
         raise ConfigError(f"--target is a held-out accuracy in (0, 1], got {plan.target}")
-    for algo, seed, name in plan.run_names():
-        validate(plan.config(out, algo, seed, name))
+    configs = [plan.config(out, algo, seed, name) for algo, seed, name in plan.run_names()]
+    for cfg in configs:
+        validate(cfg)
+    preflight(configs[0])  # the runs differ only in algo.name and run.seed
 
 
 def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,

@@ -15,7 +15,16 @@ from gradus.objectives.advantages import (
 from gradus.objectives.aggregation import AGG_MODES, agg_loss
 from gradus.objectives.kl import KL_ESTIMATORS, kl_penalty
 from gradus.objectives.policy import objective_loss, policy_loss
-from gradus.objectives.presets import PRESETS, PolicyObjective, resolve_objective, valid_knobs
+from gradus.objectives.presets import (
+    ALGORITHMS,
+    KNOBS_BY_TRUST,
+    PRESETS,
+    Algorithm,
+    PolicyObjective,
+    TrainerDefaults,
+    resolve_objective,
+    valid_knobs,
+)
 from gradus.objectives.sequence import perplexity, sequence_log_ratio
 from gradus.objectives.shaping import dynamic_sampling_keep, overlong_penalty
 from gradus.objectives.value import value_loss
@@ -23,9 +32,13 @@ from gradus.objectives.value import value_loss
 __all__ = [
     "ADV_SCALES",
     "AGG_MODES",
+    "ALGORITHMS",
     "KL_ESTIMATORS",
+    "KNOBS_BY_TRUST",
     "PRESETS",
+    "Algorithm",
     "PolicyObjective",
+    "TrainerDefaults",
     "agg_loss",
     "dynamic_sampling_keep",
     "gae",

@@ -1,6 +1,7 @@
-"""The policy-objective presets: one named setting of knobs per algorithm of the ladder.
+"""The registry of algorithms: one entry per algorithm of the ladder, holding its loss preset and
+the trainer's defaults around that loss, so adding an algorithm is one entry here.
 
-A preset fixes three structural choices (which importance ratio, which trust region, which
+The loss preset fixes three structural choices (which importance ratio, which trust region, which
 aggregation) and the defaults of its knobs, taken from the papers (see ../shared/seed/NOTES.md):
 
 | algo       | ratio             | trust region         | default agg             | defaults                  |
@@ -14,8 +15,27 @@ aggregation) and the defaults of its knobs, taken from the papers (see ../shared
 | dr_grpo    | token             | clip                 | seq-mean-token-sum-norm | eps 0.2, constant norm    |
 | cispo      | token             | sg[clip(r)] A log pi | token-mean              | no lower bound, r <= 5    |
 
+The trainer's defaults (applied to a config by gradus.train.presets): the KL coefficient and
+estimator (GRPO keeps a k3 term in the loss; PPO puts a per-token k1 penalty in the reward and
+learns a critic; the later papers drop the KL), how advantages are scaled, DAPO's data operations,
+and how many optimizer passes each rollout batch gets:
+
+| algo       | kl_coef | kl_estimator | advantages        | epochs x minibatches | data operations                    |
+| ---------- | ------- | ------------ | ----------------- | -------------------- | ---------------------------------- |
+| ppo        | 0.02    | k1           | GAE from a critic | 2 x 1                | -                                  |
+| grpo       | 0.04    | k3           | group             | 1 x 1                | -                                  |
+| dapo       | 0       | k3           | group             | 1 x 1                | dynamic sampling, overlong shaping |
+| gspo       | 0       | k3           | group             | 1 x 1                | -                                  |
+| gspo_token | 0       | k3           | group             | 1 x 1                | -                                  |
+| sapo       | 0       | k3           | group             | 1 x 1                | -                                  |
+| dr_grpo    | 0       | k3           | none              | 1 x 1                | -                                  |
+| cispo      | 0       | k3           | group             | 1 x 1                | -                                  |
+
+(advantages: `group` divides by the group's std, `none` only centres it, Dr. GRPO's point.)
+
 Only the knobs that mean something for a preset are accepted for it: an override of any other
-knob is an error, never silently ignored.
+knob is an error, never silently ignored. This module is data and maths only: it knows nothing of
+the config or the trainer.
 """
 
 from __future__ import annotations
@@ -56,21 +76,67 @@ KNOBS_BY_TRUST: dict[str, tuple[str, ...]] = {
     "cispo": ("clip_low", "clip_high", "agg", "agg_norm"),
 }
 
-PRESETS: dict[str, PolicyObjective] = {
-    "ppo": PolicyObjective("ppo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.2),
-    "grpo": PolicyObjective("grpo", "token", "clip", "seq-mean-token-mean", clip_low=0.2, clip_high=0.2),
-    "dapo": PolicyObjective("dapo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.28),
-    "gspo": PolicyObjective("gspo", "sequence", "clip", "seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4),
-    "gspo_token": PolicyObjective(
-        "gspo_token", "sequence_token", "clip", "seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4
-    ),
-    "sapo": PolicyObjective("sapo", "token", "gate", "seq-mean-token-mean", tau_pos=1.0, tau_neg=1.05),
-    "dr_grpo": PolicyObjective(
-        "dr_grpo", "token", "clip", "seq-mean-token-sum-norm", clip_low=0.2, clip_high=0.2
-    ),
+@dataclass(frozen=True)
+class TrainerDefaults:
+    """What an algorithm does around its loss, as its paper sets it (a config may override each)."""
+
+    kl_coef: float  # 0: no reference model is loaded
+    adv_scale: str | None  # one of ADV_SCALES; None: GAE from a learned critic (PPO)
+    kl_estimator: str = "k3"  # GRPO's unbiased, non-negative k3 in the loss
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
+    overlong_shaping: bool = False  # DAPO: soft punishment of completions near the length limit
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per pass
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One registry entry: an algorithm's loss preset and its trainer defaults."""
+
+    objective: PolicyObjective
+    trainer: TrainerDefaults
+
+    @property
+    def name(self) -> str:
+        return self.objective.algo
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.trainer.adv_scale is None
+
+
+def _registry(*algos: Algorithm) -> dict[str, Algorithm]:
+    return {a.name: a for a in algos}
+
+
+ALGORITHMS: dict[str, Algorithm] = _registry(
+    # NOTES: PPO makes "several epochs over each rollout batch"; two, over one minibatch (the first
+    # epoch's own log-probs are the old ones for the second). Its per-token reward is
+    # -beta * (log pi - log pi_ref): the k1 estimator.
+    Algorithm(PolicyObjective("ppo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.2),
+              TrainerDefaults(kl_coef=0.02, adv_scale=None, kl_estimator="k1", epochs=2)),
+    Algorithm(PolicyObjective("grpo", "token", "clip", "seq-mean-token-mean", clip_low=0.2, clip_high=0.2),
+              TrainerDefaults(kl_coef=0.04, adv_scale="group")),
+    Algorithm(PolicyObjective("dapo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.28),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True)),
+    Algorithm(PolicyObjective("gspo", "sequence", "clip", "seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+    Algorithm(PolicyObjective("gspo_token", "sequence_token", "clip", "seq-mean-token-mean", clip_low=3e-4,
+                              clip_high=4e-4),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+    Algorithm(PolicyObjective("sapo", "token", "gate", "seq-mean-token-mean", tau_pos=1.0, tau_neg=1.05),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+    # Dr. GRPO: advantages centred, not divided by the group std; a constant norm (the trainer sets
+    # it to rollout.max_new_tokens) instead of each sequence's length.
+    Algorithm(PolicyObjective("dr_grpo", "token", "clip", "seq-mean-token-sum-norm", clip_low=0.2, clip_high=0.2),
+              TrainerDefaults(kl_coef=0.0, adv_scale="none")),
     # MiniMax-M1 (CISPO): the weight is clipped above only; 1 + 4.0 caps r at 5.
-    "cispo": PolicyObjective("cispo", "token", "cispo", "token-mean", clip_low=None, clip_high=4.0),
-}
+    Algorithm(PolicyObjective("cispo", "token", "cispo", "token-mean", clip_low=None, clip_high=4.0),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+)
+
+# The loss presets alone, by name: a view of ALGORITHMS, never a second table.
+PRESETS: dict[str, PolicyObjective] = {name: a.objective for name, a in ALGORITHMS.items()}
 
 
 def valid_knobs(algo: str) -> tuple[str, ...]:
@@ -97,9 +163,9 @@ def resolve_objective(algo: str, **overrides: float | str | None) -> PolicyObjec
 
 
 def _preset(algo: str) -> PolicyObjective:
-    if algo not in PRESETS:
-        raise ValueError(f"unknown algo {algo!r}; valid algos: {', '.join(PRESETS)}")
-    return PRESETS[algo]
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algo {algo!r}; valid algos: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[algo].objective
 
 
 def _validate(obj: PolicyObjective) -> None:

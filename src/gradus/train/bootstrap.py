@@ -34,6 +34,19 @@ SFT_CACHE_VERSION = 1
 _CHAR_TOKENIZER_V1 = "aa90672ff7fbfb15"
 
 
+def preflight(cfg: TrainConfig) -> tuple[torch.device, Task]:
+    """The checks `gradus.config_checks.validate` cannot make, because they read the machine, the model's
+    config.json or the task's data; no model is loaded. Run after `validate`, before any work (warm start,
+    model load, run folder). Returns the device and the task (with any rows task.on_error=skip dropped)."""
+    device = resolve_device(cfg.run.device)
+    if cfg.model.path:
+        check_model_path(cfg.model.path)
+    task = build_task(cfg)
+    check_positions(cfg, task, task.heldout(cfg.task.heldout_size))
+    heldout_set(task, cfg.task.heldout_size)  # check_positions may have dropped every held-out row
+    return device, task
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -45,6 +58,11 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"run.device: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device={name!r} but MPS is not available on this machine")
     return device
 
 
@@ -93,6 +111,16 @@ def _check_file_rows(task: FileTask, tokenizer: Any, positions: int, new: int) -
         raise ConfigError(f"task: {err} (shorten them, or set task.on_error=skip to leave them out)") from err
     if dropped and _is_rank_zero():
         print(f"gradus: {task.split_note}", file=sys.stderr, flush=True)
+
+
+def heldout_set(task: Task, n: int) -> list[Any]:
+    """The task's first `n` held-out problems; a ConfigError when there are none (e.g. task.on_error=skip
+    dropped every held-out row of a file): a run never trains, nor eval reports, without a measure."""
+    heldout = task.heldout(n)
+    if not heldout:
+        note = getattr(task, "split_note", None)
+        raise ConfigError(f"task: the held-out set is empty{f' ({note})' if note else ''}")
+    return heldout
 
 
 def _is_rank_zero() -> bool:

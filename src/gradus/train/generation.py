@@ -16,7 +16,6 @@ from gradus.train.data import PromptSource
 from gradus.train.presets import ResolvedAlgo
 from gradus.train.scoring import Scorer, Scores, add_overlong_penalty
 
-
 # Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
 # the others are averaged.
 SUMMED_OVER_RANKS = ("rollout/tokens", "rollout/tokens_per_s", "dapo/groups_kept", "dapo/groups_dropped",

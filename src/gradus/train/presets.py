@@ -1,10 +1,9 @@
-"""Trainer-level algorithm presets: what each algorithm does around its loss.
+"""A config resolved against the algorithm registry (gradus.objectives.ALGORITHMS).
 
-The loss knobs live in gradus.objectives.PRESETS. Here: KL coefficient (and where it goes), how
-advantages are computed, and DAPO's data operations. Papers' defaults (../shared/seed/NOTES.md):
-GRPO uses a KL term in the loss (beta = 0.04); DAPO, GSPO and SAPO drop it; PPO puts a per-token
-KL penalty in the reward and learns a critic; DAPO turns on dynamic sampling and soft overlong
-punishment; Dr. GRPO does not divide advantages by the group std.
+Each registry entry holds an algorithm's loss preset and its trainer defaults (KL coefficient and
+where it goes, how advantages are computed, DAPO's data operations, epochs and minibatches); this
+module only applies it to a `TrainConfig`: a value the config leaves at None is the entry's, a value
+the config sets is checked against what the algorithm uses. Adding an algorithm is one entry there.
 """
 
 from __future__ import annotations
@@ -14,36 +13,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from gradus.config import AlgoConfig, ConfigError, TrainConfig
-from gradus.objectives import PolicyObjective, resolve_objective, valid_knobs
+from gradus.objectives import ALGORITHMS, KNOBS_BY_TRUST, PolicyObjective, resolve_objective, valid_knobs
 
-
-@dataclass(frozen=True)
-class AlgoDefaults:
-    kl_coef: float
-    adv_scale: str | None  # None: GAE from a critic
-    dynamic_sampling: bool
-    overlong_shaping: bool
-    epochs: int = 1  # passes over each rollout batch
-    minibatches: int = 1  # optimizer steps per pass
-    kl_estimator: str = "k3"  # GRPO's unbiased, non-negative k3 in the loss
-
-
-ALGO_DEFAULTS: dict[str, AlgoDefaults] = {
-    # NOTES: PPO makes "several epochs over each rollout batch"; two, over one minibatch (the first
-    # epoch's own log-probs are the old ones, so no extra forward pass). Its per-token reward is
-    # -beta * (log pi - log pi_ref): the k1 estimator.
-    "ppo": AlgoDefaults(kl_coef=0.02, adv_scale=None, dynamic_sampling=False, overlong_shaping=False, epochs=2,
-                        kl_estimator="k1"),
-    "grpo": AlgoDefaults(kl_coef=0.04, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
-    "dapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True),
-    "gspo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
-    "gspo_token": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
-    "sapo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
-    "dr_grpo": AlgoDefaults(kl_coef=0.0, adv_scale="none", dynamic_sampling=False, overlong_shaping=False),
-    "cispo": AlgoDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=False, overlong_shaping=False),
-}
-
-LOSS_KNOBS = ("clip_low", "clip_high", "dual_clip", "tau_pos", "tau_neg", "agg", "agg_norm")
+# The loss knobs, as named in both the objective and the config's algo section.
+LOSS_KNOBS = tuple(dict.fromkeys(k for knobs in KNOBS_BY_TRUST.values() for k in knobs))
 PPO_ONLY = ("gamma", "lam", "value_clip", "critic_lr", "critic_warmup")
 
 
@@ -78,11 +51,11 @@ class ResolvedAlgo:
 def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
     """Apply the preset to `cfg.algo`, rejecting knobs that make no sense for the algorithm."""
     a = cfg.algo
-    if a.name not in ALGO_DEFAULTS:
-        raise ConfigError(f"algo.name: unknown algo {a.name!r}; valid: {', '.join(ALGO_DEFAULTS)}")
-    d = ALGO_DEFAULTS[a.name]
+    if a.name not in ALGORITHMS:
+        raise ConfigError(f"algo.name: unknown algo {a.name!r}; valid: {', '.join(ALGORITHMS)}")
+    d = ALGORITHMS[a.name].trainer
     defaults = AlgoConfig()
-    is_ppo = d.adv_scale is None
+    is_ppo = ALGORITHMS[a.name].uses_critic
 
     set_knobs = {k: getattr(a, k) for k in LOSS_KNOBS if getattr(a, k) is not None}
     bad = sorted(set(set_knobs) - set(valid_knobs(a.name)))
@@ -150,7 +123,7 @@ def preset_values() -> dict[str, dict[str, object]]:
     """For each key whose default is None ("the preset's"): every algorithm's value, for --help-config."""
     base = TrainConfig()
     resolved = {}
-    for name in ALGO_DEFAULTS:
+    for name in ALGORITHMS:
         cfg = TrainConfig()
         cfg.algo.name = name
         resolved[name] = resolved_config(cfg)

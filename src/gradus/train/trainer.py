@@ -2,7 +2,8 @@
 
 1-3. sample G completions for a batch of prompts and score them (DAPO: dynamic sampling)
 4.   advantages: group-normalised (GRPO family) or GAE from the critic (PPO)
-5.   old log-probs (skipped when the update is exactly on-policy), reference log-probs (KL only)
+5.   old log-probs (skipped when the update is exactly on-policy, except for PPO's KL reward),
+     reference log-probs (KL only)
 6.   actor (and critic) updates with the chosen objective
 7.   metrics, evaluation, checkpoint
 
@@ -81,11 +82,8 @@ class Trainer:
         if cfg.rollout.prompts_per_step % self.world:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                               f"{self.world} processes: it is the global batch, split evenly over the ranks")
-        self.device = parallel.rank_device(bootstrap.resolve_device(cfg.run.device), self.layout)
-        if cfg.model.path:
-            bootstrap.check_model_path(cfg.model.path)
-        self.task = bootstrap.build_task(cfg)
-        bootstrap.check_positions(cfg, self.task, self.task.heldout(cfg.task.heldout_size))  # before any warm start
+        device, self.task = bootstrap.preflight(cfg)  # before any warm start
+        self.device = parallel.rank_device(device, self.layout)
         specs = parse_reward_specs(cfg.task.rewards, self.task)
         try:
             self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,
@@ -116,9 +114,7 @@ class Trainer:
         policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir, cfg, self.device)
         self.policy = policy
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
-        self.heldout = self.task.heldout(cfg.task.heldout_size)
-        if not self.heldout:
-            raise ConfigError("task: the held-out set is empty")
+        self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         self.reference = None
         if self.algo.needs_reference:
             self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
@@ -304,18 +300,24 @@ class Trainer:
                                           total=global_count)  # [N]
             metrics["adv/abs_mean"] = advantages.abs().mean().item()
             return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp)
-        # PPO: per-token KL penalty in the reward, GAE from the critic's values
+        # PPO: per-token KL penalty in the reward, GAE from the critic's values. The penalty needs log pi_old
+        # before the advantages, so before the update: a no-grad pass even with one minibatch (the update's
+        # first forward cannot serve, its loss needs these advantages). With kl_coef 0 (algo.monitor_kl) the
+        # KL is only a metric, which the update measures on its own forwards, as for every algorithm.
         values = batch_values(self.critic, batch, token_budget=cfg.optim.token_budget)  # [N, T]
-        kl = kl_penalty(old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes),
-                        ref_logp, algo.kl_estimator) if ref_logp is not None else None
+        kl = None
+        if ref_logp is not None and algo.kl_coef != 0.0:
+            old = old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes)  # [N, T]
+            kl = kl_penalty(old, ref_logp, algo.kl_estimator)  # [N, T]
         token_rewards = outcome_token_rewards(rewards, loss_mask, kl, algo.kl_coef)  # [N, T]
         advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
                                   total=global_count)  # whitened over the batch of every rank
         metrics["critic/value_mean_rollout"] = (values * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
         if kl is not None:
             metrics["actor/kl_ref_reward"] = (kl * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
-        # the KL is in the reward for PPO, so the loss gets no KL term
-        return UpdateInputs(batch, loss_mask, advantages, old_logp, None, old_values=values, returns=returns)
+        # a KL in the reward is not also a term of the loss; a monitored one goes to the update to be measured
+        monitored = ref_logp if algo.kl_coef == 0.0 else None
+        return UpdateInputs(batch, loss_mask, advantages, old_logp, monitored, old_values=values, returns=returns)
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
