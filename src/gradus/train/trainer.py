@@ -27,7 +27,7 @@ import yaml
 
 from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
-from gradus.models import build_critic, load_critic, stop_token_ids
+from gradus.models import build_critic, load_critic, lora, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.threads import governor_for
@@ -91,20 +91,29 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1009 + self.rank)
         self.initial_dir = Path(state.get("initial_model_dir") or bootstrap.initial_model_dir(
             cfg, progress=cfg.run.progress and self.rank == 0))
-        self.policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir,
-                                                           cfg, self.device)
+        use_lora = cfg.model.lora_r > 0  # a checkpoint's policy/ is then an adapter on initial_dir
+        self.policy, self.tokenizer = bootstrap.load_model(
+            ckpt / "policy" if ckpt and not use_lora else self.initial_dir, cfg, self.device)
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
         self.heldout = self.task.heldout(cfg.task.heldout_size)
         if not self.heldout:
             raise ConfigError("task: the held-out set is empty")
-        self.reference = None
-        if self.algo.needs_reference:
-            self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
-            self.reference.eval().requires_grad_(False)
         self.critic = None
-        if self.algo.uses_critic:
+        if self.algo.uses_critic:  # full, also under LoRA; built from the plain policy, before any adapter
             self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
                            else build_critic(self.policy))
+        if use_lora:
+            self.policy = (lora.load_lora(self.policy, ckpt / "policy") if ckpt
+                           else lora.apply_lora(self.policy, cfg.model))
+        # The reference of the KL term: the initial policy. Under LoRA that is the policy itself with its
+        # adapter off (`lora.reference_mode`), not a second copy; else a frozen copy of the initial model.
+        self.reference = None
+        if self.algo.needs_reference:
+            if use_lora:
+                self.reference = self.policy
+            else:
+                self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
+                self.reference.eval().requires_grad_(False)
         self.engine = LocalEngine(self.policy, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_ids=stop_token_ids(self.policy, self.tokenizer))
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -231,7 +240,10 @@ class Trainer:
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         first_pass_is_old = (minibatches or self._minibatches(batch.batch_size)) == 1
         old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes)
-        ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
+        ref_logp = None
+        if self.reference is not None:
+            with lora.reference_mode(self.reference):  # a LoRA policy with its adapter off; else a no-op
+                ref_logp = batch_logprobs(self.reference, batch, **passes)
         rewards = got.rewards.to(self.device)
         if not algo.uses_critic:
             advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale,
@@ -319,7 +331,8 @@ def train(cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False
 
 
 # What a run is: changing one of these on --resume would continue another run's checkpoint.
-FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name")
+FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name",
+                   "model.lora_r", "model.lora_alpha", "model.lora_dropout", "model.lora_targets")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
@@ -356,7 +369,8 @@ def _save_config_atomically(cfg: TrainConfig, path: Path) -> None:
 
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA: the adapters only
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
     total = cfg.run.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)
