@@ -132,6 +132,16 @@ def test_a_target_that_matches_nothing_names_the_models_layers():
         lora.apply_lora(model, cfg)
 
 
+@pytest.mark.parametrize(("target", "what"), [("lm_head", "lm head"), ("embed_tokens", "token embedding")])
+def test_apply_lora_refuses_an_adapted_head_or_embedding_whatever_the_config_check_saw(target, what):
+    """A config that skipped `validate` (or a name the check does not know) still cannot adapt them."""
+    from gradus.config import ModelConfig
+
+    model = build_tiny_model("nano", tokenizer=build_char_tokenizer())
+    with pytest.raises(ConfigError, match=f"model.lora_targets adapted the {what}"):
+        lora.apply_lora(model, ModelConfig(lora_r=4, lora_targets=f"q_proj,{target}"))
+
+
 def test_a_yaml_list_of_targets(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  lora_r: 8\n  lora_targets: [q_proj, v_proj]\n")
