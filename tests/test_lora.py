@@ -251,6 +251,11 @@ def test_export_writes_the_merged_policy_that_transformers_loads(nano_dir, tmp_p
     initial = completion_logprobs(load_pretrained(nano_dir)[0], ids, mask, 6)
     assert (expected - initial).abs().max() > 1e-4  # training moved the adapter: the export carries it
     torch.testing.assert_close(completion_logprobs(model, ids, mask, 6), expected, rtol=0, atol=1e-5)
+    # the checkpoint's policy is a standard PEFT adapter folder
+    from peft import AutoPeftModelForCausalLM
+
+    peft_loaded = AutoPeftModelForCausalLM.from_pretrained(latest_checkpoint(trainer.run_dir) / "policy")
+    torch.testing.assert_close(completion_logprobs(peft_loaded, ids, mask, 6), expected, rtol=0, atol=1e-5)
     # `--model RUN` (eval, train) loads the same merged policy
     from gradus.train import bootstrap
 

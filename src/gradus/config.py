@@ -111,7 +111,7 @@ class ModelConfig:
     lora_alpha: float = spec(32.0, gt=0)
     """LoRA scale: each adapter's output is multiplied by lora_alpha / lora_r (a fixed number, as in PEFT and TRL)."""
     lora_dropout: float = spec(0.0, ge=0, lt=1)
-    """Dropout on each adapter's input in training passes (> 0: on-policy ratios are no longer exactly 1)."""
+    """Dropout on each adapter's input in the update's passes (not in sampling or the no-grad log-prob passes)."""
     lora_targets: str = spec(LORA_TARGETS, pattern=r"\s*([\w.-]+(\s*,\s*[\w.-]+)*)?\s*",
                              text="comma-separated module names")
     """Modules that get an adapter (PEFT target_modules; a YAML list works too); never lm_head or the embeddings."""
