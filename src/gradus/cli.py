@@ -1,4 +1,4 @@
-"""The `gradus` command line: train, sft, eval, compare, algos, demo.
+"""The `gradus` command line: train, sft, eval, export, compare, algos, demo.
 
 Every config key can be set as `section.key=value` after the command (e.g. `algo.clip_high=0.3`);
 the common ones also have flags. `gradus train --help-config` lists every key with its meaning.
@@ -183,6 +183,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gradus.train.export import export_policy
+
+    try:
+        _, done = export_policy(Path(args.source), Path(args.out))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"gradus: {err}", file=sys.stderr)
+        return 1
+    print(f"gradus: {done}", file=sys.stderr)
+    print(f"saved to {args.out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from gradus.compare import ComparePlan, load_plan, run_compare, write_report
     from gradus.compare.runner import echo_err
@@ -249,6 +264,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_eval.add_argument("--n", type=int, default=None,
                         help=f"held-out problems (default task.heldout_size, {_default('task.heldout_size')})")
     p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+    p_exp = sub.add_parser("export", help="write a run's policy as one plain HF model folder (a LoRA adapter merged)")
+    p_exp.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                       help="a run folder (its newest complete checkpoint), a checkpoint folder or a policy folder")
+    p_exp.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
     p_cmp = sub.add_parser("compare", help="train several algorithms on one task, same budget; write a report")
     p_cmp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
     p_cmp.add_argument("--algos", help=f"comma-separated (default: {','.join(DEFAULT_ALGOS)})")
@@ -297,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sft(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "algos":

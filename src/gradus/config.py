@@ -90,6 +90,10 @@ def spec(default: Any, **allowed: Any) -> Any:
     return field(default=default, metadata={"allowed": Allowed(**allowed)})
 
 
+# The attention and MLP projections of Llama and Qwen2 (and most decoders that copy their names).
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
 @dataclass
 class ModelConfig:
     path: str | None = spec(None, text="a model directory")
@@ -102,6 +106,15 @@ class ModelConfig:
     """Training dtype: float32 or bfloat16."""
     chunk_size: int = spec(1024, ge=1)
     """Tokens per chunk in the memory-bounded log-prob computation."""
+    lora_r: int = spec(0, ge=0)
+    """LoRA rank: the policy trains PEFT adapters on lora_targets, its own weights frozen; 0: full fine-tuning."""
+    lora_alpha: float = spec(32.0, gt=0)
+    """LoRA scale: each adapter's output is multiplied by lora_alpha / lora_r (a fixed number, as in PEFT and TRL)."""
+    lora_dropout: float = spec(0.0, ge=0, lt=1)
+    """Dropout on each adapter's input in the update's passes (not in sampling or the no-grad log-prob passes)."""
+    lora_targets: str = spec(LORA_TARGETS, pattern=r"\s*([\w.-]+(\s*,\s*[\w.-]+)*)?\s*",
+                             text="comma-separated module names")
+    """Modules that get an adapter (PEFT target_modules; a YAML list works too); never lm_head or the embeddings."""
 
 
 @dataclass
@@ -468,6 +481,7 @@ ALIASES: dict[str, str] = {
     "dataset_name": "task.data_file", "train_files": "task.data_file", "data_path": "task.data_file",
     "prompt_key": "task.prompt_field", "answer_key": "task.answer_field", "model_name_or_path": "model.path",
     "model_path": "model.path", "torch_dtype": "model.dtype", "bf16": "model.dtype", "precision": "model.dtype",
+    "lora_rank": "model.lora_r", "target_modules": "model.lora_targets", "lora_target_modules": "model.lora_targets",
 }
 _ALIAS_NOTES = {
     "clip_ratio": "a symmetric clip is algo.clip_low and algo.clip_high",
@@ -531,6 +545,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in options:
             return None
         raise ConfigError(f"{key} cannot be None")
+    if isinstance(value, list | tuple) and str in options and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list for a comma-separated field (model.lora_targets, task.rewards)
     for typ in (t for t in options if t is not type(None)):
         try:
             if typ is bool:

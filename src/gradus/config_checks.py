@@ -4,7 +4,8 @@
    finiteness, choices, patterns.
 2. The algorithm preset applied (`resolve_algo`: which knobs the algorithm uses), and every value
    the preset filled in checked by the same rules.
-3. The rules that tie fields together (minibatches divide the batch, groups of two or more, ...).
+3. The rules that tie fields together (minibatches divide the batch, groups of two or more, LoRA
+   fields only with a LoRA rank and never on the lm head or the embeddings, ...).
 4. The reward list parsed, its weights finite.
 
 What needs the machine, the model's config.json or the task's data (the device exists, prompt +
@@ -18,7 +19,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from gradus.config import ConfigError, TrainConfig, allowed
+from gradus.config import ConfigError, ModelConfig, TrainConfig, allowed
 
 if TYPE_CHECKING:
     from gradus.train.presets import ResolvedAlgo
@@ -85,3 +86,40 @@ def _check_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
         raise ConfigError(f"task.data_file is only used with task.name=file, not {t.name!r}")
     if t.difficulty is not None and t.name != "arithmetic":
         raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
+    _check_lora(cfg.model)
+
+
+# Module names (the last part of a dotted name) that LoRA must not adapt, and why.
+_HEAD_NAMES = ("lm_head", "embed_out")
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")
+HEAD_REASON = ("gradus computes log-probs from the lm head's weight as a plain linear layer (in chunks, never the "
+               "whole [B, T, V] logits), so an adapter there would not be applied")
+EMBEDDING_REASON = ("an embedding adapter merges into the embedding matrix, which small Qwen2 and Llama models (and "
+                    "gradus' built-in ones) share with the lm head, so the exported model would not be the trained one")
+
+
+def lora_targets(text: str) -> list[str]:
+    """model.lora_targets as a list of module names (empty entries dropped)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _check_lora(m: ModelConfig) -> None:
+    defaults = ModelConfig()
+    if m.lora_r == 0:
+        for key in ("lora_alpha", "lora_dropout", "lora_targets"):
+            if getattr(m, key) != getattr(defaults, key):
+                raise ConfigError(f"model.{key} is only used with LoRA (model.lora_r > 0), got {getattr(m, key)!r} "
+                                  "with model.lora_r=0; set model.lora_r (e.g. 16) or leave it out")
+        return
+    targets = lora_targets(m.lora_targets)
+    if not targets:
+        raise ConfigError(f"model.lora_targets must name at least one module with model.lora_r={m.lora_r} "
+                          f"(e.g. {defaults.lora_targets})")
+    for name in targets:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _HEAD_NAMES:
+            raise ConfigError(f"model.lora_targets: {name!r} is the lm head, which cannot take an adapter: "
+                              f"{HEAD_REASON}")
+        if leaf in _EMBEDDING_NAMES:
+            raise ConfigError(f"model.lora_targets: {name!r} is the token embedding, which cannot take an adapter: "
+                              f"{EMBEDDING_REASON}")

@@ -12,6 +12,7 @@ from gradus.config import ConfigError
 from gradus.models.loading import ModelLoadError
 from gradus.rewards.pool import RewardError, RewardTimeout
 from gradus.tasks.files import DatasetError
+from gradus.train.export import ExportError
 from gradus.train.update import NonFiniteUpdate
 
 # (class, kind as printed, exit code): 2 = refused before or while reading the inputs; 1 = the run stopped
@@ -19,6 +20,7 @@ USER_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (ConfigError, "config error", 2),
     (ModelLoadError, "model error", 2),
     (DatasetError, "data error", 2),
+    (ExportError, "export error", 2),
     (NonFiniteUpdate, "run stopped", 1),
     (RewardTimeout, "reward timed out (task.strict_rewards)", 1),
     (RewardError, "reward failed (task.strict_rewards)", 1),

@@ -74,6 +74,28 @@ def test_sft_refuses_before_the_warm_start(overrides, field, tmp_path, capsys, n
     _refused(["sft", "--output", str(tmp_path / "out"), overrides, f"run.cache_dir={tmp_path}"], capsys, field)
 
 
+LORA_FAULTS = [  # (overrides, words the message must hold)
+    ("model.lora_r=-1", ("model.lora_r", "-1", "must be >= 0")),
+    ("model.lora_r=8 model.lora_alpha=0", ("model.lora_alpha", "must be > 0")),
+    ("model.lora_r=8 model.lora_dropout=1", ("model.lora_dropout", "must be in [0, 1)")),
+    ("model.lora_r=8 model.lora_targets=q_proj;v_proj", ("model.lora_targets", "comma-separated module names")),
+    ("model.lora_r=8 model.lora_targets=", ("model.lora_targets", "at least one module")),
+    # the log-prob path reads the plain lm head; a merged embedding adapter would also move a tied lm head
+    ("model.lora_r=8 model.lora_targets=q_proj,lm_head", ("'lm_head' is the lm head", "log-probs")),
+    ("model.lora_r=8 model.lora_targets=model.embed_tokens", ("'model.embed_tokens' is the token embedding",
+                                                             "exported model")),
+    # a LoRA knob without a LoRA rank would be ignored
+    ("model.lora_alpha=16", ("model.lora_alpha", "only used with LoRA", "model.lora_r=0")),
+    ("model.lora_targets=q_proj", ("model.lora_targets", "only used with LoRA")),
+]
+
+
+@pytest.mark.parametrize(("overrides", "words"), LORA_FAULTS)
+def test_lora_fields_that_cannot_work_are_refused_before_any_work(overrides, words, tmp_path, capsys, no_work):
+    _refused(["train", *overrides.split(), f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"], capsys, *words)
+    assert not any(tmp_path.iterdir())
+
+
 def test_eval_refuses_before_loading_the_model(tmp_path, capsys, no_work):
     _refused(["eval", "--model", str(tmp_path), "model.chunk_size=0"], capsys, "model.chunk_size")
 

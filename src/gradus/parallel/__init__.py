@@ -140,6 +140,13 @@ def is_wrapped(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are FSDP2 shards (rather than whole tensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 @contextlib.contextmanager
 def gradient_sync(models: list[nn.Module], enabled: bool) -> Iterator[None]:
     """Within the block, backward passes accumulate locally (enabled=False) or synchronise (True)."""

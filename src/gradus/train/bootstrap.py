@@ -21,6 +21,7 @@ from gradus.models import (
     check_model_dir,
     check_special_tokens,
     load_pretrained,
+    lora,
     save_pretrained,
 )
 from gradus.rollout.local import config_positions, model_positions
@@ -209,8 +210,9 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
     if cfg.model.path:
         path = Path(cfg.model.path)
         try:
+            path = lora.adapter_base(path) or path  # a LoRA run's policy: its base model's positions
             config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # ModelLoadError is a ValueError
             return  # an unreadable model folder is reported by the model loader
         limit = config_positions(config)
         where = f"{path / 'config.json'}"
@@ -249,27 +251,31 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
 
 
 def check_model_path(path: str) -> None:
-    """Fail early, naming the field, when model.path is not a loadable model directory."""
+    """Fail early, naming the field, when model.path is not a loadable model directory (or LoRA adapter folder)."""
     try:
+        if lora.adapter_base(path) is not None:
+            lora.check_adapter_dir(path)
+            return
         check_model_dir(path)
     except ModelLoadError as err:
         raise ConfigError(f"model.path: {err}") from err
 
 
-def resolve_model_dir(path: str | Path) -> tuple[Path, str | None]:
+def resolve_model_dir(path: str | Path, *, label: str = "model.path") -> tuple[Path, str | None]:
     """The model directory that `path` stands for, and a note saying what was picked (None: `path` itself).
 
     Besides a model directory, `path` may be a gradus run folder (or its checkpoints/ folder): the policy of
     its latest complete checkpoint; or one checkpoint folder: its policy. Anything else is returned as it
-    is, for `check_model_dir` to explain what is wrong with it.
+    is, for `check_model_dir` to explain what is wrong with it. A LoRA run's policy is an adapter folder
+    (see `gradus.models.lora`). `label` starts each error message (the field or command given the path).
     """
     path = Path(path)
-    if not path.is_dir() or (path / "config.json").is_file():
+    if not path.is_dir() or (path / "config.json").is_file() or (path / lora.ADAPTER_CONFIG).is_file():
         return path, None
     checkpoints = checkpoint_dir(Path()).name  # the name of a run's checkpoint folder
     if (path / "policy").is_dir() and path.parent.name == checkpoints:
         if not (path / MARKER).is_file():
-            raise ConfigError(f"model.path: {path} is an incomplete checkpoint (no {MARKER} marker: its save "
+            raise ConfigError(f"{label}: {path} is an incomplete checkpoint (no {MARKER} marker: its save "
                               "was interrupted); give the run folder to use its latest complete checkpoint")
         return path / "policy", f"{path} is a checkpoint: loading its policy, {path / 'policy'}"
     run = path.parent if path.name == checkpoints else path
@@ -277,24 +283,28 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, str | None]:
         return path, None
     ckpt = latest_checkpoint(run)
     if ckpt is None:
-        raise ConfigError(f"model.path: {run} is a run folder with no complete checkpoint in "
+        raise ConfigError(f"{label}: {run} is a run folder with no complete checkpoint in "
                           f"{checkpoint_dir(run)} (none has a {MARKER} marker)")
     policy = ckpt / "policy"
     return policy, f"{path} is a run folder: loading the policy of its latest complete checkpoint, {policy}"
 
 
 def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """The model a run starts from, as an absolute path (checkpoints and LoRA adapters name it as their base)."""
     if cfg.model.path:
-        return Path(cfg.model.path)
-    return tiny_model_dir(cfg, progress=progress)
+        return Path(cfg.model.path).absolute()
+    return tiny_model_dir(cfg, progress=progress).absolute()
 
 
 def load_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    """Model and tokenizer of a model folder, or of a LoRA adapter folder (a LoRA run's policy): its base with
+    the adapter merged in, a plain HF model."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.model.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     try:
-        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        load = lora.load_merged if lora.adapter_base(path) is not None else load_pretrained
+        model, tokenizer = load(path, dtype=dtype, device=device)
         check_special_tokens(model, tokenizer, path)  # and gives a tokenizer without PAD its EOS as PAD
     except ModelLoadError as err:
         raise ConfigError(f"model.path: {err}") from err

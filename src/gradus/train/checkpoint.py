@@ -1,5 +1,5 @@
-"""Atomic checkpoints: models in HF format (safetensors), plus optimizer, scheduler, RNG and data
-position in `state.pt`.
+"""Atomic checkpoints: models in HF format (safetensors; a LoRA policy as its PEFT adapter folder, whose
+`adapter_config.json` names the base model), plus optimizer, scheduler, RNG and data position in `state.pt`.
 
 What a kill at any moment (or a full disk) can leave, and why it is safe:
 1. A checkpoint is written into `.tmp-step-N-<pid>/`; every file and folder in it is fsync'ed, then
@@ -56,7 +56,7 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         for name, (model, tokenizer) in models.items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
+            _save_model(model, tmp / name)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / name)
         for name, write in (writers or {}).items():
@@ -77,6 +77,16 @@ def save_checkpoint(
     fsync_dir(root)
     _prune(root, keep, final)
     return final
+
+
+def _save_model(model: Any, path: Path) -> None:
+    """HF format; a LoRA policy (a PEFT model) as its adapter alone, whose config names the base model folder."""
+    from gradus.models.lora import is_lora, save_adapter
+
+    if is_lora(model):
+        save_adapter(model, path)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:

@@ -31,7 +31,7 @@ import yaml
 from gradus import parallel
 from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
-from gradus.models import build_critic, load_critic, stop_token_ids
+from gradus.models import build_critic, load_critic, lora, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.parallel.checkpoint import DCP_DIR, load_sharded, save_hf_full, save_sharded
 from gradus.rollout import LocalEngine, SamplingParams
@@ -82,6 +82,9 @@ class Trainer:
         if cfg.rollout.prompts_per_step % self.world:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                               f"{self.world} processes: it is the global batch, split evenly over the ranks")
+        if self.world > 1 and cfg.model.lora_r > 0 and cfg.run.parallel == "fsdp2":
+            raise ConfigError("model.lora_r > 0 with run.parallel=fsdp2: LoRA runs under torchrun with "
+                              "run.parallel=ddp (the adapters are small: sharding them saves little)")
         device, self.task = bootstrap.preflight(cfg)  # before any warm start
         self.device = parallel.rank_device(device, self.layout)
         specs = parse_reward_specs(cfg.task.rewards, self.task)
@@ -111,18 +114,23 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed * 1009 + self.rank)
         self.initial_dir = Path(state.get("initial_model_dir") or self._initial_dir())
-        policy, self.tokenizer = bootstrap.load_model(ckpt / "policy" if ckpt else self.initial_dir, cfg, self.device)
-        self.policy = policy
-        bootstrap.check_prompt_lengths(self.task, self.tokenizer, self.policy, cfg)  # may drop rows of a file
+        use_lora = cfg.model.lora_r > 0  # a checkpoint's policy/ is then an adapter on initial_dir
+        policy, self.tokenizer = bootstrap.load_model(
+            ckpt / "policy" if ckpt and not use_lora else self.initial_dir, cfg, self.device)
+        bootstrap.check_prompt_lengths(self.task, self.tokenizer, policy, cfg)  # may drop rows of a file
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
+        self.critic = None
+        if self.algo.uses_critic:  # full, also under LoRA; built from the plain policy, before any adapter
+            self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
+                           else build_critic(policy))
+        if use_lora:
+            policy = lora.load_lora(policy, ckpt / "policy") if ckpt else lora.apply_lora(policy, cfg.model)
+        # The reference of the KL term: the initial policy. Under LoRA that is the policy itself with its
+        # adapter off (`lora.reference_mode`), not a second copy; else a frozen copy of the initial model.
         self.reference = None
-        if self.algo.needs_reference:
+        if self.algo.needs_reference and not use_lora:
             self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
             self.reference.eval().requires_grad_(False)
-        self.critic = None
-        if self.algo.uses_critic:
-            self.critic = (load_critic(ckpt / "critic", device=self.device) if ckpt
-                           else build_critic(self.policy))
         # Data parallel: DDP replicas sample with the bare module (the same tensors); FSDP2 shards the
         # weights, so sampling uses a full copy that is refreshed after every update (sync_rollout_weights).
         fsdp2 = self.layout.distributed and cfg.run.parallel == "fsdp2"
@@ -130,6 +138,8 @@ class Trainer:
         self.policy = parallel.wrap(policy, cfg.run.parallel, self.device)
         if self.reference is not None:
             self.reference = parallel.wrap(self.reference, cfg.run.parallel, self.device, trainable=False)
+        elif self.algo.needs_reference:
+            self.reference = self.policy  # LoRA: the same (wrapped) model, its adapter disabled when used
         if self.critic is not None:
             self.critic = parallel.wrap(self.critic, cfg.run.parallel, self.device)
         sampler = self.rollout_model if fsdp2 else parallel.unwrap_ddp(self.policy)
@@ -293,7 +303,10 @@ class Trainer:
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         first_pass_is_old = (minibatches or self._minibatches(batch.batch_size)) == 1
         old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes)
-        ref_logp = batch_logprobs(self.reference, batch, **passes) if self.reference is not None else None
+        ref_logp = None
+        if self.reference is not None:
+            with lora.reference_mode(parallel.unwrap_ddp(self.reference)):  # LoRA: the adapter off; else a no-op
+                ref_logp = batch_logprobs(self.reference, batch, **passes)
         rewards = got.rewards.to(self.device)
         if not algo.uses_critic:
             advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale,
@@ -348,11 +361,14 @@ class Trainer:
             root = checkpoint_dir(self.run_dir)
             staging = save_sharded(root, self.step, self._sharded_parts(), capture_rng())
             writers["dcp"] = functools.partial(os.replace, staging)
-            for name, model in (("policy", self.policy), ("critic", self.critic)):
-                if model is not None and (full := parallel.full_state_dict(model, rank0_only=True)):
-                    writers[name] = functools.partial(save_hf_full, parallel.unwrap_ddp(model), full)
-            if "policy" in writers:
-                writers["policy"] = _then(writers["policy"], self.tokenizer.save_pretrained)
+            for name, model, tokenizer in (("policy", self.policy, self.tokenizer), ("critic", self.critic, None)):
+                if model is None:
+                    continue
+                if not parallel.is_sharded(model):  # DDP: every rank holds the whole model; rank 0 saves it
+                    models[name] = (parallel.unwrap_ddp(model), tokenizer)
+                elif full := parallel.full_state_dict(model, rank0_only=True):  # FSDP2: gathered on rank 0
+                    save = functools.partial(save_hf_full, model, full)
+                    writers[name] = _then(save, tokenizer.save_pretrained) if tokenizer is not None else save
         else:
             models["policy"] = (self.policy, self.tokenizer)
             state["actor_optimizer"] = self.actor_opt.optimizer.state_dict()
@@ -406,7 +422,8 @@ def train(cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False
 
 
 # What a run is: changing one of these on --resume would continue another run's checkpoint.
-FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name")
+FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name",
+                   "model.lora_r", "model.lora_alpha", "model.lora_dropout", "model.lora_targets")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
@@ -443,7 +460,8 @@ def _save_config_atomically(cfg: TrainConfig, path: Path) -> None:
 
 
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA: the adapters only
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
     total = cfg.run.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)

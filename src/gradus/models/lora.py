@@ -1,0 +1,187 @@
+"""LoRA through PEFT: the policy as a `peft.PeftModel` whose own weights stay frozen.
+
+1. `apply_lora(model, cfg)` injects adapters (`peft.LoraConfig` + `get_peft_model`) into the modules named
+   by `cfg.lora_targets`. PEFT starts every adapter's B matrix at zero, so the adapted model starts
+   exactly equal to the base model.
+2. The reference model of the KL term is the same `PeftModel` with its adapter switched off
+   (`reference_mode`, i.e. `model.disable_adapter()`), never a second copy in memory: under LoRA the base
+   weights never change, so they are the initial policy.
+3. A checkpoint's `policy/` is a standard PEFT adapter folder (`adapter_config.json`,
+   `adapter_model.safetensors`, the tokenizer); `adapter_config.json` names the base model folder.
+   `load_lora` puts it back on its base for training (resume); `load_merged` loads base + adapter merged
+   into a plain HF model (`gradus export`, `gradus eval`, a new run that starts from a LoRA run).
+4. With `model.dtype=bfloat16` the adapters are float32 (PEFT's `autocast_adapter_dtype`), so their
+   optimizer steps are not rounded away; the frozen base stays bfloat16.
+
+Scope: the policy only. PPO's critic is a full copy of the backbone trained in full (see
+`gradus.models.critic`); LoRA does not shrink it. The adapters are plain `nn.Linear` pairs inside the
+decoder, so everything that calls the module (log-probs, the rollout engine's HF forward) computes the
+adapted model; a fast path that reads `q_proj.weight` itself would compute the base model, which is why
+`gradus.models.lean` and the rollout's `DirectDecoder` refuse anything but a plain `nn.Linear`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gradus.config import ConfigError, ModelConfig
+from gradus.config_checks import EMBEDDING_REASON, HEAD_REASON, lora_targets
+from gradus.models.loading import ModelLoadError, check_finite, check_model_dir, load_pretrained
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model (its trainable weights are adapters)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
+    """Inject LoRA adapters into `model` (in place) per cfg.lora_r, lora_alpha, lora_dropout, lora_targets; freeze
+    everything else. The result computes exactly what `model` computed until the adapters are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    names = lora_targets(cfg.lora_targets)
+    targets: str | list[str] = "all-linear" if names == ["all-linear"] else names  # PEFT's keyword
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    linear = _linear_names(model)
+    try:
+        with _quiet_peft():
+            peft_model = get_peft_model(model, config)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r}: {err} (the model's linear layers are named: "
+                          f"{', '.join(linear)})") from err
+    _check_head_and_embeddings(peft_model)
+    return peft_model
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT asks transformers 5 a deprecated question (`is_gradient_checkpointing`) on every wrap: a
+    FutureWarning a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """The distinct last parts of the names of `model`'s nn.Linear modules, e.g. ['down_proj', ..., 'v_proj']."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+
+
+def _check_head_and_embeddings(model: nn.Module) -> None:
+    """The lm head and the token embedding must be left plain, whatever names matched (see config_checks)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and type(head) is not nn.Linear:
+        raise ConfigError(f"model.lora_targets adapted the lm head ({type(head).__name__}): {HEAD_REASON}")
+    if type(embedding) is not nn.Embedding:
+        raise ConfigError(f"model.lora_targets adapted the token embedding ({type(embedding).__name__}): "
+                          f"{EMBEDDING_REASON}")
+
+
+def reference_mode(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """A context in which `model` computes the reference: a PEFT model's base weights (adapter off);
+    any other model unchanged (its reference is a separate copy)."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def save_adapter(model: PeftModel, path: Path) -> None:
+    """Write the adapter (adapter_config.json, adapter_model.safetensors) to `path`. save_embedding_layers=False:
+    embeddings are never adapted (config_checks), and PEFT's "auto" would look the base model up, perhaps online."""
+    model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+
+
+def adapter_base(path: str | Path) -> Path | None:
+    """The base model folder of a PEFT adapter folder (its adapter_config.json's base_model_name_or_path);
+    None when `path` is not an adapter folder (it holds a config.json, or no adapter_config.json)."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{path / ADAPTER_CONFIG} is unreadable or names no base model ({err})") from err
+    if not base:
+        raise ModelLoadError(f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path is empty)")
+    return Path(base)
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """Raise ModelLoadError unless `path` is an adapter folder with weights whose base model folder is
+    complete (or itself such an adapter folder); return the base folder."""
+    path = Path(path)
+    base = adapter_base(path)
+    if base is None:
+        raise ModelLoadError(f"{path} is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"{path}: no adapter_model.safetensors next to its {ADAPTER_CONFIG}")
+    if not base.exists():
+        raise ModelLoadError(f"{path} is a LoRA adapter on the base model {base}, which does not exist (moved or "
+                             f"deleted?); put the base model back there, or set base_model_name_or_path in "
+                             f"{path / ADAPTER_CONFIG}")
+    if adapter_base(base) is not None:
+        check_adapter_dir(base)
+    else:
+        check_model_dir(base, need_tokenizer=False)
+    return base
+
+
+def load_lora(base: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
+    """The adapter saved in `adapter_dir` on `base` (in place), trainable: how a LoRA run resumes."""
+    from peft import PeftModel
+
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the LoRA adapter {adapter_dir} ({err})") from err
+
+
+def load_merged(
+    adapter_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """A plain HF model: the base named by `adapter_dir` with the adapter merged in, and the tokenizer saved
+    with the adapter. A base that is itself an adapter folder (a LoRA run started from a LoRA run) is merged
+    first. The model's name_or_path is `adapter_dir`, so an adapter trained on top names this as its base."""
+    adapter_dir = Path(adapter_dir)
+    base_dir = check_adapter_dir(adapter_dir)
+    if adapter_base(base_dir) is not None:
+        base, tokenizer = load_merged(base_dir, dtype=dtype)
+    else:
+        base, tokenizer = load_pretrained(base_dir, dtype=dtype)
+    if any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, local_files_only=True)
+    from peft import PeftModel
+
+    try:
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the LoRA adapter {adapter_dir} onto {base_dir} ({err})") from err
+    check_finite(model, adapter_dir)
+    model.name_or_path = model.config._name_or_path = str(adapter_dir)
+    return (model if device is None else model.to(device)), tokenizer
+
+
+def merged_copy(model: PeftModel) -> PreTrainedModel:
+    """A plain HF model equal to `model` with its adapter merged in; `model` itself is left as it is."""
+    return copy.deepcopy(model).merge_and_unload()
+
