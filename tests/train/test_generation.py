@@ -20,7 +20,7 @@ class ScriptedEngine:
         self.tok, self.task, self.source, self.pattern = tokenizer, task, source, pattern
         self.calls = 0
 
-    def generate(self, prompts, n, params, *, seed=None):
+    def generate(self, prompts, n, params, *, seed=None, seeds=None):
         # the source has just handed out these prompts: recover their examples to know the answers
         first = self.source.position - len(prompts)
         examples = [self.task.train_example(first + j) for j in range(len(prompts))]
