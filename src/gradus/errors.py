@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gradus.config import ConfigError
 from gradus.models.loading import ModelLoadError
+from gradus.parallel import CollectiveFailed
 from gradus.rewards.pool import RewardError, RewardTimeout
 from gradus.tasks.files import DatasetError
 from gradus.train.export import ExportError
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (DatasetError, "data error", 2),
     (ExportError, "export error", 2),
     (NonFiniteUpdate, "run stopped", 1),
+    (CollectiveFailed, "data-parallel job stopped", 1),
     (RewardTimeout, "reward timed out (task.strict_rewards)", 1),
     (RewardError, "reward failed (task.strict_rewards)", 1),
 )

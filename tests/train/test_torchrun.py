@@ -189,3 +189,27 @@ def test_a_rank_killed_mid_step_ends_the_job_at_once_and_is_named(nano_dir, rewa
     assert took < 45, f"the job took {took:.0f} s to end after a rank died"
     assert "rank      : 1" in out and "SIGKILL" in out, out[-3000:]  # torchrun's report names the rank
     assert not _pids_with(marker, "0"), "rank 0 outlived the job"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(nano_dir, reward_dir, tmp_path):
+    # A rank that stops answering (SIGSTOP: alive, holding its sockets) is not a death torchrun can see; the
+    # others give up after run.dist_timeout_s, say so, and torchrun then ends the stuck one (30 s later).
+    marker = uuid.uuid4().hex
+    args = _args(nano_dir, tmp_path, "stuck", **{"run.steps": 500, "run.save_every": 0, "run.dist_timeout_s": 5})
+    proc = _launch(2, args, reward_dir, env=_env(reward_dir, GRADUS_TEST_MARK=marker))
+    metrics = tmp_path / "stuck" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc, 240)
+    (victim,) = _pids_with(marker, "1")
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        for pid in _pids_with(marker, "1"):
+            os.kill(pid, signal.SIGKILL)
+    took = time.monotonic() - stopped_at
+    assert proc.returncode != 0
+    assert took < 5 + 30 + 20, f"the job took {took:.0f} s to end after a rank got stuck"
+    assert "gradus: data-parallel job stopped: rank 0 of 2: a collective failed" in out, out[-3000:]
+    assert "run.dist_timeout_s=5" in out

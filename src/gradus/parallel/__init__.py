@@ -29,6 +29,27 @@ from gradus.config import ConfigError
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective of a data-parallel run failed: another rank died, or stayed stuck past run.dist_timeout_s."""
+
+
+_COLLECTIVE_MARKS = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
+
+
+def collective_failure(err: BaseException, layout: Layout, timeout_s: float) -> CollectiveFailed | None:
+    """A readable CollectiveFailed for an error raised by a collective of a torchrun job, or None."""
+    if not layout.distributed:
+        return None
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or any(m in text.lower() for m in _COLLECTIVE_MARKS)):
+        return None
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    return CollectiveFailed(
+        f"rank {layout.rank} of {dist.get_world_size()}: a collective failed ({first}). Another rank died or was "
+        f"stuck for more than run.dist_timeout_s={timeout_s:g} s; torchrun's report names the rank that "
+        "failed first. Resume with: torchrun ... -m gradus train --resume RUN_FOLDER")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where this process sits: rank of world, and its rank on its node (its GPU index)."""

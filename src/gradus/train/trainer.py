@@ -195,6 +195,11 @@ class Trainer:
         progress, save it, raise Interrupted; on a second: raise KeyboardInterrupt, saving nothing."""
         try:
             return self._fit()
+        except Exception as err:
+            failure = parallel.collective_failure(err, self.layout, self.cfg.run.dist_timeout_s)
+            if failure is not None:
+                raise failure from err
+            raise
         finally:
             self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
             self.governor.restore()  # the next run in this process starts from the machine's thread count
