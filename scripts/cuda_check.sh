@@ -26,9 +26,11 @@ run() {  # name, timeout, command...
   echo "$name rc=$rc ${took}s: $(grep -E '^\| [a-z_]+ \|' "$OUT/$name.log" | tail -1)" | tee -a "$OUT/summary.txt"
 }
 
+if [ "${ONLY_TORCHRUN:-0}" != 1 ]; then
 # 1. the main job on CUDA, float32 then bfloat16 (the warm start is made once, in float32, and cached)
 run train_fp32 200 python3 -m gradus train $COMMON run.steps=$STEPS run.name=fp32
 run train_bf16 150 python3 -m gradus train $COMMON run.steps=$STEPS model.dtype=bfloat16 run.name=bf16
+fi
 
 # 2. torchrun (nccl, one GPU: one rank) with DDP and FSDP2 against one process, same global batch, 6 steps
 SHORT="$COMMON run.steps=6 run.eval_every=0 run.save_every=3"

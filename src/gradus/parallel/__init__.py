@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,10 +142,12 @@ def wrap(model: nn.Module, kind: str, device: torch.device, *, trainable: bool =
         return shard(model)
     if not trainable:
         return model
+    # no collective in forward (ranks decode different numbers of steps): buffers are synced once, at init
+    # (torch 2.13 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        forward_sync_buffers=False,  # no collective in forward (buffers are synced once, at init)
-    )
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
 
