@@ -12,6 +12,7 @@ import argparse
 import difflib
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,16 @@ def _algos_table() -> str:
     return "\n".join(lines)
 
 
+def _resume_command(run_dir: Path) -> str:
+    """How to continue a run: with torchrun again when this is a torchrun job."""
+    if "LOCAL_WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+        launcher = f"torchrun --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']}" + (
+            f" --nnodes {nodes} ..." if nodes > 1 else " --standalone")
+        return f"{launcher} -m gradus train --resume {run_dir}"
+    return f"gradus train --resume {run_dir}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from gradus.train.durable import DiskFull
     from gradus.train.interrupts import Interrupted
@@ -109,13 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             result = train(_config_from(args))
     except Interrupted as err:
-        print(f"gradus: {err}\ncontinue with: gradus train --resume {err.run_dir}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+            print(f"gradus: {err}\ncontinue with: {_resume_command(err.run_dir)}", file=sys.stderr)
         return 128 + err.signum
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         run_dir = err.run_dir if isinstance(err, DiskFull) else None
-        hint = f"\ncontinue with: gradus train --resume {run_dir}" if run_dir else ""
+        hint = f"\ncontinue with: {_resume_command(run_dir)}" if run_dir else ""
         print(f"gradus: {err}{hint}", file=sys.stderr)
         return 1
     s = result.summary

@@ -44,14 +44,16 @@ def save_sharded(root: Path, step: int, parts: dict[str, tuple[nn.Module, torch.
 
 
 def load_sharded(ckpt: Path, parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> dict | None:
-    """Collective: load the optimizer states saved by `save_sharded` into `parts` (built the same way), and
-    return this rank's RNG state (None when the checkpoint was written with another world size)."""
+    """Collective: load the optimizer states saved by `save_sharded` into `parts` (built the same way, on any
+    world size, a single process too), and return this rank's RNG state (None when the checkpoint was
+    written with fewer ranks)."""
     folder = Path(ckpt) / DCP_DIR
+    rank = dist.get_rank() if dist.is_initialized() else 0
     state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
     dcp.load(state, checkpoint_id=str(folder))
     for name, (model, opt) in parts.items():
         set_optimizer_state_dict(model, opt, state[name])
-    rng = folder / f"rng-rank{dist.get_rank()}.pt"
+    rng = folder / f"rng-rank{rank}.pt"
     return torch.load(rng, weights_only=False) if rng.is_file() else None
 
 
