@@ -213,3 +213,17 @@ def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(nano_dir, reward
     assert took < 5 + 30 + 20, f"the job took {took:.0f} s to end after a rank got stuck"
     assert "gradus: data-parallel job stopped: rank 0 of 2: a collective failed" in out, out[-3000:]
     assert "run.dist_timeout_s=5" in out
+
+
+def test_sigterm_to_torchrun_finishes_the_step_saves_and_says_so_once(nano_dir, reward_dir, tmp_path):
+    args = _args(nano_dir, tmp_path, "term", **{"run.steps": 500, "run.save_every": 0, "run.parallel": "fsdp2"})
+    proc = _launch(2, args, reward_dir)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc, 240)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    out, _ = proc.communicate(timeout=60)
+    saved = sorted((tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file() and (saved[0] / "dcp").is_dir(), out[-3000:]
+    assert out.count("gradus: SIGTERM: finishing the current step") == 1, out[-3000:]  # rank 0 speaks
+    assert out.count("gradus: stopped by SIGTERM after step") == 1, out[-3000:]
+    assert f"--standalone -m gradus train --resume {tmp_path / 'term'}" in out

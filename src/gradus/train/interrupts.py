@@ -68,6 +68,8 @@ class StopSignals:
 
 
 def _say(text: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank gets the signal; rank 0 speaks
+        return
     try:
         os.write(2, text.encode())
     except OSError:
