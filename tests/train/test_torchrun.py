@@ -4,6 +4,7 @@ mid-step ends the whole job at once, named. Each launch is a real torchrun of th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,10 +107,8 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(algo, parallel,
     assert out.count("run folder:") == 1
     single = single_runs(algo)
     # batch-invariant sampling: the two ranks drew exactly the completions the single process drew
-    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
     single_lines = (single / "metrics.jsonl").read_text().splitlines()
-    import json
-
     for a, b in zip(lines[1:-1], single_lines[1:-1], strict=True):
         a, b = json.loads(a), json.loads(b)
         assert a["rollout/length_mean"] == b["rollout/length_mean"] and a["rollout/tokens"] == b["rollout/tokens"]
@@ -172,16 +171,22 @@ def _parent(pid: int) -> int:
         return -1
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_a_rank_killed_mid_step_ends_the_job_at_once_and_is_named(nano_dir, reward_dir, tmp_path):
+def _two_ranks_training(nano_dir, reward_dir, tmp_path, name, timeout_s) -> tuple[subprocess.Popen, str, int]:
+    """A long 2-rank run, once it has taken 2 steps: (torchrun, the marker in its ranks' environment, rank 1's pid)."""
     marker = uuid.uuid4().hex
-    args = _args(nano_dir, tmp_path, "dies", **{"run.steps": 500, "run.save_every": 0, "run.dist_timeout_s": 60})
+    args = _args(nano_dir, tmp_path, name, **{"run.steps": 500, "run.save_every": 0, "run.dist_timeout_s": timeout_s})
     proc = _launch(2, args, reward_dir, env=_env(reward_dir, GRADUS_TEST_MARK=marker))
-    metrics = tmp_path / "dies" / "metrics.jsonl"
+    metrics = tmp_path / name / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc, 240)
     victims = _pids_with(marker, "1")
     assert len(victims) == 1, victims
-    os.kill(victims[0], signal.SIGKILL)
+    return proc, marker, victims[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_rank_killed_mid_step_ends_the_job_at_once_and_is_named(nano_dir, reward_dir, tmp_path):
+    proc, marker, victim = _two_ranks_training(nano_dir, reward_dir, tmp_path, "dies", 60)
+    os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     out, _ = proc.communicate(timeout=90)
     took = time.monotonic() - killed_at
@@ -195,12 +200,7 @@ def test_a_rank_killed_mid_step_ends_the_job_at_once_and_is_named(nano_dir, rewa
 def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(nano_dir, reward_dir, tmp_path):
     # A rank that stops answering (SIGSTOP: alive, holding its sockets) is not a death torchrun can see; the
     # others give up after run.dist_timeout_s, say so, and torchrun then ends the stuck one (30 s later).
-    marker = uuid.uuid4().hex
-    args = _args(nano_dir, tmp_path, "stuck", **{"run.steps": 500, "run.save_every": 0, "run.dist_timeout_s": 5})
-    proc = _launch(2, args, reward_dir, env=_env(reward_dir, GRADUS_TEST_MARK=marker))
-    metrics = tmp_path / "stuck" / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc, 240)
-    (victim,) = _pids_with(marker, "1")
+    proc, marker, victim = _two_ranks_training(nano_dir, reward_dir, tmp_path, "stuck", 5)
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
