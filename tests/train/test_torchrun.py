@@ -227,3 +227,25 @@ def test_sigterm_to_torchrun_finishes_the_step_saves_and_says_so_once(nano_dir, 
     assert out.count("gradus: SIGTERM: finishing the current step") == 1, out[-3000:]  # rank 0 speaks
     assert out.count("gradus: stopped by SIGTERM after step") == 1, out[-3000:]
     assert f"--standalone -m gradus train --resume {tmp_path / 'term'}" in out
+
+
+def test_lora_under_ddp_trains_the_adapters_as_one_process(nano_dir, reward_dir, tmp_path):
+    lora = {"model.lora_r": 4, "optim.lr": 0.01}
+    _run(None, _args(nano_dir, tmp_path, "single", **lora), reward_dir)
+    _run(2, _args(nano_dir, tmp_path, "ddp", **lora), reward_dir)
+    final = f"step-{STEPS:06d}"
+    adapters = [load_file(tmp_path / name / "checkpoints" / final / "policy" / "adapter_model.safetensors")
+                for name in ("ddp", "single")]
+    start = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapters[1].items()}  # B starts at 0
+    _assert_same_policy(*adapters, start)
+
+
+def test_a_config_that_cannot_work_fails_on_every_rank_before_any_work(nano_dir, reward_dir, tmp_path):
+    # 3 prompts cannot be split over 2 ranks; and an out-of-range value is refused by every rank's check
+    for bad, says in (({"rollout.prompts_per_step": 3}, "must be a multiple of the 2 processes"),
+                      ({"optim.lr": -1}, "optim.lr")):
+        proc = _launch(2, _args(nano_dir, tmp_path, "bad", **bad), reward_dir)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert out.count("gradus: config error:") == 2 and says in out, out[-3000:]  # both ranks refused it
+        assert not (tmp_path / "bad").exists()  # before any work: not even the run folder
