@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from gradus.logprobs import base_model
+
 _DIRECT_MODELS = {"Qwen2ForCausalLM": "Qwen2", "LlamaForCausalLM": "Llama"}
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq does not depend on the sequence seen so far
 
@@ -124,7 +126,8 @@ class HFDecoder:
     def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
         self.model = model
         self.max_new_tokens = max_new_tokens
-        params = inspect.signature(model.forward).parameters
+        # the signature of the causal LM inside any wrapper (PEFT's forward takes **kwargs and passes them on)
+        params = inspect.signature(base_model(model).forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # transformers 5.x renamed the cache argument `past_key_values` -> `cache` (the old name warns
         # and goes in 5.40); models whose forward predates the rename (remote code) still take the old one.
