@@ -249,3 +249,16 @@ def test_a_config_that_cannot_work_fails_on_every_rank_before_any_work(nano_dir,
         assert proc.returncode != 0
         assert out.count("gradus: config error:") == 2 and says in out, out[-3000:]  # both ranks refused it
         assert not (tmp_path / "bad").exists()  # before any work: not even the run folder
+
+
+def test_the_data_position_on_resume_continues_without_repeating_an_example():
+    from gradus.train.trainer import _data_position
+
+    # rank r at position p has used global examples r, r + W, ..., (p - 1) * W + r
+    assert [_data_position({"data_positions": [2, 2]}, r, 2) for r in (0, 1)] == [2, 2]  # same world: its own
+    assert _data_position({"data_positions": [2, 2]}, 0, 1) == 4  # 2 ranks used 0-3: one process takes 4
+    assert [_data_position({"data_position": 4}, r, 2) for r in (0, 1)] == [2, 2]  # 0-3 used: ranks take 4, 5
+    # DAPO: rank 0 drew 3 rounds (0, 2, 4), rank 1 one (1): one process continues at 5, never at 3 or 4
+    assert _data_position({"data_positions": [3, 1]}, 0, 1) == 5
+    assert _data_position({"data_positions": [3, 1]}, 1, 3) == 2  # 3 ranks: index 2 * 3 + 1 = 7 >= 5
+    assert _data_position({}, 0, 2) == 0

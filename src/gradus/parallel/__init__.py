@@ -20,6 +20,7 @@ import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -194,6 +195,16 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+@torch.no_grad()
+def copy_full_weights(sharded: nn.Module, full: nn.Module) -> None:
+    """Collective: copy a sharded model's weights into an unsharded copy of it, one parameter at a time
+    (so no more than one parameter is gathered at once beyond the copy itself)."""
+    source = dict(sharded.named_parameters())
+    for name, param in full.named_parameters():  # same names (fully_shard keeps them), same order on every rank
+        value = source[name]
+        param.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Tensor]:
     """The unsharded weights of a (possibly wrapped) model, keyed as the bare model's state_dict. With
     rank0_only, other ranks get {} and rank 0 gets CPU tensors (for saving)."""
@@ -231,6 +242,24 @@ def combine_over_ranks(metrics: dict[str, float], summed: tuple[str, ...] = ()) 
     keys = dict.fromkeys(k for m in gathered for k in m)
     total = {k: sum(m[k] for m in gathered if k in m) for k in keys}
     return {k: v if k in summed else v / sum(k in m for m in gathered) for k, v in total.items()}
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a name, a path: anything picklable); itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every rank's `value`, in rank order ([value] in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def any_rank(flag: bool) -> bool:

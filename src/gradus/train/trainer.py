@@ -31,6 +31,7 @@ import yaml
 from gradus import parallel
 from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
+from gradus.logprobs import check_plain_lm_head
 from gradus.models import build_critic, load_critic, lora, stop_token_ids
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.parallel.checkpoint import DCP_DIR, load_sharded, save_hf_full, save_sharded
@@ -82,7 +83,7 @@ class Trainer:
         if cfg.rollout.prompts_per_step % self.world:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                               f"{self.world} processes: it is the global batch, split evenly over the ranks")
-        if self.world > 1 and cfg.model.lora_r > 0 and cfg.run.parallel == "fsdp2":
+        if self.layout.distributed and cfg.model.lora_r > 0 and cfg.run.parallel == "fsdp2":
             raise ConfigError("model.lora_r > 0 with run.parallel=fsdp2: LoRA runs under torchrun with "
                               "run.parallel=ddp (the adapters are small: sharding them saves little)")
         device, self.task = bootstrap.preflight(cfg)  # before any warm start
@@ -104,11 +105,15 @@ class Trainer:
     def _build(self, cfg: TrainConfig, run_dir: Path | None, resume: bool) -> None:
         """Run folder, models, optimizers and state (fresh, or from the newest complete checkpoint)."""
 
-        self.run_dir = Path(run_dir) if run_dir else _new_run_dir(cfg, self.algo)
+        # one folder for the job: rank 0's clock names it (ranks start seconds apart, machines' clocks differ)
+        self.run_dir = Path(run_dir) if run_dir else parallel.from_rank0(_new_run_dir(cfg, self.algo))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and ckpt is None:
             raise ConfigError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        if ckpt and self.layout.distributed and cfg.run.parallel == "fsdp2" and not (ckpt / DCP_DIR).is_dir():
+            raise ConfigError(f"--resume: {ckpt} was written by a single process; resume it with run.parallel=ddp "
+                              "or in one process (its optimizer state is not sharded for FSDP2)")
         state = load_state(ckpt) if ckpt else {}
         self._saved = (state["step"], ckpt) if ckpt else None  # (step, folder) of this history's newest save
 
@@ -117,6 +122,10 @@ class Trainer:
         use_lora = cfg.model.lora_r > 0  # a checkpoint's policy/ is then an adapter on initial_dir
         policy, self.tokenizer = bootstrap.load_model(
             ckpt / "policy" if ckpt and not use_lora else self.initial_dir, cfg, self.device)
+        try:
+            check_plain_lm_head(policy)  # the log-probs' head hooks need logits = W h + b
+        except ValueError as err:
+            raise ConfigError(f"model.path: {err}") from err
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, policy, cfg)  # may drop rows of a file
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         self.critic = None
@@ -150,7 +159,7 @@ class Trainer:
         self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg, self.algo)
         self.critic_opt = _optim(self.critic, cfg.algo.critic_lr, cfg, self.algo) if self.critic is not None else None
         self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world,
-                                   position=state.get("data_position", 0))
+                                   position=_data_position(state, self.rank, self.world))
         self.step = state.get("step", 0)
         self.bad_streak = state.get("bad_streak", 0)
         self.elapsed = state.get("elapsed", 0.0)
@@ -293,7 +302,7 @@ class Trainer:
     def sync_rollout_weights(self) -> None:
         """FSDP2: refresh the full copy the engine samples from with the updated (sharded) weights."""
         if self.rollout_model is not None:
-            self.rollout_model.load_state_dict(parallel.full_state_dict(self.policy, rank0_only=False))
+            parallel.copy_full_weights(self.policy, self.rollout_model)
 
     def prepare(self, got: Collected, metrics: dict[str, float], minibatches: int | None = None) -> UpdateInputs:
         """Steps 4-5: advantages, and the log-probs / values the update needs for `minibatches` per epoch
@@ -356,7 +365,9 @@ class Trainer:
         checkpoint; the other ranks get None."""
         if self._saved is not None and self._saved[0] == self.step:
             return self._saved[1]
-        state = {"data_position": self.source.position, "bad_streak": self.bad_streak, "elapsed": self.elapsed,
+        positions = parallel.gather_ints(self.source.position)  # every rank's (DAPO's rounds differ by rank)
+        state = {"data_position": positions[0], "data_positions": positions,
+                 "bad_streak": self.bad_streak, "elapsed": self.elapsed,
                  "initial_model_dir": str(self.initial_dir), "eval_before": self.eval_before,
                  "actor_scheduler": self.actor_opt.scheduler.state_dict()}
         if self.critic_opt is not None:
@@ -482,6 +493,16 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str, floor: float = 0
     if kind == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
     return 1.0
+
+
+def _data_position(state: dict[str, Any], rank: int, world: int) -> int:
+    """This rank's position in the training stream on resume: its own on the same world size; on another
+    one, every rank continues after the furthest example any rank had used (none is used twice)."""
+    positions = state.get("data_positions") or [state.get("data_position", 0)]
+    if len(positions) == world:
+        return positions[rank]
+    used = max((p - 1) * len(positions) + r + 1 if p else 0 for r, p in enumerate(positions))  # examples used
+    return -(-used // world)  # ceil: the first global index this rank takes is >= used
 
 
 def _then(first: Any, second: Any) -> Any:
