@@ -123,29 +123,31 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(algo, parallel,
         assert (run / "checkpoints" / f"step-{STEPS:06d}" / "critic" / "config.json").is_file()
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
             raise AssertionError(f"exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_a_killed_two_rank_run_resumes_exactly(parallel, nano_dir, reward_dir, tmp_path):
-    args = _args(nano_dir, tmp_path, "straight", **{"run.parallel": parallel})
-    _run(2, args, reward_dir)
-    killed = _args(nano_dir, tmp_path, "killed", **{"run.parallel": parallel})
-    proc = _launch(2, killed, reward_dir)
-    marker = tmp_path / "killed" / "checkpoints" / "step-000001" / "COMPLETE"
-    _wait_for(marker.is_file, proc, 240)
+    # 8 steps, every one saved and kept: the kill lands after the first checkpoint and before the end
+    # however slow or loaded the machine (the run is polled every 20 ms)
+    long = {"run.parallel": parallel, "run.steps": 8, "run.keep_checkpoints": 10}
+    _run(2, _args(nano_dir, tmp_path, "straight", **long), reward_dir)
+    proc = _launch(2, _args(nano_dir, tmp_path, "killed", **long), reward_dir)
+    saved = tmp_path / "killed" / "checkpoints"
+    _wait_for(lambda: any(saved.glob("step-*/COMPLETE")), proc, 240, every=0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once, wherever they are
     proc.wait(timeout=30)
     assert not (tmp_path / "killed" / "summary.json").exists()
+    assert not (saved / "step-000008").exists(), "killed too late to test a resume"
     _run(2, ["--resume", str(tmp_path / "killed")], reward_dir)
-    got, want = _policy(tmp_path / "killed"), _policy(tmp_path / "straight")
+    got, want = _policy(tmp_path / "killed", 8), _policy(tmp_path / "straight", 8)
     for k in want:
         assert torch.equal(got[k], want[k]), k
 
