@@ -1,5 +1,5 @@
-"""The pure pieces of bench/grpo_vs_trl.py, bench/efficiency.py and bench/rollout.py (neither TRL nor a worker
-is started)."""
+"""The pure pieces of bench/grpo_vs_trl.py, bench/efficiency.py, bench/rollout.py, bench/data_parallel.py and
+bench/lora.py (neither TRL nor a worker nor a training run is started)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import data_parallel  # noqa: E402
 import efficiency  # noqa: E402
 import grpo_vs_trl  # noqa: E402
+import lora as lora_bench  # noqa: E402
 import rollout as rollout_bench  # noqa: E402
 
 from gradus.models import build_char_tokenizer  # noqa: E402
@@ -72,3 +74,99 @@ def test_rollout_bench_model_config_is_valid_and_nothing_stops_early():
     engine = rollout_bench.LocalEngine(model, pad_token_id=0, eos_token_ids=[vocab])
     assert rollout_bench.time_engine(engine, prompts, T, seed=0)[1] == B * T
     assert rollout_bench.time_generate(model, prompts, T, 0, 0, vocab)[1] == B * T
+
+
+def _step(seconds: float, gen: float, tokens: float = 4000.0, **extra) -> dict[str, float]:
+    return {"time/step_seconds": seconds, "rollout/gen_seconds": gen, "rollout/tokens": tokens,
+            "time/threads": 1.0, "rollout/length_mean": tokens / 512, "reward/mean": 0.1, **extra}
+
+
+def test_data_parallel_summary_skips_the_first_step_and_busy_steps():
+    # step 1 (9 s) warms up; step 3 (5 s) ran while other work took 1.1 cores; left: 2 s and 4 s -> median 3 s
+    steps = [_step(9.0, 1.0), _step(2.0, 0.5), _step(5.0, 0.5), _step(4.0, 1.5)]
+    out = data_parallel.summarize(steps, completions_per_step=512, others=[0.0, 0.1, 1.1, 0.2])
+    assert out["step_s"] == 3.0 and out["steps_per_s"] == pytest.approx(1 / 3)
+    assert out["completions_per_s"] == pytest.approx(512 / 3)
+    assert out["tokens_per_s"] == pytest.approx((2000 + 1000) / 2)  # median of 4000/2 and 4000/4
+    assert out["gen_s"] == 1.0 and out["rest_s"] == 2.0  # medians of (0.5, 1.5) and (1.5, 2.5)
+    assert (out["quiet_steps"], out["timed_steps"]) == (2, 3)
+    # no quiet step: every step after the first counts
+    assert data_parallel.summarize(steps, 512, others=[2.0] * 4)["step_s"] == 4.0
+    with pytest.raises(ValueError):
+        data_parallel.summarize(steps[:1], 512)
+
+
+def test_same_rollouts_per_step():
+    a = [_step(1, 0, tokens=4157), _step(1, 0, tokens=4078)]
+    b = [_step(1, 0, tokens=4157), _step(1, 0, tokens=4080)]
+    assert data_parallel.same_rollouts(a, b) == [True, False]
+
+
+def test_load_monitor_gives_each_step_the_other_work_beside_it():
+    monitor = data_parallel.LoadMonitor([0], Path("unused"))
+    # (wall, machine busy s, ours s, metrics lines): the evaluation line at t=1, step 1 ends at t=3
+    # (busy 4 s, ours 3 s -> others 0.5 core), step 2 at t=4 (busy 2 s, ours 2 s -> 0)
+    monitor.samples = [(0.0, 0.0, 0.0, 0), (1.0, 1.0, 1.0, 1), (3.0, 5.0, 4.0, 2), (4.0, 7.0, 6.0, 3)]
+    assert monitor.per_step() == [0.5, 0.0]
+
+
+def test_tree_cpu_finds_this_process_and_its_child():
+    import os
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        found = data_parallel.tree_cpu(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert {os.getpid(), child.pid} <= set(found) and all(cpu >= 0 for cpu in found.values())
+
+
+def test_data_parallel_commands():
+    one, two = data_parallel.CASES[0], data_parallel.CASES[2]
+    assert data_parallel.command(one, ["run.steps=2"])[1:] == ["-m", "gradus", "train", "run.steps=2",
+                                                               "run.threads=2", "run.parallel=ddp"]
+    cmd = data_parallel.command(two, [])
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert cmd[-2:] == ["run.threads=1", "run.parallel=fsdp2"]
+
+
+def test_lora_summary_by_hand():
+    result = {
+        "steps": [{"step_s": 9.0, "gen_s": 3.0, "tokens": 8192, "threads": 2, "others_cores": 0.0},
+                  {"step_s": 2.0, "gen_s": 0.5, "tokens": 8192, "threads": 2, "others_cores": 0.0},
+                  {"step_s": 7.0, "gen_s": 4.0, "tokens": 8192, "threads": 2, "others_cores": 0.9},
+                  {"step_s": 3.0, "gen_s": 1.5, "tokens": 8192, "threads": 2, "others_cores": 0.1}],
+        "peak_rss_mib": 1500.0, "rss_built_mib": 400.0, "step_mib": 1100.0, "torch_step_mib": 700.0,
+        "fast_decoder": False, "phase_growth_mib": {"sample": 50.0, "update": 900.0},
+        "state": {"weights": 3.0, "reference": 0.0, "grads": 0.5, "optimizer": 1.0, "params": 9, "trainable": 2},
+    }
+    out = lora_bench.summarize(result)
+    assert out["step_s"] == 2.5 and out["gen_s"] == 1.0 and out["rest_s"] == 1.5  # steps 2 and 4
+    assert (out["quiet_steps"], out["timed_steps"]) == (2, 3)
+    assert out["state_mib"] == 4.5 and out["prepare_mib"] == 0.0 and out["update_mib"] == 900.0
+
+
+def test_profiled_peak_counts_what_torch_held_at_once():
+    import torch
+
+    def work():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)  # 4 MiB more while a is alive
+        del a, b
+        torch.ones(1 << 19)  # 2 MiB after both are freed: not a new peak
+
+    assert 8.0 <= lora_bench.profiled_peak_mib(work) < 8.5
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_phase_peaks_see_a_transient_allocation():
+    phases = lora_bench.PhasePeaks()
+
+    def allocate():
+        block = bytearray(64 << 20)  # zero-filled: every page is touched
+        return len(block)
+
+    assert phases.wrap("work", allocate)() == 64 << 20
+    assert 60 <= phases.growth["work"] < 200
