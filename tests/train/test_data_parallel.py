@@ -140,3 +140,29 @@ def test_dynamic_sampling_ranks_stay_in_step(nano_dir, tmp_path, signal_reward):
     assert any(not torch.equal(p, ranks[0]["params"][k]) for k, p in start.named_parameters())
     for k in ranks[0]["params"]:
         torch.testing.assert_close(ranks[0]["params"][k], ranks[1]["params"][k], rtol=0, atol=0, msg=k)
+
+
+def _name_worker(rank: int, init_file: str, overrides: list[str], reward_dir: str, out_dir: str) -> None:
+    import time
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, reward_dir)
+    if rank == 1:  # this rank's clock is a few seconds ahead (another machine, or a later start)
+        real = time.strftime
+        time.strftime = lambda fmt, *a: real(fmt, time.localtime(time.time() + 7))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        trainer = Trainer(load_config(overrides=overrides))  # no run.name: named from the clock
+        torch.save(str(trainer.run_dir), f"{out_dir}/name{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_uses_rank_0s_run_folder(nano_dir, tmp_path, signal_reward):
+    overrides = [o for o in tiny_overrides(nano_dir, tmp_path, **{"task.rewards": signal_reward})
+                 if not o.startswith("run.name")]
+    mp.spawn(_name_worker, args=(str(tmp_path / "init"), overrides, str(tmp_path), str(tmp_path)), nprocs=WORLD)
+    names = [torch.load(tmp_path / f"name{r}.pt") for r in range(WORLD)]
+    assert names[0] == names[1], names
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("grpo-")]) == 1
