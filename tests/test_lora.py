@@ -16,29 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
 from gradus.logprobs import completion_logprobs
-from gradus.models import build_char_tokenizer, build_tiny_model, load_pretrained, lora, save_pretrained
+from gradus.models import build_char_tokenizer, build_tiny_model, load_pretrained, lora
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.train.checkpoint import latest_checkpoint
 from gradus.train.trainer import Trainer, resume_config
-
-
-@pytest.fixture(scope="module")
-def nano_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nano")
-    tokenizer = build_char_tokenizer()
-    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, seed=0), tokenizer, path)
-    return path
-
-
-@pytest.fixture
-def signal_reward(tmp_path, monkeypatch):
-    """An untrained model never answers right; this reward pays for digits, so groups differ and updates happen
-    (as tests/train/conftest.py's fixture of the same name)."""
-    (tmp_path / "lora_rewards.py").write_text(
-        "def digits(prompts, completions, **fields):\n"
-        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "lora_rewards:digits:0.5,numeric_match"
 
 
 def _nonzero_adapter(seed: int = 0):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from train import conftest as train_conftest
+from train.conftest import tiny_overrides
 
 from gradus.cli import main
 from gradus.config import load_config
@@ -20,9 +20,6 @@ from gradus.train import bootstrap
 from gradus.train import sft as sft_module
 from gradus.train import update as update_module
 from gradus.train.trainer import Trainer
-
-nano_dir = train_conftest.nano_dir  # the session fixture: a nano model saved once
-tiny_overrides = train_conftest.tiny_overrides
 
 
 def _one_line(err: str) -> str:

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from train import conftest as train_conftest
+from train.conftest import tiny_overrides
 
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
@@ -19,9 +19,6 @@ from gradus.models import ModelLoadError, load_pretrained, save_pretrained
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.tasks import DatasetError, FileTask
 from gradus.train import bootstrap
-
-nano_dir = train_conftest.nano_dir  # the session fixture: a nano model saved once
-tiny_overrides = train_conftest.tiny_overrides
 
 
 def _rows(n: int, long_rows: tuple[int, ...] = ()) -> list[dict]:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_digits_reward
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from train.conftest import nano_dir, tiny_overrides  # noqa: F401 (nano_dir is a fixture)
+from train.conftest import tiny_overrides
 
 import gradus
 from gradus.cli import main
@@ -40,9 +41,7 @@ REWARD = "fault_rewards:digits:0.5,numeric_match"  # an untrained model scores 0
 def reward_dir(tmp_path_factory):
     """A user reward that pays for digits, so groups differ and every step moves the parameters."""
     home = tmp_path_factory.mktemp("fault_rewards")
-    (home / "fault_rewards.py").write_text(
-        "def digits(prompts, completions, **fields):\n"
-        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
+    write_digits_reward(home, "fault_rewards")
     sys.path.insert(0, str(home))
     yield home
     sys.path.remove(str(home))
@@ -71,7 +70,7 @@ def assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(nano_dir, reward_dir, tmp_path_factory):  # noqa: F811
+def straight(nano_dir, reward_dir, tmp_path_factory):
     """Parameters after an uninterrupted run."""
     trainer = Trainer(load_config(overrides=overrides(nano_dir, tmp_path_factory.mktemp("straight"))))
     trainer.fit()
@@ -130,7 +129,7 @@ CASES = [(where, None) for where in HOOKS] + [("generate", 1)]
 
 
 @pytest.mark.parametrize(("where", "call"), CASES, ids=[f"{w}-{c or 'random'}" for w, c in CASES])
-def test_ctrl_c_inside_a_step_then_resume_is_exact(where, call, nano_dir, reward_dir, straight,  # noqa: F811
+def test_ctrl_c_inside_a_step_then_resume_is_exact(where, call, nano_dir, reward_dir, straight,
                                                    tmp_path, monkeypatch):
     hook, calls_in_run = HOOKS[where]
     target = call or random.Random(f"issue10-{where}").randint(1, calls_in_run)
@@ -160,7 +159,7 @@ def test_ctrl_c_inside_a_step_then_resume_is_exact(where, call, nano_dir, reward
     assert_logged_once(trainer.run_dir)
 
 
-def test_second_ctrl_c_aborts_at_once_and_saves_nothing(nano_dir, reward_dir, straight, tmp_path,  # noqa: F811
+def test_second_ctrl_c_aborts_at_once_and_saves_nothing(nano_dir, reward_dir, straight, tmp_path,
                                                          monkeypatch):
     trainer = Trainer(load_config(overrides=overrides(nano_dir, tmp_path, **{"run.save_every": 1})))
     real = Scorer.score
@@ -190,7 +189,7 @@ def test_second_ctrl_c_aborts_at_once_and_saves_nothing(nano_dir, reward_dir, st
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_signal_to_a_cli_run_then_resume_with_steps(sig, nano_dir, reward_dir, straight, tmp_path):  # noqa: F811
+def test_signal_to_a_cli_run_then_resume_with_steps(sig, nano_dir, reward_dir, straight, tmp_path):
     """A real `kill` to `gradus train`: it finishes its step, saves, exits 128+signal; `--resume RUN
     --steps N` then ends where an uninterrupted N-step run ends."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -223,7 +222,7 @@ def test_signal_to_a_cli_run_then_resume_with_steps(sig, nano_dir, reward_dir, s
 
 
 # ---- kills while checkpointing ----------------------------------------------------------------------------
-def test_resume_skips_a_checkpoint_marked_complete_without_policy(nano_dir, reward_dir, straight, tmp_path,  # noqa: F811
+def test_resume_skips_a_checkpoint_marked_complete_without_policy(nano_dir, reward_dir, straight, tmp_path,
                                                                   capsys):
     trainer = Trainer(load_config(overrides=overrides(nano_dir, tmp_path, **{
         "run.save_every": 1})))
@@ -238,7 +237,7 @@ def test_resume_skips_a_checkpoint_marked_complete_without_policy(nano_dir, rewa
     assert_logged_once(tmp_path / "run")
 
 
-def test_a_kill_while_deleting_a_checkpoint_never_leaves_a_broken_one(nano_dir, reward_dir, straight,  # noqa: F811
+def test_a_kill_while_deleting_a_checkpoint_never_leaves_a_broken_one(nano_dir, reward_dir, straight,
                                                                       tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
@@ -293,7 +292,7 @@ def test_files_are_fsynced_before_the_rename_that_publishes_them(tmp_path, monke
 
 
 # ---- metrics after a resume -------------------------------------------------------------------------------
-def test_kill_after_the_final_evaluation_logs_it_once(nano_dir, reward_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_kill_after_the_final_evaluation_logs_it_once(nano_dir, reward_dir, tmp_path, monkeypatch):
     trainer = Trainer(load_config(overrides=overrides(nano_dir, tmp_path, **{"run.steps": 1, "run.save_every": 1})))
     monkeypatch.setattr(Trainer, "write_summary", lambda self, final: sys.exit("killed"))
     with pytest.raises(SystemExit):
@@ -317,7 +316,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 # ---- --resume and the shortcut flags ----------------------------------------------------------------------
-def test_resume_takes_steps_and_refuses_flags_that_would_change_the_run(nano_dir, reward_dir, tmp_path,  # noqa: F811
+def test_resume_takes_steps_and_refuses_flags_that_would_change_the_run(nano_dir, reward_dir, tmp_path,
                                                                         capsys, monkeypatch):
     args = overrides(nano_dir, tmp_path, **{"run.steps": 1, "run.save_every": 1})
     assert main(["train", *args]) == 0

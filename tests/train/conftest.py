@@ -1,15 +1,4 @@
-import pytest
-
-from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
-
-
-@pytest.fixture(scope="session")
-def nano_dir(tmp_path_factory):
-    """A nano Qwen2 model with the char tokenizer, saved in HF format (no SFT: tests need speed, not skill)."""
-    path = tmp_path_factory.mktemp("nano")
-    tokenizer = build_char_tokenizer()
-    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, seed=0), tokenizer, path)
-    return path
+"""tiny_overrides; the nano_dir and signal_reward fixtures are in tests/conftest.py."""
 
 
 def tiny_overrides(nano_dir, tmp_path, **extra):
@@ -21,13 +10,3 @@ def tiny_overrides(nano_dir, tmp_path, **extra):
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture
-def signal_reward(tmp_path, monkeypatch):
-    """An untrained model never answers right; this user reward pays for digits, so groups differ."""
-    (tmp_path / "my_rewards.py").write_text(
-        "def digits(prompts, completions, **fields):\n"
-        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "my_rewards:digits:0.5,numeric_match"

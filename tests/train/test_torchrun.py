@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_digits_reward
 from safetensors.torch import load_file
 
 import gradus
@@ -59,9 +60,7 @@ def _args(nano_dir: Path, out: Path, name: str, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("rewards")
-    (path / "my_rewards.py").write_text(
-        "def digits(prompts, completions, **fields):\n"
-        "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
+    write_digits_reward(path, "my_rewards")
     return path
 
 

@@ -1,0 +1,35 @@
+"""Fixtures and helpers shared by every test folder: an untrained nano model on disk and a user reward."""
+
+from pathlib import Path
+
+import pytest
+
+from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+
+# An untrained model never answers right; this reward pays for digits, so a group's rewards differ and
+# every update moves the parameters.
+DIGITS_REWARD = ("def digits(prompts, completions, **fields):\n"
+                 "    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]\n")
+
+
+def write_digits_reward(folder: Path, module: str) -> str:
+    """Write the digits reward as `folder/module.py`; returns the task.rewards spec that uses it."""
+    (Path(folder) / f"{module}.py").write_text(DIGITS_REWARD)
+    return f"{module}:digits:0.5,numeric_match"
+
+
+@pytest.fixture(scope="session")
+def nano_dir(tmp_path_factory):
+    """A nano Qwen2 model with the char tokenizer, saved in HF format (no SFT: tests need speed, not skill)."""
+    path = tmp_path_factory.mktemp("nano")
+    tokenizer = build_char_tokenizer()
+    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, seed=0), tokenizer, path)
+    return path
+
+
+@pytest.fixture
+def signal_reward(tmp_path, monkeypatch):
+    """The digits reward as a user reward module on sys.path; returns its task.rewards spec."""
+    spec = write_digits_reward(tmp_path, "my_rewards")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return spec
