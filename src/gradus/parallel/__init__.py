@@ -63,7 +63,12 @@ class Layout:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return active()
+
+
+def active() -> bool:
+    """Whether this process is in an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def launched_by_torchrun() -> bool:
@@ -73,7 +78,7 @@ def launched_by_torchrun() -> bool:
 def setup(device_name: str, timeout_s: float) -> Layout:
     """Join the process group torchrun's environment describes (gloo on CPU, nccl on CUDA), or return
     the single-process layout. An already initialised group (a test, a user's own launcher) is used as is."""
-    if dist.is_available() and dist.is_initialized():
+    if active():
         return Layout(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if not launched_by_torchrun():
         return Layout()
@@ -103,7 +108,7 @@ def rank_device(device: torch.device, layout: Layout) -> torch.device:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.barrier()
 
 
@@ -137,7 +142,7 @@ def shard(model: nn.Module) -> nn.Module:
 def wrap(model: nn.Module, kind: str, device: torch.device, *, trainable: bool = True) -> nn.Module:
     """The model as this run trains (or, trainable=False, evaluates) it: bare in one process; DDP or FSDP2
     under torchrun. A frozen model under DDP stays bare (a replica needs no gradient sync)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return model
     if kind == "fsdp2":
         return shard(model)
@@ -205,23 +210,29 @@ def copy_full_weights(sharded: nn.Module, full: nn.Module) -> None:
         param.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
-def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Tensor]:
-    """The unsharded weights of a (possibly wrapped) model, keyed as the bare model's state_dict. With
-    rank0_only, other ranks get {} and rank 0 gets CPU tensors (for saving)."""
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: a sharded model's unsharded weights, on CPU on rank 0 ({} on the others), keyed as the
+    bare model's state_dict (for saving)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not is_wrapped(model):
-        return model.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ---- collectives ------------------------------------------------------------------------------------
 def global_max(value: int, device: torch.device | str = "cpu") -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return value
     x = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def global_min(value: int, device: torch.device | str = "cpu") -> int:
+    """The smallest of every rank's `value` (itself in one process)."""
+    if not active():
+        return value
+    x = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
     return int(x.item())
 
 
@@ -235,7 +246,7 @@ def equal_pieces(pieces: list[torch.Tensor], device: torch.device | str = "cpu")
 def combine_over_ranks(metrics: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
     """Each metric over the ranks that report it: summed for the keys in `summed` (counts, throughput),
     averaged otherwise (identity in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not active() or dist.get_world_size() == 1:
         return metrics
     gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, metrics)
@@ -246,7 +257,7 @@ def combine_over_ranks(metrics: dict[str, float], summed: tuple[str, ...] = ()) 
 
 def from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (a name, a path: anything picklable); itself in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -255,26 +266,24 @@ def from_rank0(value: Any) -> Any:
 
 def gather_ints(value: int) -> list[int]:
     """Every rank's `value`, in rank order ([value] in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return [value]
     out: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when it is True on any (e.g. a stop signal one rank saw first)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return flag
-    x = torch.tensor([int(flag)])
-    if dist.get_backend() == "nccl":
-        x = x.cuda()
+    x = torch.tensor([int(flag)], device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return bool(x.item())
 
 
 def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return values
     x = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(x)

@@ -27,15 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from gradus.logprobs import base_model
+from gradus.logprobs import base_model, position_ids_from_mask
 
 _DIRECT_MODELS = {"Qwen2ForCausalLM": "Qwen2", "LlamaForCausalLM": "Llama"}
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq does not depend on the sequence seen so far
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Gradus position-id convention: count of real tokens before each column; 0 on left padding."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
 # Config fields whose non-neutral value means layers the fast path does not compute.

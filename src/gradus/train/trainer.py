@@ -55,7 +55,7 @@ from gradus.train.passes import batch_logprobs, batch_values
 from gradus.train.presets import ResolvedAlgo, resolved_config
 from gradus.train.runlog import NullLogger, RunLogger, read_metrics
 from gradus.train.scoring import Scorer, parse_reward_specs
-from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, global_min, run_updates
+from gradus.train.update import NonFiniteUpdate, Optim, UpdateInputs, global_count, run_updates
 
 
 @dataclass
@@ -224,9 +224,9 @@ class Trainer:
                 if self.eval_before is None:
                     self.eval_before = self.evaluate()
                     log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
-                while self.step < cfg.run.steps and not parallel.any_rank(stop.requested):
+                while self.step < cfg.run.steps and not parallel.any_rank(stop.requested, self.device):
                     self._step(log)
-                if parallel.any_rank(stop.requested):
+                if parallel.any_rank(stop.requested, self.device):
                     ckpt = self.save()
                     message = f"stopped by {stop.name} after step {self.step}, saved in {ckpt}"
                     log.write(message)
@@ -277,7 +277,7 @@ class Trainer:
         metrics = dict(got.metrics, **{"time/threads": float(threads)})
         # every rank must take the same number of optimizer steps (they all-reduce gradients), so the
         # smallest batch over ranks sets the minibatch count, and if one rank has none, none trains
-        smallest = global_min(got.batch.batch_size if got.batch is not None else 0, self.device)
+        smallest = parallel.global_min(got.batch.batch_size if got.batch is not None else 0, self.device)
         if smallest == 0:
             metrics["actor/skipped_updates"] = 0.0
             metrics["actor/updates"] = 0.0
@@ -382,7 +382,7 @@ class Trainer:
                     continue
                 if not parallel.is_sharded(model):  # DDP: every rank holds the whole model; rank 0 saves it
                     models[name] = (parallel.unwrap_ddp(model), tokenizer)
-                elif full := parallel.full_state_dict(model, rank0_only=True):  # FSDP2: gathered on rank 0
+                elif full := parallel.full_state_dict(model):  # FSDP2: gathered on rank 0
                     save = functools.partial(save_hf_full, model, full)
                     writers[name] = _then(save, tokenizer.save_pretrained) if tokenizer is not None else save
         else:

@@ -53,25 +53,12 @@ class NonFiniteUpdate(RuntimeError):
     """Too many consecutive updates had a NaN or inf loss or gradient."""
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def global_count(x: torch.Tensor) -> torch.Tensor:
     """A count summed over data-parallel ranks (identity in a single process)."""
-    if _distributed():
+    if parallel.active():
         x = x.clone()
         dist.all_reduce(x)
     return x
-
-
-def global_min(value: int, device: torch.device | str = "cpu") -> int:
-    """The smallest of every rank's `value` (itself in a single process)."""
-    if not _distributed():
-        return value
-    x = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return int(x.item())
 
 
 def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
@@ -83,7 +70,7 @@ def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
     (DDP would overlap it with the backward; exactness first). Identity in a single process.
     Returns False on every rank when any rank saw a non-finite loss (then no rank steps).
     """
-    if not _distributed():
+    if not parallel.active():
         return finite
     device = next(models[0].parameters()).device if models else torch.device("cpu")
     flag = torch.tensor([1.0 if finite else 0.0], device=device)
