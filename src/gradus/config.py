@@ -12,9 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib
-import math
-import re
 import types
 import typing
 from collections.abc import Callable
@@ -24,71 +21,7 @@ from typing import Any
 
 import yaml
 
-
-@dataclass(frozen=True)
-class Allowed:
-    """The valid values of one field: a numeric range, a list of choices, or a text pattern.
-
-    `choices` may name where the list lives ("module:attribute", a collection or a function that
-    returns one), so a registry stays the one source of its names. None is always allowed where the
-    field's type allows it; numbers must be finite.
-    """
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    choices: tuple[Any, ...] | str | None = None
-    pattern: str | None = None
-    text: str = ""  # how a pattern (or a free-text field) reads to a user
-
-    def options(self) -> tuple[Any, ...] | None:
-        if not isinstance(self.choices, str):
-            return self.choices
-        module, _, attr = self.choices.partition(":")
-        found = getattr(importlib.import_module(module), attr)
-        return tuple(found() if callable(found) else found)
-
-    def describe(self) -> str:
-        """E.g. '> 0', 'in [0, 1]', 'one of float32, bfloat16'."""
-        low = (f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}" if self.ge is not None else None)
-        high = (f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]" if self.le is not None else None)
-        if low and high:
-            return f"in {low}, {high}"
-        if low:
-            return f"{'>' if low[0] == '(' else '>='} {low[1:]}"
-        if high:
-            return f"{'<' if high[-1] == ')' else '<='} {high[:-1]}"
-        if self.choices is not None:
-            return "one of " + ", ".join(map(str, self.options() or ()))
-        return self.text or "any"
-
-    def problem(self, value: Any) -> str | None:
-        """Why `value` is not allowed, or None when it is."""
-        if value is None or isinstance(value, bool):
-            return None
-        if isinstance(value, int | float):
-            if not math.isfinite(value):
-                return f"must be a finite number {self.describe()}"
-            bounds = ((self.gt, lambda b: value > b), (self.ge, lambda b: value >= b),
-                      (self.lt, lambda b: value < b), (self.le, lambda b: value <= b))
-            if not all(ok(b) for b, ok in bounds if b is not None):
-                return f"must be {self.describe()}"
-        if self.choices is not None and value not in self.options():
-            return f"must be {self.describe()}"
-        if self.pattern is not None and not re.fullmatch(self.pattern, str(value), re.DOTALL):
-            return f"must be {self.describe()}"
-        return None
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def spec(default: Any, **allowed: Any) -> Any:
-    """A dataclass field with a default and its valid values (see `Allowed`)."""
-    return field(default=default, metadata={"allowed": Allowed(**allowed)})
-
+from gradus.config_spec import Allowed, spec
 
 # The attention and MLP projections of Llama and Qwen2 (and most decoders that copy their names).
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -169,6 +102,26 @@ class RolloutConfig:
     """Top-k sampling (0: off)."""
     max_new_tokens: int = spec(16, ge=1)
     """Hard limit on completion length (DAPO's L_max)."""
+    engine: str = spec("local", choices=("local", "vllm"))
+    """What samples completions (training and evaluation): local (the policy itself) or vllm (see vllm.*)."""
+
+
+@dataclass
+class VLLMConfig:
+    """Settings of the vLLM rollout engine (rollout.engine=vllm); colocated with training in one process."""
+
+    dtype: str = spec("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """The engine's weights and compute; auto: model.dtype (fp32 on CPU: sampling log-probs match training)."""
+    memory_fraction: float = spec(0.3, gt=0, le=1)
+    """GPU: share of the GPU's memory the engine may take (weights + KV cache); training uses the rest."""
+    kv_cache_gb: float | None = spec(None, gt=0)
+    """KV cache size in GiB; None: 1 GiB on CPU, memory_fraction on GPU."""
+    max_model_len: int | None = spec(None, ge=1)
+    """Longest prompt + completion the engine serves; None: the model's positions."""
+    eager: bool = spec(True)
+    """No CUDA graphs / torch.compile: starts in seconds (False: slower start, faster sampling on GPU)."""
+    sleep: bool = spec(True)
+    """GPU: free the engine's KV cache while the trainer updates (vLLM sleep mode); ignored on CPU."""
 
 
 @dataclass
@@ -217,6 +170,12 @@ class AlgoConfig:
     """PPO: critic learning rate."""
     critic_warmup: int = spec(0, ge=0)
     """PPO: first steps that train only the critic (measured on the default task: it did not help)."""
+    rollout_correction: str = spec("none", choices="gradus.objectives.correction:CORRECTIONS")
+    """Rollout/training mismatch correction: none, tis, mis, seq_tis, seq_mis or icepop (docs/objectives.md)."""
+    correction_low: float | None = spec(None, gt=0)
+    """Lower bound of the ratio pi_train/pi_rollout kept by mis, seq_mis, icepop; None: the mode's (0.5)."""
+    correction_high: float | None = spec(None, gt=0)
+    """Cap (tis, seq_tis) or upper bound (mis, seq_mis, icepop) of that ratio; None: the mode's (2; icepop 5)."""
 
 
 @dataclass
@@ -276,6 +235,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -468,7 +428,13 @@ ALIASES: dict[str, str] = {
     "per_device_train_batch_size": "rollout.prompts_per_step", "rollout_batch_size": "rollout.prompts_per_step",
     "max_completion_length": "rollout.max_new_tokens", "max_response_length": "rollout.max_new_tokens",
     "response_length": "rollout.max_new_tokens", "max_tokens": "rollout.max_new_tokens",
-    "max_length": "rollout.max_new_tokens",
+    "max_length": "rollout.max_new_tokens", "use_vllm": "rollout.engine", "vllm_mode": "rollout.engine",
+    "vllm_gpu_memory_utilization": "vllm.memory_fraction", "gpu_memory_utilization": "vllm.memory_fraction",
+    "vllm_max_model_length": "vllm.max_model_len", "vllm_enable_sleep_mode": "vllm.sleep",
+    "enable_sleep_mode": "vllm.sleep", "enforce_eager": "vllm.eager", "free_cache_engine": "vllm.sleep",
+    "vllm_importance_sampling_correction": "algo.rollout_correction", "rollout_is": "algo.rollout_correction",
+    "vllm_importance_sampling_cap": "algo.correction_high", "tis_imp_ratio_cap": "algo.correction_high",
+    "rollout_is_threshold": "algo.correction_high",
     # run, task, model
     "steps": "run.steps", "max_steps": "run.steps", "total_steps": "run.steps", "num_steps": "run.steps",
     "total_training_steps": "run.steps", "num_train_epochs": "run.steps", "total_epochs": "run.steps",
@@ -497,6 +463,8 @@ _ALIAS_NOTES = {
     "train_batch_size": "prompts per step; each gets rollout.group_size completions",
     "per_device_train_batch_size": "prompts per step; each gets rollout.group_size completions",
     "bf16": "model.dtype=bfloat16",
+    "use_vllm": "rollout.engine=vllm (colocated in the training process)",
+    "vllm_mode": "rollout.engine=vllm, always colocated (no separate server)",
 }
 for _alias in ("gradient_accumulation_steps", "gradient_accumulation", "ppo_micro_batch_size", "micro_batch_size"):
     _ALIAS_NOTES[_alias] = "gradus accumulates by itself: a minibatch is cut into pieces of at most this many tokens"
