@@ -170,6 +170,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gradus.train import bootstrap
+    from gradus.train.engines import build_engine, engine_problem
     from gradus.train.evaluate import evaluate
 
     cfg = _config_from(args)
@@ -184,7 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
     heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()
-    result = evaluate(model, tokenizer, task, heldout,
+    if problem := engine_problem(cfg, distributed=False):
+        raise ConfigError(problem)
+    engine = build_engine(cfg, model, tokenizer, Path(cfg.model.path), device)
+    result = evaluate(engine, tokenizer, task, heldout,
                       max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
                       seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
     if args.json:

@@ -12,6 +12,7 @@ from gradus.config import ConfigError
 from gradus.models.loading import ModelLoadError
 from gradus.parallel import CollectiveFailed
 from gradus.rewards.pool import RewardError, RewardTimeout
+from gradus.rollout.engine import EngineError
 from gradus.tasks.files import DatasetError
 from gradus.train.export import ExportError
 from gradus.train.update import NonFiniteUpdate
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (ModelLoadError, "model error", 2),
     (DatasetError, "data error", 2),
     (ExportError, "export error", 2),
+    (EngineError, "rollout engine error", 2),
     (NonFiniteUpdate, "run stopped", 1),
     (CollectiveFailed, "data-parallel job stopped", 1),
     (RewardTimeout, "reward timed out (task.strict_rewards)", 1),

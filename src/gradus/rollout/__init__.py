@@ -1,6 +1,6 @@
 """Rollout: sampling G completions per prompt, the most expensive stage of RL post-training."""
 
-from gradus.rollout.engine import RolloutEngine
+from gradus.rollout.engine import EngineError, RolloutEngine
 from gradus.rollout.local import LocalEngine, model_positions
 from gradus.rollout.sampling import (
     apply_temperature,
@@ -14,6 +14,7 @@ from gradus.rollout.sampling import (
 from gradus.rollout.types import RolloutBatch, SamplingParams
 
 __all__ = [
+    "EngineError",
     "LocalEngine",
     "RolloutBatch",
     "RolloutEngine",

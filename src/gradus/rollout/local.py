@@ -49,6 +49,26 @@ def model_positions(model: nn.Module) -> int | None:
     return config_positions(getattr(model, "config", None))
 
 
+def prompt_seeds(count: int, n: int, seed: int | None, seeds: Sequence[int] | None) -> list[int]:
+    """The per-prompt keys of a `generate` call (checked): `seeds` as given, else (seed, j) mixed; without
+    either, a seed drawn from torch's global RNG (so torch.manual_seed still governs it)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if seeds is not None:
+        if len(seeds) != count:
+            raise ValueError(f"seeds has {len(seeds)} entries for {count} prompts")
+        return list(seeds)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return [seed * 1_000_003 + j for j in range(count)]
+
+
+def completion_keys(seeds: Sequence[int], n: int, device: torch.device) -> torch.Tensor:
+    """[len(seeds) * n] int64: the key of completion s of prompt j at row j*n + s (see sampling.row_keys)."""
+    base = torch.tensor([int(s) & 0x7FFFFFFFFFFFFFFF for s in seeds], dtype=torch.long, device=device)
+    return row_keys(base.repeat_interleave(n), torch.arange(n, device=device).repeat(len(seeds)))
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> (ids [N, P] long, mask [N, P] long), left-padded to the longest prompt."""
@@ -65,6 +85,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
 
 class LocalEngine:
     """Samples completions with `model` (a HF causal LM) in this process; implements `RolloutEngine`."""
+
+    owns_weights = False  # it samples with the trainer's module: nothing to synchronise
 
     def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_ids: Sequence[int] | int,
                  backend: Backend = "auto") -> None:
@@ -99,6 +121,15 @@ class LocalEngine:
         with torch.no_grad():
             self.model.load_state_dict(dict(state_dict), strict=True)
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine holds no memory of its own between rollouts."""
+
+    def wake_up(self) -> None:
+        """Nothing to take back (see `sleep`)."""
+
+    def close(self) -> None:
+        """Nothing to shut down: the model belongs to the caller."""
+
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, *,
                  seed: int | None = None, seeds: Sequence[int] | None = None) -> RolloutBatch:
         """n completions per prompt; rows j*n .. j*n+n-1 belong to prompts[j].
@@ -108,14 +139,7 @@ class LocalEngine:
         trainer keys prompts by (run seed, step, example index), which no rank or world size changes).
         Without `seeds`, prompt j's key is (seed, j); without either, the seed is drawn from torch's RNG.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
-        if seeds is None:
-            if seed is None:  # draw one from torch's global RNG, so torch.manual_seed still governs it
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            seeds = [seed * 1_000_003 + j for j in range(len(prompts))]
+        seeds = prompt_seeds(len(prompts), n, seed, seeds)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -139,8 +163,7 @@ class LocalEngine:
                              f"{positions} positions")
         ids, mask = left_pad(prompts, self.pad_token_id, device)  # [N, P] each
         B = ids.shape[0] * n
-        base = torch.tensor([int(s) & 0x7FFFFFFFFFFFFFFF for s in seeds], dtype=torch.long, device=device)
-        keys = row_keys(base.repeat_interleave(n), torch.arange(n, device=device).repeat(len(prompts)))  # [B]
+        keys = completion_keys(seeds, n, device)  # [B]
         decoder = (DirectDecoder if self.uses_direct() else HFDecoder)(self.model, T)
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)  # [E]
 

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from gradus.models import stop_token_ids
 from gradus.rewards import CombinedReward
-from gradus.rollout import LocalEngine, SamplingParams
+from gradus.rollout import RolloutEngine, SamplingParams
 from gradus.tasks import Example, Task, reward_fields
 from gradus.train.data import encode_prompts
 
@@ -25,7 +24,7 @@ def correct_flags(tokenizer: Any, prompts: list[str], ids: list[list[int]], leng
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    engine: RolloutEngine,
     tokenizer: Any,
     task: Task,
     examples: list[Example],
@@ -38,7 +37,8 @@ def evaluate(
     verify: Verifier | None = None,
     reward_timeout_s: float = 5.0,
 ) -> dict[str, float]:
-    """{"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
+    """Sample with `engine` (`gradus.train.engines.build_engine`) and judge.
+    {"accuracy": greedy accuracy, "pass_at_k": share of problems with a correct answer among k
     samples (only when k > 0), "n": number of problems}. ``verify`` judges the completions (the trainer
     passes its Scorer's); None: the task's verifier, in reward workers of its own started for this call,
     under ``reward_timeout_s`` (a completion the model writes can hang math_verify in C code)."""
@@ -49,9 +49,8 @@ def evaluate(
                 scores, _, _ = reward.score_part(0, prompts, texts, reward_fields(rows))
                 return [v >= 1.0 for v in scores]
 
-            return evaluate(model, tokenizer, task, examples, max_new_tokens=max_new_tokens, k=k,
+            return evaluate(engine, tokenizer, task, examples, max_new_tokens=max_new_tokens, k=k,
                             temperature=temperature, batch_size=batch_size, seed=seed, verify=verify_in_workers)
-    engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stop_token_ids(model, tokenizer))
     right, any_right = 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

