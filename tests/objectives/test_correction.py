@@ -31,7 +31,7 @@ def _logs(ratios):
 
 
 @pytest.mark.parametrize("mode", CORRECTIONS)
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo", "gspo_token", "sapo", "cispo", "dr_grpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
 def test_no_mismatch_weights_are_one_and_loss_unchanged(mode, algo, batch):
     logp, old, adv, mask = batch
     w, stats = correction_weights(old, old.clone(), mask, mode)
@@ -273,9 +273,15 @@ def test_metrics_against_loop(seed):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
-def test_token_weight_against_loop(algo, batch, monkeypatch):
-    """Weighted loss = the oracle's per-token losses times w, aggregated with unchanged denominators."""
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_token_weight_against_loop(algo, per_token_adv, batch, monkeypatch):
+    """Weighted loss = the oracle's per-token losses times w, aggregated with unchanged denominators.
+
+    With per-token advantages GSPO's loss is per sequence, so the weight must multiply the spread
+    loss token by token, not the advantages (the two agree only for per-sequence advantages)."""
     logp, old, adv, mask = batch
+    if per_token_adv:
+        adv = adv[:, None] + 0.5 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     w = torch.rand(logp.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 2
     obj = resolve_objective(algo)
     x = logp.clone().requires_grad_(True)
