@@ -1,4 +1,5 @@
-"""gradus.objectives: the pure tensor math of PPO, GRPO, DAPO, GSPO and SAPO.
+"""gradus.objectives: the pure tensor math of PPO, GRPO, DAPO, GSPO and SAPO, and of the
+rollout/training mismatch correction (TIS, MIS, IcePop).
 
 Every function takes tensors (log-probs, rewards, values, masks), never models, so it plugs into
 any training loop. Shapes: [B, T] per token, `loss_mask` 1 where a token counts. See
@@ -13,6 +14,7 @@ from gradus.objectives.advantages import (
     outcome_token_rewards,
 )
 from gradus.objectives.aggregation import AGG_MODES, agg_loss
+from gradus.objectives.correction import CORRECTIONS, DEFAULT_BOUNDS, correction_weights, mismatch_metrics
 from gradus.objectives.kl import KL_ESTIMATORS, kl_penalty
 from gradus.objectives.policy import objective_loss, policy_loss
 from gradus.objectives.presets import (
@@ -33,6 +35,8 @@ __all__ = [
     "ADV_SCALES",
     "AGG_MODES",
     "ALGORITHMS",
+    "CORRECTIONS",
+    "DEFAULT_BOUNDS",
     "KL_ESTIMATORS",
     "KNOBS_BY_TRUST",
     "PRESETS",
@@ -40,11 +44,13 @@ __all__ = [
     "PolicyObjective",
     "TrainerDefaults",
     "agg_loss",
+    "correction_weights",
     "dynamic_sampling_keep",
     "gae",
     "group_advantages",
     "kl_penalty",
     "masked_whiten",
+    "mismatch_metrics",
     "objective_loss",
     "outcome_token_rewards",
     "overlong_penalty",

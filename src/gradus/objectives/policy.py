@@ -48,6 +48,7 @@ def policy_loss(
     algo: str,
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
     **overrides: float | str | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss of `algo` (a preset; `overrides` change its knobs) and its metrics.
@@ -59,13 +60,17 @@ def policy_loss(
         loss_mask: 1 where a token counts. [B, T]
         algo: one of gradus.objectives.PRESETS.
         num_tokens, num_seqs: global denominators for the aggregation (see agg_loss).
+        token_weight: detached per-token weights [B, T] that multiply the per-token losses after
+            the trust region, e.g. a rollout/training mismatch correction (see correction.py);
+            the aggregation's denominators are unchanged. None: no multiplication.
         overrides: knobs of the preset, e.g. clip_high=0.28, agg="token-mean".
     Returns:
         (loss, metrics): loss a 0-dim fp32 (or fp64) tensor; metrics plain floats.
     """
     objective = resolve_objective(algo, **overrides)
     return objective_loss(
-        objective, logp, old_logp, advantages, loss_mask, num_tokens=num_tokens, num_seqs=num_seqs
+        objective, logp, old_logp, advantages, loss_mask, num_tokens=num_tokens, num_seqs=num_seqs,
+        token_weight=token_weight,
     )
 
 
@@ -78,9 +83,12 @@ def objective_loss(
     *,
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`policy_loss` for an already resolved objective (what a trainer calls every step)."""
     check_shapes("logp", logp, old_logp=old_logp, loss_mask=loss_mask)
+    if token_weight is not None:
+        check_shapes("logp", logp, token_weight=token_weight)
     logp, old_logp = at_least_fp32(logp), at_least_fp32(old_logp).detach()
     mask = loss_mask.to(logp.dtype)  # [B, T]
     adv = per_token(at_least_fp32(advantages).detach(), logp).to(logp.dtype)  # [B, T]
@@ -100,6 +108,10 @@ def objective_loss(
         else:
             loss_mat, stats = _cispo(obj, ratio, logp, adv, mask)
 
+    if token_weight is not None:
+        # after the trust region, so the weight scales what the clip (or gate) left; for GSPO it
+        # multiplies the per-sequence loss spread over the tokens, token by token
+        loss_mat = loss_mat * token_weight.detach().to(loss_mat.dtype)  # [B, T]
     loss = agg_loss(
         loss_mat, mask, obj.agg, norm=obj.agg_norm, num_tokens=num_tokens, num_seqs=num_seqs
     )
