@@ -27,6 +27,15 @@ def nano_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def micro_dir(tmp_path_factory):
+    """The built-in micro size, untrained (head size 32: vLLM's CPU attention has no kernel for nano's 16)."""
+    path = tmp_path_factory.mktemp("micro")
+    tokenizer = build_char_tokenizer()
+    save_pretrained(build_tiny_model("micro", tokenizer=tokenizer, seed=0), tokenizer, path)
+    return path
+
+
 @pytest.fixture
 def signal_reward(tmp_path, monkeypatch):
     """The digits reward as a user reward module on sys.path; returns its task.rewards spec."""

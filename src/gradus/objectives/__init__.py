@@ -14,7 +14,13 @@ from gradus.objectives.advantages import (
     outcome_token_rewards,
 )
 from gradus.objectives.aggregation import AGG_MODES, agg_loss
-from gradus.objectives.correction import CORRECTIONS, DEFAULT_BOUNDS, correction_weights, mismatch_metrics
+from gradus.objectives.correction import (
+    CORRECTIONS,
+    DEFAULT_BOUNDS,
+    correction_weights,
+    mismatch_metrics,
+    resolve_bounds,
+)
 from gradus.objectives.kl import KL_ESTIMATORS, kl_penalty
 from gradus.objectives.policy import objective_loss, policy_loss
 from gradus.objectives.presets import (
@@ -56,6 +62,7 @@ __all__ = [
     "overlong_penalty",
     "perplexity",
     "policy_loss",
+    "resolve_bounds",
     "resolve_objective",
     "sequence_log_ratio",
     "valid_knobs",

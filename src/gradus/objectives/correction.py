@@ -84,7 +84,7 @@ def correction_weights(
         stats 0-dim tensors: weight_mean (over counted tokens), masked_frac (share of counted
         tokens the band set to 0), truncated_frac (share of counted tokens capped by tis/seq_tis).
     """
-    low, high = _resolve_bounds(mode, low, high)
+    low, high = resolve_bounds(mode, low, high)
     log_rho, mask = _log_ratio(train_logp, rollout_logp, loss_mask)  # [B, T], [B, T]
     keep = mask > 0  # [B, T]
 
@@ -177,7 +177,7 @@ def _log_ratio(
     return log_rho.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND), mask
 
 
-def _resolve_bounds(mode: str, low: float | None, high: float | None) -> tuple[float | None, float | None]:
+def resolve_bounds(mode: str, low: float | None, high: float | None) -> tuple[float | None, float | None]:
     """The mode's (low, high) after defaults, checked; ValueError names the offending argument."""
     if mode not in CORRECTIONS:
         raise ValueError(f"unknown correction mode {mode!r}; valid modes: {', '.join(CORRECTIONS)}")

@@ -26,6 +26,16 @@ def engine_problem(cfg: TrainConfig, distributed: bool) -> str | None:
     return None
 
 
+def check_engine(cfg: TrainConfig, device: torch.device) -> None:
+    """Before any work: the engine's package imports on this device (EngineError says what to install)."""
+    if cfg.rollout.engine == "vllm":
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"rollout.engine=vllm runs on cpu or cuda, not {device.type}; use rollout.engine=local")
+        from gradus.rollout.vllm_engine import import_vllm
+
+        import_vllm(on_gpu=device.type == "cuda")
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, model_dir: Path,
                  device: torch.device) -> RolloutEngine:
     """The engine `cfg.rollout.engine` names. `model` is what the local engine samples with (the trainer's
@@ -35,9 +45,8 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, model
         return LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos)
     from gradus.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
+    check_engine(cfg, device)
     v = cfg.vllm
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"rollout.engine=vllm runs on cpu or cuda, not {device.type}; use rollout.engine=local")
     settings = VLLMSettings(dtype=cfg.model.dtype if v.dtype == "auto" else v.dtype,
                             memory_fraction=v.memory_fraction, kv_cache_gb=v.kv_cache_gb,
                             max_model_len=v.max_model_len, eager=v.eager, sleep=v.sleep, seed=cfg.run.seed)

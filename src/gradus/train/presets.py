@@ -13,7 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from gradus.config import AlgoConfig, ConfigError, TrainConfig
-from gradus.objectives import ALGORITHMS, KNOBS_BY_TRUST, PolicyObjective, resolve_objective, valid_knobs
+from gradus.objectives import (
+    ALGORITHMS,
+    KNOBS_BY_TRUST,
+    PolicyObjective,
+    resolve_bounds,
+    resolve_objective,
+    valid_knobs,
+)
 
 # The loss knobs, as named in both the objective and the config's algo section.
 LOSS_KNOBS = tuple(dict.fromkeys(k for knobs in KNOBS_BY_TRUST.values() for k in knobs))
@@ -38,6 +45,8 @@ class ResolvedAlgo:
     epochs: int = 1
     minibatches: int = 1
     monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
+    correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
+    correction_bounds: tuple[float | None, float | None] = (None, None)  # its (low, high), defaults filled in
 
     @property
     def uses_critic(self) -> bool:
@@ -82,6 +91,11 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError("algo.max_gen_rounds only applies with algo.dynamic_sampling=true")
     if not overlong and a.overlong_cache != defaults.overlong_cache:
         raise ConfigError("algo.overlong_cache only applies with algo.overlong_shaping=true")
+    try:
+        bounds = resolve_bounds(a.rollout_correction, a.correction_low, a.correction_high)
+    except ValueError as err:  # e.g. a lower bound for tis, which only caps
+        raise ConfigError(f"algo.rollout_correction={a.rollout_correction}: {err} (algo.correction_low / "
+                          "algo.correction_high)") from err
     # ranges (kl_coef >= 0, the estimator's name, ...) are checked on these resolved values by
     # gradus.config_checks.validate, with the rules declared next to each field
     return ResolvedAlgo(
@@ -99,6 +113,8 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         epochs=d.epochs if cfg.optim.epochs is None else cfg.optim.epochs,
         minibatches=d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches,
         monitor_kl=a.monitor_kl,
+        correction=a.rollout_correction,
+        correction_bounds=bounds,
     )
 
 
@@ -116,6 +132,7 @@ def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> Train
     out.algo.adv_scale = algo.adv_scale  # None for PPO: GAE from the critic
     out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
     out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
+    out.algo.correction_low, out.algo.correction_high = algo.correction_bounds
     return out
 
 

@@ -48,7 +48,7 @@ from gradus.train.checkpoint import (
 )
 from gradus.train.data import PromptSource
 from gradus.train.durable import DiskFull, replace_text
-from gradus.train.engines import build_engine, engine_problem
+from gradus.train.engines import build_engine, check_engine, engine_problem
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
@@ -91,6 +91,7 @@ class Trainer:
             raise ConfigError(problem)
         device, self.task = bootstrap.preflight(cfg)  # before any warm start
         self.device = parallel.rank_device(device, self.layout)
+        check_engine(cfg, self.device)  # vLLM installed and importable, before the warm start or a run folder
         specs = parse_reward_specs(cfg.task.rewards, self.task)
         try:
             self.scorer = Scorer(self.task, specs, timeout_s=cfg.task.reward_timeout_s,

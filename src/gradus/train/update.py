@@ -22,7 +22,7 @@ import torch.distributed as dist
 from gradus import parallel
 from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
-from gradus.objectives import agg_loss, kl_penalty, objective_loss, value_loss
+from gradus.objectives import agg_loss, correction_weights, kl_penalty, mismatch_metrics, objective_loss, value_loss
 from gradus.parallel import equal_pieces, gradient_sync
 from gradus.rollout import RolloutBatch
 from gradus.train.presets import ResolvedAlgo
@@ -105,7 +105,7 @@ def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
 # means weighted by each piece's share of the loss tokens (for per-sequence metrics, such as GSPO's
 # clip fractions, that weight is approximate when a minibatch spans several micro-batches).
 SUMMED = ("pg_loss", "kl_ref")
-EXTREMES = {"ratio_min": min, "ratio_max": max}
+EXTREMES = {"ratio_min": min, "ratio_max": max, "p_abs_diff_max": max, "seq_log_ratio_abs_max": max}
 
 
 def merge_metric(acc: dict[str, float], key: str, value: float, weight: float) -> None:
@@ -244,9 +244,9 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     sub = inputs.batch.select(idx).trim()
     T = sub.completion_ids.shape[1]
     mask = inputs.loss_mask[idx, :T]  # [m, T]
-    weight = mask.sum().item() / max(mask_mb.sum().item(), 1) if real else 0.0  # share of the minibatch's tokens
+    share = mask.sum().item() / max(mask_mb.sum().item(), 1) if real else 0.0  # of the minibatch's tokens
     if not train_actor:
-        return _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums, real)
+        return _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
     logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
                                         temperature=temperature, chunk_size=chunk_size, with_entropy=True)
     if inputs.old_logp is None:
@@ -255,8 +255,9 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
             capture[idx, :T] = old
     else:
         old = inputs.old_logp[idx, :T]
+    weight, mismatch = rollout_correction(algo, old, sub.sampling_logp, mask)
     loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
-                             else inputs.advantages[idx, :T], mask, **counts)
+                             else inputs.advantages[idx, :T], mask, token_weight=weight, **counts)
     m["pg_loss"] = loss.item()
     if inputs.ref_logp is not None:
         # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
@@ -271,10 +272,29 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     (loss if real else loss * 0.0).backward()
     if real and finite:
         for k, v in m.items():
-            merge_metric(sums, f"actor/{k}", v, weight)
+            merge_metric(sums, f"actor/{k}", v, share)
+        for k, v in mismatch.items():
+            merge_metric(sums, k, v, share)
     if critic is not None:
-        finite &= _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, weight, sums, real)
+        finite &= _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
     return finite
+
+
+def rollout_correction(algo: ResolvedAlgo, train_logp: torch.Tensor, rollout_logp: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The per-token weights of `algo.correction` (None for "none": the loss is left exactly as it is) and the
+    metrics of the gap between the engine's log-probs and the trainer's on these tokens. [m, T] each."""
+    low, high = algo.correction_bounds
+    band = (low if low is not None else 1.0 / high, high) if high is not None else (0.5, 2.0)
+    stats = {f"mismatch/{k}": v for k, v in mismatch_metrics(train_logp, rollout_logp, mask,
+                                                              low=band[0], high=band[1]).items()}
+    weight = None
+    if algo.correction != "none":
+        weight, correction = correction_weights(train_logp, rollout_logp, mask, algo.correction, low=low, high=high)
+        stats.update({f"correction/{k}": v for k, v in correction.items()})
+    names = sorted(stats)  # one device-to-host transfer for all of them
+    values = torch.stack([stats[k].to(torch.float64) for k in names]).tolist()
+    return weight, dict(zip(names, values, strict=True))
 
 
 def _critic_backward(critic: Optim, sub: RolloutBatch, inputs: UpdateInputs, idx: torch.Tensor, mask: torch.Tensor,

@@ -1,0 +1,61 @@
+"""`gradus train rollout.engine=vllm` end to end on CPU: the engine samples from the policy's weights at every
+step (synced in memory after each update), and the mismatch metrics and corrections see what it reports."""
+
+import pytest
+import torch
+
+from gradus.config import load_config
+from gradus.models import load_pretrained
+from gradus.rollout import EngineError
+from gradus.rollout.vllm_engine import import_vllm
+from gradus.train.runlog import read_metrics
+from gradus.train.trainer import Trainer
+
+from .conftest import tiny_overrides
+
+try:
+    import_vllm(on_gpu=False)
+except EngineError as err:  # pragma: no cover - the CI environment has it
+    pytest.skip(f"vLLM is not installed: {err}", allow_module_level=True)
+
+
+def vllm_overrides(micro_dir, tmp_path, reward, **extra):
+    return tiny_overrides(micro_dir, tmp_path, **{"rollout.engine": "vllm", "vllm.kv_cache_gb": 0.05,
+                                                  "task.rewards": reward, "run.steps": 3, **extra})
+
+
+def steps_of(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
+
+
+def test_engine_samples_from_the_updated_weights_at_every_step(micro_dir, tmp_path, signal_reward):
+    trainer = Trainer(load_config(overrides=vllm_overrides(micro_dir, tmp_path, signal_reward)))
+    start = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.fit()
+    steps = steps_of(trainer.run_dir)
+    assert len(steps) == 3
+    # fp32 engine: its log-probs are the trainer's, step after step, so the weights followed every update
+    # (without the sync, step 2 samples from the step-0 weights and the gap is ~1e-2)
+    for record in steps:
+        assert record["mismatch/kl_k3"] < 1e-8
+        assert record["mismatch/p_abs_diff_max"] < 1e-4
+        assert record["mismatch/token_outside_frac"] == 0.0
+        assert record["rollout/weight_sync_seconds"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.policy.parameters(), strict=True))
+    model, _ = load_pretrained(trainer.run_dir / "checkpoints" / "step-000003" / "policy")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_bf16_engine_shows_a_mismatch_that_tis_corrects(micro_dir, tmp_path, signal_reward):
+    cfg = load_config(overrides=vllm_overrides(micro_dir, tmp_path, signal_reward, **{
+        "vllm.dtype": "bfloat16", "algo.rollout_correction": "tis", "algo.correction_high": 1.001,
+        "run.steps": 2}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    steps = steps_of(trainer.run_dir)
+    for record in steps:
+        assert record["mismatch/kl_k3"] > 1e-7  # bf16 sampling, fp32 training: a real gap
+        assert record["mismatch/p_abs_diff_max"] > 1e-6  # (fp32: under 1e-8; the untrained p are ~1/260)
+        # a cap of 1.001 truncates the tokens the trainer likes more than the engine did
+        assert 0 < record["correction/truncated_frac"] < 1
+        assert record["correction/weight_mean"] < 1.001
