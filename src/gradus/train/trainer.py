@@ -104,6 +104,8 @@ class Trainer:
             self._build(cfg, run_dir, resume)
         except BaseException:
             self.scorer.close()  # the reward workers must not outlive a trainer that never ran
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()  # nor a vLLM engine
             raise
 
     def _build(self, cfg: TrainConfig, run_dir: Path | None, resume: bool) -> None:
