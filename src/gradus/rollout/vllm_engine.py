@@ -181,7 +181,8 @@ class VLLMEngine:
         return self._vllm.SamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
             max_tokens=params.max_new_tokens, logprobs=0, seed=None if params.greedy else key,
-            stop_token_ids=self.eos_token_ids, detokenize=False)
+            # exactly our stop ids, as LocalEngine: not also vLLM's own idea of the EOS
+            stop_token_ids=self.eos_token_ids, ignore_eos=True, detokenize=False)
 
     def _batch(self, outputs: list[Any], ids: torch.Tensor, mask: torch.Tensor, n: int, limit: int) -> RolloutBatch:
         rows = [out.outputs[0] for out in outputs]
