@@ -2,6 +2,7 @@
 step (synced in memory after each update), and the mismatch metrics and corrections see what it reports."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -59,3 +60,21 @@ def test_bf16_engine_shows_a_mismatch_that_tis_corrects(micro_dir, tmp_path, sig
         # a cap of 1.001 truncates the tokens the trainer likes more than the engine did
         assert 0 < record["correction/truncated_frac"] < 1
         assert record["correction/weight_mean"] < 1.001
+
+
+def test_gradus_eval_samples_with_the_configured_engine(micro_dir, tmp_path, capsys, monkeypatch):
+    from gradus.cli import main
+    from gradus.rollout.vllm_engine import VLLMEngine
+
+    calls = []
+    generate = VLLMEngine.generate
+    monkeypatch.setattr(VLLMEngine, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
+
+    args = ["eval", "--model", str(micro_dir), "--n", "16", "--json", "task.name=arithmetic",
+            "rollout.max_new_tokens=6", "run.progress=false"]
+    assert main([*args, "rollout.engine=local"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "rollout.engine=vllm", "vllm.kv_cache_gb=0.05"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1]) == local  # greedy: the same completions, the same score
+    assert calls  # and vLLM sampled them
