@@ -48,11 +48,12 @@ class SamplingParams:
 class RolloutBatch:
     """B sampled completions with their prompts; every tensor lives on one device.
 
-    Masks use 1 = real token. `sampling_logp` is log softmax(logits / temperature) of the FULL
-    distribution (before top-k / top-p), gathered at the sampled token: that is exactly what the
-    trainer's forward pass computes, so on-policy importance ratios start at exactly 1. (The filtered
-    distribution would put -inf on tokens the trainer can still assign mass to.) Greedy rows use
-    temperature 1 for the log-prob.
+    Masks use 1 = real token. `sampling_logp` is the engine's log-prob of each sampled token.
+    `LocalEngine`: log softmax(logits / temperature) of the FULL distribution (before top-k / top-p),
+    exactly what the trainer's forward computes, so on-policy ratios start at exactly 1 (greedy rows
+    use temperature 1). `VLLMEngine`: as vLLM's sampler drew it (after top-k / top-p, when on), the
+    true sampling probability; the trainer measures its gap to its own (`mismatch/*` metrics) and can
+    correct for it (`algo.rollout_correction`).
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded with pad_token_id

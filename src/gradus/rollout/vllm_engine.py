@@ -57,7 +57,7 @@ class VLLMSettings:
 def import_vllm(on_gpu: bool) -> Any:
     """The vllm module, imported for in-process use; EngineError with what to install when it fails."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process (see module doc)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-sync warnings are noise here; INFO shows all
     try:
         import vllm
     except ImportError as err:
