@@ -1,4 +1,4 @@
-"""Models for gradus: a local char tokenizer, tiny Qwen2/Llama LMs, HF save/load, and the PPO critic."""
+"""Models for gradus: a local char tokenizer, tiny dense and MoE LMs, HF save/load, and the PPO critic."""
 
 from gradus.models.critic import build_critic, completion_values, critic_values
 from gradus.models.loading import (
@@ -12,11 +12,12 @@ from gradus.models.loading import (
     save_pretrained,
     stop_token_ids,
 )
-from gradus.models.tiny import TINY_SIZES, TinySize, build_tiny_model, tiny_config
+from gradus.models.tiny import MOE_ARCHS, TINY_SIZES, TinySize, build_tiny_model, tiny_config
 from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
 
 __all__ = [
     "DEFAULT_ALPHABET",
+    "MOE_ARCHS",
     "SPECIAL_TOKENS",
     "TINY_SIZES",
     "ModelLoadError",
