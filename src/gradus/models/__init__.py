@@ -1,4 +1,5 @@
-"""Models for gradus: a local char tokenizer, tiny Qwen2/Llama LMs, HF save/load, and the PPO critic."""
+"""Models for gradus: a local char tokenizer, tiny dense and MoE LMs, HF save/load, the PPO critic, and MoE
+routing capture/replay."""
 
 from gradus.models.critic import build_critic, completion_values, critic_values
 from gradus.models.loading import (
@@ -12,18 +13,24 @@ from gradus.models.loading import (
     save_pretrained,
     stop_token_ids,
 )
-from gradus.models.tiny import TINY_SIZES, TinySize, build_tiny_model, tiny_config
+from gradus.models.routing import ROUTERS, MoeLayout, RoutingCapture, capture, moe_layout, replay, routing_mismatch
+from gradus.models.tiny import MOE_ARCHS, TINY_SIZES, TinySize, build_tiny_model, tiny_config
 from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
 
 __all__ = [
     "DEFAULT_ALPHABET",
+    "MOE_ARCHS",
+    "ROUTERS",
     "SPECIAL_TOKENS",
     "TINY_SIZES",
     "ModelLoadError",
+    "MoeLayout",
+    "RoutingCapture",
     "TinySize",
     "build_char_tokenizer",
     "build_critic",
     "build_tiny_model",
+    "capture",
     "check_finite",
     "check_model_dir",
     "check_safetensors",
@@ -32,6 +39,9 @@ __all__ = [
     "critic_values",
     "load_critic",
     "load_pretrained",
+    "moe_layout",
+    "replay",
+    "routing_mismatch",
     "save_pretrained",
     "stop_token_ids",
     "tiny_config",

@@ -1,9 +1,15 @@
-"""Tiny Qwen2/Llama causal LMs built from scratch, for tests, examples and CPU-scale experiments.
+"""Tiny causal LMs built from scratch, for tests, examples and CPU-scale experiments.
 
-They are ordinary `transformers` models (`Qwen2ForCausalLM`, `LlamaForCausalLM`), so everything in
-gradus that works on them works unchanged on a real checkpoint. Sizes are named in `TINY_SIZES`; the
-parameter counts quoted there are for the 260-token `build_char_tokenizer()` vocabulary and
-arch="qwen2" (Llama has no q/k/v biases, so it is a few hundred parameters smaller).
+They are ordinary `transformers` models, so everything in gradus that works on them works unchanged
+on a real checkpoint:
+
+- dense: `Qwen2ForCausalLM` (arch="qwen2"), `LlamaForCausalLM` ("llama");
+- mixture-of-experts: `Qwen2MoeForCausalLM` ("qwen2_moe"), `Qwen3MoeForCausalLM` ("qwen3_moe"),
+  `MixtralForCausalLM` ("mixtral"); see `MOE_ARCHS` and `models/routing.py` for routing capture/replay.
+
+Sizes are named in `TINY_SIZES`; the parameter counts quoted there are for the 260-token
+`build_char_tokenizer()` vocabulary and arch="qwen2" (Llama has no q/k/v biases, so it is a few
+hundred parameters smaller; the MoE archs are larger, see `MOE_ARCHS`).
 All sizes tie the input and output embeddings: at this scale an untied head would be a large
 fraction of the parameters.
 """
@@ -17,11 +23,17 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 
@@ -38,7 +50,7 @@ class TinySize:
     num_kv_heads: int
     """Key/value heads (grouped-query attention when smaller than num_heads)."""
     intermediate_size: int
-    """Width of the SwiGLU MLP."""
+    """Width of the SwiGLU MLP (MoE archs: each expert is half as wide, see `MOE_ARCHS`)."""
     num_params: int
     """Exact parameter count with the default char tokenizer and arch="qwen2" (checked by a test)."""
 
@@ -58,7 +70,49 @@ TINY_SIZES: dict[str, TinySize] = {
 _ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
 }
+
+MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
+"""The mixture-of-experts archs. Every decoder block is an MoE block of `MOE_NUM_EXPERTS` SwiGLU
+experts, each `intermediate_size // 2` wide, of which `MOE_TOP_K` run per token (so a token's routed
+compute matches the dense MLP). Per arch, as in their public checkpoints:
+
+- qwen2_moe: plus an always-on shared expert (also `intermediate_size // 2` wide) with a sigmoid gate;
+  top-k probabilities NOT renormalised (norm_topk_prob=False, as Qwen1.5-MoE-A2.7B);
+- qwen3_moe: q/k RMSNorm in attention, no shared expert; top-k probabilities renormalised
+  (norm_topk_prob=True, as Qwen3-30B-A3B);
+- mixtral: no shared expert; top-k probabilities always renormalised.
+
+The load-balancing loss (Switch Transformer, Fedus et al. 2021, eqs. 4-6) is configured with
+`router_aux_loss_coef = MOE_AUX_LOSS_COEF`, but `output_router_logits` stays False in the config:
+a forward asks for it with `model(..., output_router_logits=True)` (then `out.aux_loss` is set, and
+added to `out.loss` when labels are given). Turned on in the config, every forward computes it,
+and in transformers 5.24 an incremental decoding step with a KV cache then fails: the loss is
+masked with the full [B, past + 1] attention mask while the routers saw only the [B, 1] new tokens.
+"""
+MOE_NUM_EXPERTS = 4
+MOE_TOP_K = 2
+MOE_AUX_LOSS_COEF = 0.01  # alpha = 1e-2, the Switch Transformer's choice
+
+
+def _moe_fields(arch: str, spec: TinySize) -> dict:
+    """The config fields that make `arch`'s blocks MoE blocks; {} for a dense arch."""
+    if arch not in MOE_ARCHS:
+        return {}
+    width = spec.intermediate_size // 2
+    fields = {"num_experts_per_tok": MOE_TOP_K, "router_aux_loss_coef": MOE_AUX_LOSS_COEF,
+              "output_router_logits": False}
+    if arch == "mixtral":  # Mixtral's `intermediate_size` is the width of one expert
+        return fields | {"num_local_experts": MOE_NUM_EXPERTS, "intermediate_size": width,
+                         "router_jitter_noise": 0.0}
+    fields |= {"num_experts": MOE_NUM_EXPERTS, "moe_intermediate_size": width,
+               "norm_topk_prob": arch == "qwen3_moe", "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if arch == "qwen2_moe":
+        fields["shared_expert_intermediate_size"] = width
+    return fields
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -84,17 +138,17 @@ def tiny_config(
         raise ValueError(f"unknown arch {arch!r}; valid archs: {sorted(_ARCHS)}")
     spec = TINY_SIZES[size]
     config_cls, _ = _ARCHS[arch]
-    return config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        **_special_ids(tokenizer),
-    )
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": True,
+    }
+    return config_cls(**(fields | _moe_fields(arch, spec)), **_special_ids(tokenizer))
 
 
 def build_tiny_model(
