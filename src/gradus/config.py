@@ -33,10 +33,12 @@ class ModelConfig:
     """Local Hugging Face model directory; None: the built-in tiny model (SFT warm-started, cached)."""
     tiny_size: str = spec("micro", choices="gradus.models.tiny:TINY_SIZES")
     """Built-in tiny model size (see gradus.models.TINY_SIZES); only used when path is None."""
-    arch: str = spec("qwen2", choices=("qwen2", "llama"))
-    """Built-in tiny model architecture: qwen2 or llama."""
+    arch: str = spec("qwen2", choices="gradus.models.tiny:TINY_ARCHS")
+    """Built-in tiny model architecture: qwen2, llama, or mixture-of-experts qwen2_moe, qwen3_moe, mixtral."""
     dtype: str = spec("float32", choices=("float32", "bfloat16"))
     """Training dtype: float32 or bfloat16."""
+    router_aux_coef: float | None = spec(None, ge=0)
+    """MoE: weight of the router's load-balancing loss in training; None: the model config's (0 for dense)."""
     chunk_size: int = spec(1024, ge=1)
     """Tokens per chunk in the memory-bounded log-prob computation."""
     lora_r: int = spec(0, ge=0)
@@ -102,6 +104,8 @@ class RolloutConfig:
     """Top-k sampling (0: off)."""
     max_new_tokens: int = spec(16, ge=1)
     """Hard limit on completion length (DAPO's L_max)."""
+    dtype: str | None = spec(None, choices=("float32", "bfloat16"))
+    """Local engine: sample with a copy of the policy in this dtype, synced after every update; None: model.dtype."""
     engine: str = spec("local", choices=("local", "vllm"))
     """What samples completions (training and evaluation): local (the policy itself) or vllm (see vllm.*)."""
 
@@ -170,6 +174,8 @@ class AlgoConfig:
     """PPO: critic learning rate."""
     critic_warmup: int = spec(0, ge=0)
     """PPO: first steps that train only the critic (measured on the default task: it did not help)."""
+    routing_replay: str = spec("none", choices=("none", "r2", "r3"))
+    """MoE: force the experts in training forwards: r2 the old policy's training routing, r3 the rollout's."""
     rollout_correction: str = spec("none", choices="gradus.objectives.correction:CORRECTIONS")
     """Rollout/training mismatch correction: none, tis, mis, seq_tis, seq_mis or icepop (docs/objectives.md)."""
     correction_low: float | None = spec(None, gt=0)

@@ -275,7 +275,8 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 4096,
     with_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    router_aux: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Log-probs of input_ids[:, completion_start:] given all tokens before them: [B, S - completion_start].
 
     input_ids and attention_mask are [B, S] (prompts left-padded so every completion starts at column
@@ -283,7 +284,9 @@ def completion_logprobs(
     be masked by the caller). `model` is a HF causal LM, bare or wrapped (DDP, FSDP2, PEFT): it is
     called once, with gradus' position ids, and hooks on its output head turn the last hidden states
     at positions completion_start-1 .. S-2 into log-probs in chunks (`token_logprobs`), so no
-    [B, S, V] tensor exists. Float32; with `with_entropy` also returns the detached entropy.
+    [B, S, V] tensor exists. Float32; with `with_entropy` also returns the detached entropy, and with
+    `router_aux` (mixture-of-experts models) then the router's load-balancing loss, which the model
+    computes over the batch's real tokens (`output_router_logits=True`): (logp[, entropy][, aux]).
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be [B, S]")
@@ -299,12 +302,18 @@ def completion_logprobs(
     pre = head.register_forward_pre_hook(hooks.pre)
     post = head.register_forward_hook(hooks.post)
     try:
+        router = {"output_router_logits": True} if router_aux else {}
         out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep, **router)
     finally:
         pre.remove()
         post.remove()
     packed = out.logits if hasattr(out, "logits") else out[0]  # [B, L, 1 or 2]
-    if with_entropy:
-        return packed[..., 0], packed[..., 1]
-    return packed[..., 0]
+    result = (packed[..., 0], packed[..., 1]) if with_entropy else (packed[..., 0],)
+    if router_aux:
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            raise ValueError(f"{type(base_model(model)).__name__} returned no router aux_loss: it is not a "
+                             "mixture-of-experts model (set model.router_aux_coef only for one)")
+        result = (*result, aux)
+    return result if len(result) > 1 else result[0]

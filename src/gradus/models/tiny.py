@@ -76,6 +76,7 @@ _ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
 }
 
 MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
+TINY_ARCHS = ("qwen2", "llama", *MOE_ARCHS)  # the model.arch choices
 """The mixture-of-experts archs. Every decoder block is an MoE block of `MOE_NUM_EXPERTS` SwiGLU
 experts, each `intermediate_size // 2` wide, of which `MOE_TOP_K` run per token (so a token's routed
 compute matches the dense MLP). Per arch, as in their public checkpoints:

@@ -34,6 +34,9 @@ SFT_CACHE_VERSION = 1
 # build_char_tokenizer()'s fingerprint when the version-1 cache keys were made (see warm_start_key)
 _CHAR_TOKENIZER_V1 = "aa90672ff7fbfb15"
 
+# model.dtype and rollout.dtype by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def preflight(cfg: TrainConfig) -> tuple[torch.device, Task]:
     """The checks `gradus.config_checks.validate` cannot make, because they read the machine, the model's
@@ -299,7 +302,7 @@ def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
 def load_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Any, Any]:
     """Model and tokenizer of a model folder, or of a LoRA adapter folder (a LoRA run's policy): its base with
     the adapter merged in, a plain HF model."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.model.dtype)
+    dtype = DTYPES.get(cfg.model.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     try:

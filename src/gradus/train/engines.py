@@ -17,6 +17,8 @@ def engine_problem(cfg: TrainConfig, distributed: bool) -> str | None:
     """Why `rollout.engine` cannot run with the rest of this config, or None."""
     if cfg.rollout.engine != "vllm":
         return None
+    if cfg.rollout.dtype is not None:
+        return "rollout.dtype is the local engine's sampling copy; with rollout.engine=vllm set vllm.dtype"
     if distributed:
         return ("rollout.engine=vllm runs in one process for now; under torchrun use rollout.engine=local "
                 "(each rank samples its share with its own replica)")

@@ -11,6 +11,7 @@ from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
 from gradus.parallel import equal_pieces
 from gradus.rollout import RolloutBatch
+from gradus.train import moe
 from gradus.train.update import micro_batches
 
 
@@ -24,15 +25,23 @@ def _pieces(batch: RolloutBatch, token_budget: int) -> Iterator[tuple[torch.Tens
 
 @torch.no_grad()
 def batch_logprobs(
-    model: torch.nn.Module, batch: RolloutBatch, *, token_budget: int, temperature: float, chunk_size: int
+    model: torch.nn.Module, batch: RolloutBatch, *, token_budget: int, temperature: float, chunk_size: int,
+    routing_replay: str = "none", routes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log-probs of every completion token under `model`. -> [N, T] float32 (0 past each row's end)"""
+    """Log-probs of every completion token under `model`. -> [N, T] float32 (0 past each row's end)
+
+    MoE policies (`gradus.train.moe`): with routing_replay="r3" every forward is forced to the rollout's
+    experts; `routes` ([N, P+T, L, k], r2) receives the routing this pass used (the old policy's)."""
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.device)  # [N, T]
     for idx, sub, real in _pieces(batch, token_budget):
-        logp = completion_logprobs(model, sub.input_ids, sub.attention_mask, sub.completion_start,
-                                   temperature=temperature, chunk_size=chunk_size)  # [m, T']
+        forced = sub.routed_experts if routing_replay == "r3" else None
+        with moe.training_forward(model, forced) as record:
+            logp = completion_logprobs(model, sub.input_ids, sub.attention_mask, sub.completion_start,
+                                       temperature=temperature, chunk_size=chunk_size)  # [m, T']
         if real:
             out[idx, : logp.shape[1]] = logp * sub.completion_mask
+            if routes is not None and record is not None:
+                routes[idx, moe.columns(batch, sub)] = record.experts()
     return out
 
 

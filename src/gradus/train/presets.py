@@ -45,6 +45,7 @@ class ResolvedAlgo:
     epochs: int = 1
     minibatches: int = 1
     monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
+    routing_replay: str = "none"  # MoE: none | r2 | r3 (gradus.train.moe)
     correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
     correction_bounds: tuple[float | None, float | None] = (None, None)  # its (low, high), defaults filled in
 
@@ -113,6 +114,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         epochs=d.epochs if cfg.optim.epochs is None else cfg.optim.epochs,
         minibatches=d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches,
         monitor_kl=a.monitor_kl,
+        routing_replay=a.routing_replay,
         correction=a.rollout_correction,
         correction_bounds=bounds,
     )

@@ -37,7 +37,7 @@ from gradus.objectives import gae, group_advantages, kl_penalty, outcome_token_r
 from gradus.parallel.checkpoint import DCP_DIR, load_sharded, save_hf_full, save_sharded
 from gradus.rollout import SamplingParams
 from gradus.threads import governor_for
-from gradus.train import bootstrap
+from gradus.train import bootstrap, moe
 from gradus.train.checkpoint import (
     capture_rng,
     checkpoint_dir,
@@ -133,6 +133,9 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"model.path: {err}") from err
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, policy, cfg)  # may drop rows of a file
+        # MoE: routing replay and the router's load-balancing loss need a model with routers gradus knows
+        self.router_aux_coef = moe.check_moe_settings(policy, self.algo.routing_replay, cfg.model.router_aux_coef,
+                                                      cfg.rollout.engine)
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         self.critic = None
         if self.algo.uses_critic:  # full, also under LoRA; built from the plain policy, before any adapter
@@ -147,9 +150,12 @@ class Trainer:
             self.reference, _ = bootstrap.load_model(self.initial_dir, cfg, self.device)
             self.reference.eval().requires_grad_(False)
         # Data parallel: DDP replicas sample with the bare module (the same tensors); FSDP2 shards the
-        # weights, so sampling uses a full copy that is refreshed after every update (sync_rollout_weights).
+        # weights, and rollout.dtype asks for another precision, so then sampling uses a full copy that is
+        # refreshed after every update (sync_rollout_weights).
         fsdp2 = self.layout.distributed and cfg.run.parallel == "fsdp2"
-        self.rollout_model = copy.deepcopy(policy) if fsdp2 else None
+        sampling_dtype = bootstrap.DTYPES[cfg.rollout.dtype or cfg.model.dtype]
+        copied = fsdp2 or sampling_dtype != bootstrap.DTYPES[cfg.model.dtype]
+        self.rollout_model = copy.deepcopy(policy).to(sampling_dtype).requires_grad_(False) if copied else None
         self.policy = parallel.wrap(policy, cfg.run.parallel, self.device)
         if self.reference is not None:
             self.reference = parallel.wrap(self.reference, cfg.run.parallel, self.device, trainable=False)
@@ -157,7 +163,7 @@ class Trainer:
             self.reference = self.policy  # LoRA: the same (wrapped) model, its adapter disabled when used
         if self.critic is not None:
             self.critic = parallel.wrap(self.critic, cfg.run.parallel, self.device)
-        sampler = self.rollout_model if fsdp2 else parallel.unwrap_ddp(self.policy)
+        sampler = self.rollout_model if copied else parallel.unwrap_ddp(self.policy)
         # vLLM starts from the folder the policy was loaded from, then gets the live weights in memory
         self.engine = build_engine(cfg, sampler, self.tokenizer, ckpt / "policy" if ckpt else self.initial_dir,
                                    self.device)
@@ -304,7 +310,7 @@ class Trainer:
             inputs, self.actor_opt, self.algo, epochs=self.algo.epochs, minibatches=minibatches,
             token_budget=cfg.optim.token_budget, temperature=cfg.rollout.temperature,
             chunk_size=cfg.model.chunk_size, generator=gen, critic=self.critic_opt,
-            value_clip=cfg.algo.value_clip,
+            value_clip=cfg.algo.value_clip, router_aux_coef=self.router_aux_coef,
             train_actor=not (self.algo.uses_critic and step <= cfg.algo.critic_warmup))
         metrics.update(update_metrics)
         start = time.perf_counter()
@@ -318,7 +324,8 @@ class Trainer:
         """After an update: FSDP2 refreshes the full copy the engine samples from with the (sharded) weights;
         an engine with weights of its own (vLLM) wakes up and gets the policy's weights in memory."""
         if self.rollout_model is not None:
-            parallel.copy_full_weights(self.policy, self.rollout_model)
+            with torch.no_grad():
+                parallel.copy_full_weights(parallel.unwrap_ddp(self.policy), self.rollout_model)
         if self.engine.owns_weights:
             self.engine.wake_up()
             self.engine.load_weights(parallel.unwrap_ddp(self.policy).state_dict())
@@ -335,7 +342,13 @@ class Trainer:
         # One minibatch: the update's first pass runs before any optimizer step, so it gives the old
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         first_pass_is_old = (minibatches or self._minibatches(batch.batch_size)) == 1
-        old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes)
+        # MoE r2: the old log-prob pass records its routing, which the update's forwards then replay
+        routes = None
+        if algo.routing_replay == "r2" and not first_pass_is_old:
+            routes = torch.full((*batch.input_ids.shape, *self._routing_shape()), -1, dtype=torch.long,
+                                device=batch.device)
+        old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes, routes=routes,
+                                                                 routing_replay=algo.routing_replay)
         ref_logp = None
         if self.reference is not None:
             with lora.reference_mode(parallel.unwrap_ddp(self.reference)):  # LoRA: the adapter off; else a no-op
@@ -345,7 +358,7 @@ class Trainer:
             advantages = group_advantages(rewards, cfg.rollout.group_size, scale=algo.adv_scale,
                                           total=global_count)  # [N]
             metrics["adv/abs_mean"] = advantages.abs().mean().item()
-            return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp)
+            return UpdateInputs(batch, loss_mask, advantages, old_logp, ref_logp, old_routing=routes)
         # PPO: per-token KL penalty in the reward, GAE from the critic's values. The penalty needs log pi_old
         # before the advantages, so before the update: a no-grad pass even with one minibatch (the update's
         # first forward cannot serve, its loss needs these advantages). With kl_coef 0 (algo.monitor_kl) the
@@ -353,7 +366,8 @@ class Trainer:
         values = batch_values(self.critic, batch, token_budget=cfg.optim.token_budget)  # [N, T]
         kl = None
         if ref_logp is not None and algo.kl_coef != 0.0:
-            old = old_logp if old_logp is not None else batch_logprobs(self.policy, batch, **passes)  # [N, T]
+            old = old_logp if old_logp is not None else batch_logprobs(
+                self.policy, batch, **passes, routing_replay=algo.routing_replay)  # [N, T]
             kl = kl_penalty(old, ref_logp, algo.kl_estimator)  # [N, T]
         token_rewards = outcome_token_rewards(rewards, loss_mask, kl, algo.kl_coef)  # [N, T]
         advantages, returns = gae(token_rewards, values, loss_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
@@ -363,7 +377,8 @@ class Trainer:
             metrics["actor/kl_ref_reward"] = (kl * loss_mask).sum().item() / loss_mask.sum().clamp(min=1).item()
         # a KL in the reward is not also a term of the loss; a monitored one goes to the update to be measured
         monitored = ref_logp if algo.kl_coef == 0.0 else None
-        return UpdateInputs(batch, loss_mask, advantages, old_logp, monitored, old_values=values, returns=returns)
+        return UpdateInputs(batch, loss_mask, advantages, old_logp, monitored, old_values=values, returns=returns,
+                            old_routing=routes)
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -440,6 +455,10 @@ class Trainer:
         return summary
 
     # ---- helpers ----------------------------------------------------------------------------------
+    def _routing_shape(self) -> tuple[int, int]:
+        layout = moe.routing.moe_layout(parallel.unwrap_ddp(self.policy))
+        return layout.num_layers, layout.top_k
+
     def _minibatches(self, batch_size: int) -> int:
         """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
         return max(1, min(self.algo.minibatches, batch_size // self.cfg.rollout.group_size))

@@ -22,9 +22,19 @@ import torch.distributed as dist
 from gradus import parallel
 from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
-from gradus.objectives import agg_loss, correction_weights, kl_penalty, mismatch_metrics, objective_loss, value_loss
+from gradus.objectives import (
+    agg_loss,
+    correction_weights,
+    kl_penalty,
+    mismatch_metrics,
+    objective_loss,
+    perplexity,
+    sequence_log_ratio,
+    value_loss,
+)
 from gradus.parallel import equal_pieces, gradient_sync
 from gradus.rollout import RolloutBatch
+from gradus.train import moe
 from gradus.train.presets import ResolvedAlgo
 
 
@@ -39,6 +49,7 @@ class UpdateInputs:
     ref_logp: torch.Tensor | None  # [N, T]; None: no KL term in the loss
     old_values: torch.Tensor | None = None  # [N, T] PPO
     returns: torch.Tensor | None = None  # [N, T] PPO
+    old_routing: torch.Tensor | None = None  # [N, P+T, L, k] MoE, r2: the old policy's training routing
 
 
 @dataclass
@@ -147,9 +158,12 @@ def run_updates(
     critic: Optim | None = None,
     value_clip: float | None = None,
     train_actor: bool = True,
+    router_aux_coef: float = 0.0,
 ) -> tuple[dict[str, float], int]:
     """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps).
-    With train_actor=False (PPO's critic warm-up) only the critic learns."""
+    With train_actor=False (PPO's critic warm-up) only the critic learns. MoE policies: `algo.routing_replay`
+    forces the experts of the training forwards (`gradus.train.moe`), and the router's load-balancing loss
+    joins the actor's loss with weight `router_aux_coef`."""
     n = inputs.batch.batch_size
     if minibatches > n:
         raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
@@ -158,6 +172,10 @@ def run_updates(
     # One minibatch and no old log-probs: the first epoch runs before any optimizer step, so its own
     # detached log-probs are the old ones; keep them for the later epochs (no separate pass).
     captured = torch.zeros_like(inputs.loss_mask) if inputs.old_logp is None and epochs > 1 else None
+    # r2 over several epochs of one minibatch: the first epoch's routing is the old policy's (as its log-probs)
+    routes = None
+    if algo.routing_replay == "r2" and inputs.old_routing is None and epochs > 1:
+        routes = _unknown_routing(inputs.batch, actor.model)
     sums: dict[str, float] = defaultdict(float)
     steps = skipped = 0
     for _ in range(epochs):
@@ -165,11 +183,15 @@ def run_updates(
             # the policy has moved: from now on the captured first-pass values are the old log-probs
             # (while every step so far was skipped, the policy is unchanged and the capture goes on)
             inputs = dataclasses.replace(inputs, old_logp=captured)
+        if routes is not None and steps > skipped:
+            inputs = dataclasses.replace(inputs, old_routing=routes)
         order = torch.randperm(n, generator=generator) if epochs * minibatches > 1 else torch.arange(n)
         for rows in order.tensor_split(minibatches):
             metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, token_budget=token_budget,
                                       temperature=temperature, chunk_size=chunk_size, critic=critic,
-                                      value_clip=value_clip, train_actor=train_actor, capture=captured)
+                                      value_clip=value_clip, train_actor=train_actor, capture=captured,
+                                      routes=routes if inputs.old_routing is None else None,
+                                      router_aux_coef=router_aux_coef)
             steps += 1
             if metrics is None:
                 skipped += 1
@@ -199,6 +221,8 @@ def _minibatch_step(
     value_clip: float | None,
     train_actor: bool = True,
     capture: torch.Tensor | None = None,
+    routes: torch.Tensor | None = None,
+    router_aux_coef: float = 0.0,
 ) -> dict[str, float] | None:
     """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
     Returns None (and applies nothing) when a loss or gradient is not finite."""
@@ -217,7 +241,8 @@ def _minibatch_step(
     for i, (micro, real) in enumerate(pieces):
         with gradient_sync([o.model for o in models], enabled=i == len(pieces) - 1):
             finite &= _micro_step(inputs, micro.to(device), real, mask_mb, actor, algo, counts, value_counts,
-                                  temperature, chunk_size, critic, value_clip, train_actor, capture, sums)
+                                  temperature, chunk_size, critic, value_clip, train_actor, capture, sums,
+                                  routes, router_aux_coef)
     finite = sync_gradients([o.model for o in models], finite)
     norms = [parallel.clip_grad_norm(o.model, o.grad_clip) for o in models] if finite else []
     if not finite or not all(math.isfinite(x) for x in norms):
@@ -237,7 +262,8 @@ def _minibatch_step(
 def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: torch.Tensor, actor: Optim,
                 algo: ResolvedAlgo, counts: dict[str, torch.Tensor], value_counts: dict[str, torch.Tensor],
                 temperature: float, chunk_size: int, critic: Optim | None, value_clip: float | None,
-                train_actor: bool, capture: torch.Tensor | None, sums: dict[str, float]) -> bool:
+                train_actor: bool, capture: torch.Tensor | None, sums: dict[str, float],
+                routes: torch.Tensor | None = None, router_aux_coef: float = 0.0) -> bool:
     """Forward and backward of one micro-batch (rows `idx`); False if a loss was not finite. A padding
     micro-batch (real=False, see parallel.equal_pieces) runs with its losses times 0 and no metrics."""
     obj = algo.objective
@@ -247,8 +273,19 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     share = mask.sum().item() / max(mask_mb.sum().item(), 1) if real else 0.0  # of the minibatch's tokens
     if not train_actor:
         return _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
-    logp, entropy = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask, sub.completion_start,
-                                        temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+    cols = moe.columns(inputs.batch, sub)
+    forced = moe.forced_experts(algo.routing_replay, sub, inputs.old_routing, idx, cols)
+    with moe.training_forward(actor.model, forced) as record:
+        logp, entropy, *aux = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask,
+                                                  sub.completion_start, temperature=temperature,
+                                                  chunk_size=chunk_size, with_entropy=True,
+                                                  router_aux=router_aux_coef > 0)
+    routing_stats = {}
+    if record is not None:
+        trained = record.experts()  # [m, S, L, k]
+        routing_stats = moe.mismatch_metrics(trained, sub)
+        if routes is not None and real:  # r2: the first pass's routing is the old policy's
+            routes[idx, cols] = trained
     if inputs.old_logp is None:
         old = logp.detach()
         if capture is not None and real:
@@ -256,9 +293,13 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     else:
         old = inputs.old_logp[idx, :T]
     weight, mismatch = rollout_correction(algo, old, sub.sampling_logp, mask)
+    mismatch.update(perplexity_view(logp.detach(), old, sub.sampling_logp, mask))
     loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
                              else inputs.advantages[idx, :T], mask, token_weight=weight, **counts)
     m["pg_loss"] = loss.item()
+    if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
+        m["router_aux_loss"] = aux[0].item()
+        loss = loss + router_aux_coef * aux[0] * (mask.sum() / value_counts["num_tokens"])
     if inputs.ref_logp is not None:
         # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
         with torch.set_grad_enabled(algo.kl_coef != 0.0):
@@ -273,11 +314,35 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     if real and finite:
         for k, v in m.items():
             merge_metric(sums, f"actor/{k}", v, share)
-        for k, v in mismatch.items():
+        for k, v in {**mismatch, **routing_stats}.items():
             merge_metric(sums, k, v, share)
     if critic is not None:
         finite &= _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
     return finite
+
+
+def perplexity_view(logp: torch.Tensor, old: torch.Tensor, rollout: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, float]:
+    """The seed's perplexity view of GSPO, as diagnostics: the mean perplexity of the sampled completions
+    under the rollout engine, the old policy (trainer) and the current policy, and the mean sequence ratio
+    s_i = PPL_old(y_i) / PPL_theta(y_i) (= exp of the mean token log-ratio). [m, T] each."""
+    rows = (mask.sum(-1) > 0).float()  # [m] non-empty rows
+    n = rows.sum().clamp(min=1)
+    stats = {
+        "ppl/rollout": (perplexity(rollout, mask) * rows).sum() / n,
+        "ppl/old": (perplexity(old, mask) * rows).sum() / n,
+        "ppl/policy": (perplexity(logp, mask) * rows).sum() / n,
+        "ppl/seq_ratio": (torch.exp(sequence_log_ratio(logp, old, mask)) * rows).sum() / n,
+    }
+    values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()
+    return dict(zip(stats, values, strict=True))
+
+
+def _unknown_routing(batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
+    """[N, P+T, L, k] all -1 (nothing forced), to be filled with the old policy's routing."""
+    layout = moe.routing.moe_layout(moe.base_model(model))
+    shape = (*batch.input_ids.shape, layout.num_layers, layout.top_k)
+    return torch.full(shape, -1, dtype=torch.long, device=batch.device)
 
 
 def rollout_correction(algo: ResolvedAlgo, train_logp: torch.Tensor, rollout_logp: torch.Tensor,
