@@ -176,6 +176,13 @@ class RoutingCapture:
                              "(an interrupted forward, or one that skipped layers)")
         return [torch.stack([calls[c] for calls in self._calls], dim=2) for c in range(counts[0])]  # [B, S, L, k]
 
+    def take(self) -> list[torch.Tensor]:
+        """`forwards`, then forget them: the next call returns only forwards run after this one (for a
+        decoding loop that consumes each step's routing as it comes, while rows are being dropped)."""
+        forwards = self.forwards
+        self._calls = [[] for _ in self._calls]
+        return forwards
+
     def experts(self) -> torch.Tensor:
         """All forwards joined along the sequence: [B, sum S, L, k] (every forward must have the same B;
         e.g. one prefill and its decoding steps with no row dropped)."""

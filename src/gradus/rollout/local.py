@@ -6,6 +6,9 @@ Per `generate` call:
 2. Decode one token per step for all live rows; log-probs come from the full tempered distribution.
 3. Rows that emit an EOS id are finished; once enough of them have piled up they are dropped from
    the batch and the KV cache, so finished rows stop costing compute.
+4. On a mixture-of-experts model known to `models/routing.py`, the experts every token was routed to
+   are recorded as the rollout computed them (`RolloutBatch.routed_experts`, `rollout/routing_record.py`);
+   dense models are not hooked and get None.
 
 The decoder is `DirectDecoder` (fast, exact, stock Llama / Qwen2) when it supports the model, else
 `HFDecoder` (the model's own forward). The sampled tokens are the same either way, up to float
@@ -21,7 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gradus.models.routing import MoeLayout, moe_layout
 from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
+from gradus.rollout.routing_record import RolloutRouting, record_routing
 from gradus.rollout.sampling import next_tokens, row_keys, row_uniforms
 from gradus.rollout.types import RolloutBatch, SamplingParams
 
@@ -99,6 +104,7 @@ class LocalEngine:
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         self.eos_token_ids = [int(e) for e in eos]
         self.backend = backend
+        self._moe = _moe_layout_or_none(model)  # routers to record; None for a dense model
 
     @property
     def device(self) -> torch.device:
@@ -143,8 +149,8 @@ class LocalEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
-                batch = self._generate(prompts, n, params, seeds)
+            with torch.inference_mode(), record_routing(self.model, self._moe, params.max_new_tokens) as routing:
+                batch = self._generate(prompts, n, params, seeds, routing)
         finally:
             self.model.train(was_training)
         # Inference tensors cannot enter autograd (the trainer embeds completion_ids), so hand back
@@ -152,7 +158,7 @@ class LocalEngine:
         return batch.clone()
 
     def _generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
-                  seeds: Sequence[int]) -> RolloutBatch:
+                  seeds: Sequence[int], routing: RolloutRouting | None) -> RolloutBatch:
         device = self.device
         T = params.max_new_tokens
         positions = model_positions(self.model)
@@ -175,6 +181,8 @@ class LocalEngine:
         live_len = torch.full((B,), T, dtype=torch.long, device=device)  # [R]
 
         logits = decoder.prefill(ids, mask, n)  # [B, V]
+        if routing is not None:
+            routing.prefill(n)
         steps = 0
         while True:
             uniforms = None if params.greedy else row_uniforms(keys[rows], steps)  # [R]
@@ -198,6 +206,8 @@ class LocalEngine:
                 rows, tokens = rows[keep], tokens[keep]  # [R']
                 done, live_len = done[keep], live_len[keep]  # [R']
             logits = decoder.step(tokens)  # [R, V]
+            if routing is not None:
+                routing.step(rows, steps - 1)  # the forward just run fed the tokens sampled at column steps-1
         lengths.index_copy_(0, rows, live_len)
 
         completion_mask = (torch.arange(steps, device=device) < lengths[:, None]).long()  # [B, t]
@@ -205,9 +215,10 @@ class LocalEngine:
         sampling_logp = out_logp[:, :steps] * completion_mask  # [B, t] 0 at padding
         last = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B]
         truncated = ~torch.isin(last, eos)  # [B] no EOS at the end -> stopped by max_new_tokens
+        prompt_mask = mask.repeat_interleave(n, dim=0)  # [B, P]
         return RolloutBatch(
             prompt_ids=ids.repeat_interleave(n, dim=0),  # [B, P]
-            prompt_mask=mask.repeat_interleave(n, dim=0),  # [B, P]
+            prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
             sampling_logp=sampling_logp,
@@ -215,4 +226,13 @@ class LocalEngine:
             truncated=truncated,
             prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(n),  # [B]
             pad_token_id=self.pad_token_id,
+            routed_experts=None if routing is None else routing.finish(prompt_mask, lengths, steps),  # [B, P+t, L, k]
         )
+
+
+def _moe_layout_or_none(model: nn.Module) -> MoeLayout | None:
+    """The model's MoE routers, or None for a model `models/routing.py` does not route (a dense one)."""
+    try:
+        return moe_layout(model)
+    except ValueError:
+        return None

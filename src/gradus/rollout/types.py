@@ -54,6 +54,12 @@ class RolloutBatch:
     use temperature 1). `VLLMEngine`: as vLLM's sampler drew it (after top-k / top-p, when on), the
     true sampling probability; the trainer measures its gap to its own (`mismatch/*` metrics) and can
     correct for it (`algo.rollout_correction`).
+
+    `routed_experts` (mixture-of-experts models, `LocalEngine` only; None otherwise) is the rollout's
+    routing, for Rollout Routing Replay (R3, `models/routing.py`): [B, P+T, L, k] int64 aligned with
+    `input_ids`, the top-k experts of each token in each of the L MoE layers, in the router's order,
+    and -1 (all k entries) where nothing was routed: prompt padding, completion padding, and the last
+    generated token of each row, which the rollout never needs to feed (see `rollout/routing_record.py`).
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded with pad_token_id
@@ -65,6 +71,16 @@ class RolloutBatch:
     truncated: torch.Tensor  # [B] bool, True = stopped by max_new_tokens
     prompt_index: torch.Tensor  # [B] long, index of the row's prompt in the list given to generate
     pad_token_id: int = 0
+    routed_experts: torch.Tensor | None = None  # [B, P+T, L, k] int64, -1 = no routing (class docstring)
+
+    def __post_init__(self) -> None:
+        routed = self.routed_experts
+        if routed is None:
+            return
+        want = (self.prompt_ids.shape[0], self.prompt_ids.shape[1] + self.completion_ids.shape[1])
+        if routed.dim() != 4 or tuple(routed.shape[:2]) != want or routed.dtype != torch.long:
+            raise ValueError(f"routed_experts must be int64 [B, P+T, L, k] with [B, P+T] = {list(want)}, "
+                             f"got {routed.dtype} {list(routed.shape)}")
 
     # ---- views --------------------------------------------------------------------------------
     @property
@@ -96,9 +112,19 @@ class RolloutBatch:
     def device(self) -> torch.device:
         return self.prompt_ids.device
 
+    def routing_parts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`routed_experts` split at `completion_start`: (prompt [B, P, L, k], completion [B, T, L, k])
+        views; None when the batch has no routing."""
+        if self.routed_experts is None:
+            return None
+        P = self.completion_start
+        return self.routed_experts[:, :P], self.routed_experts[:, P:]
+
     # ---- transforms ---------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pad_token_id"}
+        """The tensor fields that are set (an absent optional field is left out, so it stays None)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "pad_token_id" and getattr(self, f.name) is not None}
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         return RolloutBatch(**{k: v.to(device) for k, v in self._tensors().items()},
@@ -127,6 +153,8 @@ class RolloutBatch:
             out[k] = out[k][:, p0:]
         for k in ("completion_ids", "completion_mask", "sampling_logp"):
             out[k] = out[k][:, :t1]
+        if (parts := self.routing_parts()) is not None:
+            out["routed_experts"] = torch.cat([parts[0][:, p0:], parts[1][:, :t1]], dim=1)  # [B, P'+T', L, k]
         return RolloutBatch(**out, pad_token_id=self.pad_token_id)
 
     @classmethod
@@ -134,18 +162,29 @@ class RolloutBatch:
         """Stack rows of several batches, re-padding prompts (left) and completions (right) to common widths.
 
         `prompt_index` is kept as given (not renumbered); the pad id of the first batch is used.
+        `routed_experts` is re-padded with -1 alike; either every batch has it or none does.
         """
         if not batches:
             raise ValueError("concat needs at least one batch")
+        with_routing = sum(b.routed_experts is not None for b in batches)
+        if 0 < with_routing < len(batches):
+            raise ValueError(f"{with_routing} of {len(batches)} batches have routed_experts: a batch "
+                             "with routing cannot be joined to one without")
         pad = batches[0].pad_token_id
         P = max(b.prompt_ids.shape[1] for b in batches)
         T = max(b.completion_ids.shape[1] for b in batches)
 
+        # pad dim 1 (columns) of a [B, S, ...] tensor; F.pad counts its pairs from the last dim
         def left(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+            return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (width - x.shape[1], 0), value=value)
 
         def right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+            return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=value)
+
+        routed = None
+        if with_routing:
+            routed = torch.cat([torch.cat([left(p, P, -1), right(c, T, -1)], dim=1)
+                                for p, c in (b.routing_parts() for b in batches)])  # [sum B, P+T, L, k]
 
         return cls(
             prompt_ids=torch.cat([left(b.prompt_ids, P, pad) for b in batches]),  # [sum B, P]
@@ -157,4 +196,5 @@ class RolloutBatch:
             truncated=torch.cat([b.truncated for b in batches]),  # [sum B]
             prompt_index=torch.cat([b.prompt_index for b in batches]),  # [sum B]
             pad_token_id=pad,
+            routed_experts=routed,
         )
