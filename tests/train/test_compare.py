@@ -137,3 +137,19 @@ def test_smoothing_and_stacking():
     b = RunData("b", "grpo", 1, [{"step": s, "x": 2.0 * s} for s in (2, 3)], {})
     steps, values = stack_by_step([a, b], "x", window=1)
     assert steps.tolist() == [2, 3] and values.tolist() == [[2.0, 3.0], [4.0, 6.0]]
+
+
+def test_an_algos_entry_can_be_a_variant_with_its_own_settings(tmp_path):
+    from gradus.compare.runner import ComparePlan, run_name
+
+    plan = ComparePlan(algos=["grpo", "grpo:algo.kl_coef=0:optim.lr=1e-4"], seeds=1, overrides=["run.steps=3"])
+    names = [name for _, _, name in plan.run_names()]
+    assert names == ["grpo-seed0", "grpo+kl_coef=0+lr=1e-4-seed0"]
+    base, variant = (plan.config(tmp_path, algo, 0, name) for algo, _, name in plan.run_names())
+    assert base.algo.kl_coef is None and base.optim.lr == 2e-4
+    assert variant.algo.name == "grpo" and variant.algo.kl_coef == 0 and variant.optim.lr == 1e-4
+    assert variant.run.steps == 3 and run_name("gspo", 2) == "gspo-seed2"
+    with pytest.raises(ConfigError, match="key=value"):
+        plan.config(tmp_path, "grpo:r3", 0, "x")
+    with pytest.raises(ConfigError, match="set by gradus compare"):
+        plan.config(tmp_path, "grpo:run.seed=3", 0, "x")

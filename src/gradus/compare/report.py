@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradus.compare.runner import run_name
 from gradus.train.runlog import read_metrics
 
 
@@ -60,7 +61,7 @@ def load_runs(compare_dir: Path) -> tuple[dict[str, Any], list[RunData]]:
     runs = []
     for seed in range(plan["seeds"]):
         for algo in plan["algos"]:
-            name = f"{algo}-seed{seed}"
+            name = run_name(algo, seed)
             summary_path, error_path = metrics / f"{name}.summary.json", metrics / f"{name}.error.txt"
             runs.append(RunData(
                 name, algo, seed, read_metrics(metrics / f"{name}.jsonl"),

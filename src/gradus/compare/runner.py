@@ -20,6 +20,7 @@ from it (the trainer's resume is exact on CPU), the rest start over.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -54,17 +55,29 @@ class ComparePlan:
     target: float | None = None  # held-out accuracy to time; None: 10 points over the start
 
     def run_names(self) -> list[tuple[str, int, str]]:
-        return [(algo, seed, f"{algo}-seed{seed}") for seed in range(self.seeds) for algo in self.algos]
+        return [(algo, seed, run_name(algo, seed)) for seed in range(self.seeds) for algo in self.algos]
 
     def config(self, out: Path, algo: str, seed: int, name: str) -> TrainConfig:
-        fixed = [f"algo.name={algo}", f"run.seed={seed}", f"run.out_dir={out / 'runs'}", f"run.name={name}"]
-        user_keys = {item.split("=", 1)[0].strip() for item in self.overrides}
+        """The config of one run; `algo` is an --algos entry: ALGO, or ALGO:key=value[:key=value...] for a
+        variant (e.g. grpo:algo.routing_replay=r3), whose settings apply to its runs only."""
+        algo_name, *variant = algo.split(":")
+        fixed = [f"algo.name={algo_name}", f"run.seed={seed}", f"run.out_dir={out / 'runs'}", f"run.name={name}"]
+        user_keys = {item.split("=", 1)[0].strip() for item in [*self.overrides, *variant]}
         defaults = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items() if k not in user_keys]
-        for item in self.overrides:
+        for item in [*self.overrides, *variant]:
+            if "=" not in item:
+                raise ConfigError(f"--algos: {algo!r}: a variant's settings are key=value, got {item!r}")
             if item.split("=", 1)[0].strip() in ("algo.name", "run.seed", "run.out_dir", "run.name"):
                 raise ConfigError(f"{item.split('=', 1)[0]} is set by gradus compare for each run (use --algos, "
                                   "--seeds, --out)")
-        return load_config(self.config_file, [*defaults, *self.overrides, *fixed])
+        return load_config(self.config_file, [*defaults, *self.overrides, *variant, *fixed])
+
+
+def run_name(algo: str, seed: int) -> str:
+    """The folder and file name of a run of an --algos entry (grpo:algo.routing_replay=r3 -> grpo+routing_replay=r3)."""
+    parts = algo.split(":")
+    label = "+".join([parts[0], *(p.split(".", 1)[-1] for p in parts[1:])])
+    return f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', label)}-seed{seed}"
 
 
 @dataclass
