@@ -11,6 +11,11 @@ Per-run quantities:
 - clip fractions (low: A < 0 below 1 - eps_low; high: A > 0 above 1 + eps_high), mean over steps:
   a fraction of tokens, or of sequences for GSPO, whose ratio is per sequence;
 - SAPO's mean gate weight f'(r) (1 on-policy, below 1 off-policy);
+- the ratio's spread, mean over steps of (max - min) of pi_theta / pi_old over the step's tokens (sequences
+  for GSPO);
+- the rollout/training gap: the mean KL estimate (k3) between the engine's and the trainer's token
+  probabilities, and for mixture-of-experts policies the share of (token, layer) pairs whose experts
+  differ between the rollout and the training forward (0 under routing replay R3);
 - KL to the reference and policy entropy, both means over the last tenth of the steps;
 - DAPO's dropped groups, total over the run.
 """
@@ -103,6 +108,10 @@ def run_row(run: RunData, target: float | None) -> dict[str, float | None]:
         "clip_low": _mean(run.series("actor/clip_frac_low")),
         "clip_high": _mean(run.series("actor/clip_frac_high")),
         "gate": _mean(run.series("actor/gate_weight_mean")),
+        "spread": _mean([(t, hi - lo) for (t, hi), (_, lo) in zip(run.series("actor/ratio_max"),
+                                                                   run.series("actor/ratio_min"), strict=False)]),
+        "rollout_kl": _mean(run.series("mismatch/kl_k3")),
+        "routing": _mean(run.series("routing/layer_mismatch_frac")),
         "kl": _mean((run.series("actor/kl_ref") or run.series("actor/kl_ref_reward"))[-last:]),
         "entropy": _mean(run.series("actor/entropy")[-last:]),
         "dropped": sum(v for _, v in run.series("dapo/groups_dropped")) if run.series("dapo/groups_dropped")
@@ -121,6 +130,9 @@ COLUMNS = [  # key, header, format
     ("clip_low", "clip frac. low", "{:.4f}"),
     ("clip_high", "clip frac. high", "{:.4f}"),
     ("gate", "SAPO gate", "{:.4f}"),
+    ("spread", "ratio max - min", "{:.3f}"),
+    ("rollout_kl", "rollout KL (k3)", "{:.1e}"),
+    ("routing", "routing mismatch", "{:.4f}"),
     ("kl", "KL to ref.", "{:.4f}"),
     ("entropy", "entropy", "{:.3f}"),
     ("dropped", "DAPO groups dropped", "{:,.0f}"),
