@@ -18,22 +18,23 @@ def write_digits_reward(folder: Path, module: str) -> str:
     return f"{module}:digits:0.5,numeric_match"
 
 
+def save_untrained(folder: Path, size: str, arch: str = "qwen2") -> Path:
+    """An untrained built-in model of `size` and `arch` with the char tokenizer, saved in HF format in `folder`."""
+    tokenizer = build_char_tokenizer()
+    save_pretrained(build_tiny_model(size, tokenizer=tokenizer, arch=arch, seed=0), tokenizer, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def nano_dir(tmp_path_factory):
     """A nano Qwen2 model with the char tokenizer, saved in HF format (no SFT: tests need speed, not skill)."""
-    path = tmp_path_factory.mktemp("nano")
-    tokenizer = build_char_tokenizer()
-    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, seed=0), tokenizer, path)
-    return path
+    return save_untrained(tmp_path_factory.mktemp("nano"), "nano")
 
 
 @pytest.fixture(scope="session")
 def micro_dir(tmp_path_factory):
     """The built-in micro size, untrained (head size 32: vLLM's CPU attention has no kernel for nano's 16)."""
-    path = tmp_path_factory.mktemp("micro")
-    tokenizer = build_char_tokenizer()
-    save_pretrained(build_tiny_model("micro", tokenizer=tokenizer, seed=0), tokenizer, path)
-    return path
+    return save_untrained(tmp_path_factory.mktemp("micro"), "micro")
 
 
 @pytest.fixture

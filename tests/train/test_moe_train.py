@@ -4,9 +4,9 @@ fp32 policy after every update."""
 
 import pytest
 import torch
+from conftest import save_untrained
 
 from gradus.config import ConfigError, load_config
-from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
 from gradus.train import moe
 from gradus.train.runlog import read_metrics
 from gradus.train.trainer import Trainer
@@ -16,10 +16,7 @@ from .conftest import tiny_overrides
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nano_moe")
-    tokenizer = build_char_tokenizer()
-    save_pretrained(build_tiny_model("nano", tokenizer=tokenizer, arch="qwen2_moe", seed=0), tokenizer, path)
-    return path
+    return save_untrained(tmp_path_factory.mktemp("nano_moe"), "nano", arch="qwen2_moe")
 
 
 def steps_of(trainer):
