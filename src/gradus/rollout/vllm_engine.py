@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradus import parallel
@@ -103,9 +104,10 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gb * 2**30)
         else:  # on CPU vLLM would size its cache from this process's RSS; a fixed size is predictable
             kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
-        # vLLM reseeds the global RNGs and, on CPU, replaces torch.set_num_threads with a no-op for the
+        # vLLM reseeds the global RNGs (torch, CUDA, random, numpy) and, on CPU, replaces torch.set_num_threads with a no-op for the
         # whole process: the trainer shares this process, so both are put back once the engine is built.
-        rng = (torch.get_rng_state(), random.getstate())
+        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
@@ -127,6 +129,9 @@ class VLLMEngine:
             torch.set_num_threads(threads)
             torch.set_rng_state(rng[0])
             random.setstate(rng[1])
+            np.random.set_state(rng[2])
+            if rng[3] is not None:
+                torch.cuda.set_rng_state_all(rng[3])
 
     def close(self) -> None:
         """Shut the engine down and free its memory; a newer engine in this process closes older ones."""
