@@ -104,8 +104,8 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gb * 2**30)
         else:  # on CPU vLLM would size its cache from this process's RSS; a fixed size is predictable
             kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
-        # vLLM reseeds the global RNGs (torch, CUDA, random, numpy) and, on CPU, replaces torch.set_num_threads with a no-op for the
-        # whole process: the trainer shares this process, so both are put back once the engine is built.
+        # vLLM reseeds the global RNGs (torch, CUDA, random, numpy) and, on CPU, replaces torch.set_num_threads
+        # with a no-op for the whole process: the trainer shares this process, so both are put back once built.
         rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
