@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                                        .eval().to(torch.bfloat16), pad_token_id=tokenizer.pad_token_id,
                                        eos_token_ids=[])}
         rates: dict[str, list[float]] = {k: [] for k in engines}
-        for name, engine in engines.items():  # warm-up
+        for engine in engines.values():  # warm-up
             tokens_per_second(engine, prompts, args.samples, args.new_tokens, seed=0)
         for r in range(args.repeats):
             for name, engine in engines.items():
