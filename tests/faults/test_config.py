@@ -247,6 +247,18 @@ def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
     assert saved.optim.epochs is not None and saved.algo.kl_coef is not None
 
 
+def test_a_resumed_run_may_change_its_rollout_correction(tmp_path):
+    # the resolved config saved tis's default cap (2.0); resuming with none was refused, and with icepop it
+    # silently kept [.., 2] instead of icepop's [0.5, 5]
+    from gradus.config import save_config
+    from gradus.train.presets import resolved_config
+
+    save_config(resolved_config(load_config(overrides=["algo.rollout_correction=tis"])), tmp_path / "config.yaml")
+    assert resolve_algo(load_config(tmp_path / "config.yaml", ["algo.rollout_correction=none"])).correction == "none"
+    icepop = resolve_algo(load_config(tmp_path / "config.yaml", ["algo.rollout_correction=icepop"]))
+    assert icepop.correction_bounds == (0.5, 5.0)
+
+
 def test_run_saves_the_resolved_config_and_resumes_from_it(tmp_path):
     tokenizer = build_char_tokenizer()
     model = save_pretrained(build_tiny_model("nano", tokenizer=tokenizer), tokenizer, tmp_path / "nano")

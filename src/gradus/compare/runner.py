@@ -116,10 +116,16 @@ def validate_plan(plan: ComparePlan, out: Path) -> None:
         raise ConfigError(f"--seeds must be >= 1, got {plan.seeds}")
     if plan.target is not None and not 0 < plan.target <= 1:
         raise ConfigError(f"--target is a held-out accuracy in (0, 1], got {plan.target}")
+    names: dict[str, str] = {}
+    for algo, _, name in plan.run_names():
+        if names.setdefault(name, algo) != algo:
+            raise ConfigError(f"--algos: {names[name]!r} and {algo!r} would both be named {name!r}; make the "
+                              "variants differ by more than a key's section")
     configs = [plan.config(out, algo, seed, name) for algo, seed, name in plan.run_names()]
     for cfg in configs:
         validate(cfg)
-    preflight(configs[0])  # the runs differ only in algo.name and run.seed
+    for cfg in configs[: len(plan.algos)]:  # one per entry: a variant may change the model or the task
+        preflight(cfg)
 
 
 def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,

@@ -92,6 +92,12 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError("algo.max_gen_rounds only applies with algo.dynamic_sampling=true")
     if not overlong and a.overlong_cache != defaults.overlong_cache:
         raise ConfigError("algo.overlong_cache only applies with algo.overlong_shaping=true")
+    epochs = d.epochs if cfg.optim.epochs is None else cfg.optim.epochs
+    minibatches = d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches
+    if a.routing_replay == "r2" and epochs * minibatches == 1:
+        raise ConfigError(f"algo.routing_replay=r2 replays the old policy's routing in the later updates of a batch; "
+                          f"{a.name} makes one (optim.epochs=1, optim.minibatches=1), so r2 would change nothing: "
+                          "set optim.minibatches or optim.epochs above 1, or use r3")
     try:
         bounds = resolve_bounds(a.rollout_correction, a.correction_low, a.correction_high)
     except ValueError as err:  # e.g. a lower bound for tis, which only caps
@@ -111,8 +117,8 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         overlong_shaping=overlong,
         overlong_cache=a.overlong_cache,
         overlong_filter=a.overlong_filter,
-        epochs=d.epochs if cfg.optim.epochs is None else cfg.optim.epochs,
-        minibatches=d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches,
+        epochs=epochs,
+        minibatches=minibatches,
         monitor_kl=a.monitor_kl,
         routing_replay=a.routing_replay,
         correction=a.rollout_correction,
@@ -134,7 +140,7 @@ def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> Train
     out.algo.adv_scale = algo.adv_scale  # None for PPO: GAE from the critic
     out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
     out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
-    out.algo.correction_low, out.algo.correction_high = algo.correction_bounds
+    # the correction's bounds stay as given (None: the mode's), so that a resume may change the mode
     return out
 
 

@@ -155,7 +155,7 @@ class Trainer:
         fsdp2 = self.layout.distributed and cfg.run.parallel == "fsdp2"
         sampling_dtype = bootstrap.DTYPES[cfg.rollout.dtype or cfg.model.dtype]
         copied = fsdp2 or sampling_dtype != bootstrap.DTYPES[cfg.model.dtype]
-        self.rollout_model = copy.deepcopy(policy).to(sampling_dtype).requires_grad_(False) if copied else None
+        self.rollout_model = _sampling_copy(policy, sampling_dtype) if copied else None
         self.policy = parallel.wrap(policy, cfg.run.parallel, self.device)
         if self.reference is not None:
             self.reference = parallel.wrap(self.reference, cfg.run.parallel, self.device, trainable=False)
@@ -541,6 +541,15 @@ def _data_position(state: dict[str, Any], rank: int, world: int) -> int:
         return positions[rank]
     used = max((p - 1) * len(positions) + r + 1 if p else 0 for r, p in enumerate(positions))  # examples used
     return -(-used // world)  # ceil: the first global index this rank takes is >= used
+
+
+def _sampling_copy(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of the policy to sample with, its parameters in `dtype`. Buffers keep their dtype: a
+    rotary embedding's fp32 frequency table rounded to bf16 would put positions off by radians at 2k tokens."""
+    sampler = copy.deepcopy(policy).requires_grad_(False)
+    for param in sampler.parameters():
+        param.data = param.data.to(dtype)
+    return sampler
 
 
 def _then(first: Any, second: Any) -> Any:

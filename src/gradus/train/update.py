@@ -299,7 +299,7 @@ def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: to
     m["pg_loss"] = loss.item()
     if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
         m["router_aux_loss"] = aux[0].item()
-        loss = loss + router_aux_coef * aux[0] * (mask.sum() / value_counts["num_tokens"])
+        loss = loss + router_aux_coef * aux[0] * (mask.sum() / value_counts["num_tokens"].clamp(min=1))
     if inputs.ref_logp is not None:
         # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
         with torch.set_grad_enabled(algo.kl_coef != 0.0):
