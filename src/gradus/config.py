@@ -518,8 +518,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if type(None) in options:
             return None
-        if isinstance(value, str) and str in options:  # a text field whose value is the word (rollout_correction)
-            return value
+        if isinstance(value, str) and str in options and value.lower() in (allowed(key).options() or ()):
+            return value.lower()  # a choice named "none" (algo.rollout_correction, algo.routing_replay)
         raise ConfigError(f"{key} cannot be None")
     if isinstance(value, list | tuple) and str in options and all(isinstance(v, str) for v in value):
         return ",".join(value)  # a YAML list for a comma-separated field (model.lora_targets, task.rewards)
