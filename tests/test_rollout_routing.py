@@ -87,10 +87,7 @@ def test_recording_changes_no_sampled_token(monkeypatch):
     model = build_tiny_model("micro", tokenizer=TOKENIZER, arch="mixtral", seed=0).eval()
     recorded = LocalEngine(model, pad_token_id=PAD, eos_token_ids=EOS).generate(PROMPTS, 2, PARAMS, seed=3)
 
-    def refuse(model):
-        raise ValueError("as if the model were dense")
-
-    monkeypatch.setattr(local_mod, "moe_layout", refuse)
+    monkeypatch.setattr(local_mod, "moe_layout_or_none", lambda model: None)  # as if the model were dense
     plain = LocalEngine(model, pad_token_id=PAD, eos_token_ids=EOS).generate(PROMPTS, 2, PARAMS, seed=3)
     assert plain.routed_experts is None and recorded.routed_experts is not None
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "sampling_logp", "lengths"):
@@ -100,7 +97,8 @@ def test_recording_changes_no_sampled_token(monkeypatch):
 def test_dense_model_gets_no_routing_and_no_hooks(monkeypatch):
     model = build_tiny_model("nano", tokenizer=TOKENIZER, arch="qwen2", seed=0).eval()
     layouts = []
-    monkeypatch.setattr(local_mod, "moe_layout", lambda m, real=local_mod.moe_layout: layouts.append(m) or real(m))
+    monkeypatch.setattr(local_mod, "moe_layout_or_none",
+                        lambda m, real=local_mod.moe_layout_or_none: layouts.append(m) or real(m))
     engine = LocalEngine(model, pad_token_id=PAD, eos_token_ids=EOS)
     assert engine.uses_direct()  # a hook on any module would have sent it to the slow path
     hooks = []

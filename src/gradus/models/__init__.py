@@ -13,7 +13,16 @@ from gradus.models.loading import (
     save_pretrained,
     stop_token_ids,
 )
-from gradus.models.routing import ROUTERS, MoeLayout, RoutingCapture, capture, moe_layout, replay, routing_mismatch
+from gradus.models.routing import (
+    ROUTERS,
+    MoeLayout,
+    RoutingCapture,
+    capture,
+    moe_layout,
+    moe_layout_or_none,
+    replay,
+    routing_mismatch,
+)
 from gradus.models.tiny import MOE_ARCHS, TINY_SIZES, TinySize, build_tiny_model, tiny_config
 from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
 
@@ -40,6 +49,7 @@ __all__ = [
     "load_critic",
     "load_pretrained",
     "moe_layout",
+    "moe_layout_or_none",
     "replay",
     "routing_mismatch",
     "save_pretrained",

@@ -131,6 +131,14 @@ def moe_layout(model: nn.Module) -> MoeLayout:
                      top_ks.pop(), counts.pop())
 
 
+def moe_layout_or_none(model: nn.Module) -> MoeLayout | None:
+    """`moe_layout`, or None for a model this module does not route (a dense one, an unknown architecture)."""
+    try:
+        return moe_layout(model)
+    except ValueError:
+        return None
+
+
 class _BlockShapes:
     """Forward pre-hooks on the MoE blocks: the (B, S) of the tokens each router is about to see."""
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradus.models.routing import MoeLayout, moe_layout
+from gradus.models.routing import moe_layout_or_none
 from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
 from gradus.rollout.routing_record import RolloutRouting, record_routing
 from gradus.rollout.sampling import next_tokens, row_keys, row_uniforms
@@ -104,7 +104,7 @@ class LocalEngine:
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         self.eos_token_ids = [int(e) for e in eos]
         self.backend = backend
-        self._moe = _moe_layout_or_none(model)  # routers to record; None for a dense model
+        self._moe = moe_layout_or_none(model)  # routers to record; None for a dense model
 
     @property
     def device(self) -> torch.device:
@@ -228,11 +228,3 @@ class LocalEngine:
             pad_token_id=self.pad_token_id,
             routed_experts=None if routing is None else routing.finish(prompt_mask, lengths, steps),  # [B, P+t, L, k]
         )
-
-
-def _moe_layout_or_none(model: nn.Module) -> MoeLayout | None:
-    """The model's MoE routers, or None for a model `models/routing.py` does not route (a dense one)."""
-    try:
-        return moe_layout(model)
-    except ValueError:
-        return None

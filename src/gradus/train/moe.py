@@ -27,11 +27,14 @@ from gradus.rollout import RolloutBatch
 
 
 def is_moe(model: torch.nn.Module) -> bool:
-    try:
-        routing.moe_layout(base_model(model))
-    except ValueError:
-        return False
-    return True
+    return routing.moe_layout_or_none(model) is not None
+
+
+def unknown_routing(batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
+    """[N, P+T, L, k] all -1 (nothing forced yet), for r2 to fill with the old policy's routing."""
+    layout = routing.moe_layout(model)
+    shape = (*batch.input_ids.shape, layout.num_layers, layout.top_k)
+    return torch.full(shape, -1, dtype=torch.long, device=batch.device)
 
 
 def check_moe_settings(model: torch.nn.Module, replay: str, aux_coef: float | None, engine: str) -> float:

@@ -343,10 +343,8 @@ class Trainer:
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         first_pass_is_old = (minibatches or self._minibatches(batch.batch_size)) == 1
         # MoE r2: the old log-prob pass records its routing, which the update's forwards then replay
-        routes = None
-        if algo.routing_replay == "r2" and not first_pass_is_old:
-            routes = torch.full((*batch.input_ids.shape, *self._routing_shape()), -1, dtype=torch.long,
-                                device=batch.device)
+        routes = moe.unknown_routing(batch, self.policy) if algo.routing_replay == "r2" and not first_pass_is_old \
+            else None
         old_logp = None if first_pass_is_old else batch_logprobs(self.policy, batch, **passes, routes=routes,
                                                                  routing_replay=algo.routing_replay)
         ref_logp = None
@@ -455,10 +453,6 @@ class Trainer:
         return summary
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def _routing_shape(self) -> tuple[int, int]:
-        layout = moe.routing.moe_layout(parallel.unwrap_ddp(self.policy))
-        return layout.num_layers, layout.top_k
-
     def _minibatches(self, batch_size: int) -> int:
         """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
         return max(1, min(self.algo.minibatches, batch_size // self.cfg.rollout.group_size))

@@ -175,7 +175,7 @@ def run_updates(
     # r2 over several epochs of one minibatch: the first epoch's routing is the old policy's (as its log-probs)
     routes = None
     if algo.routing_replay == "r2" and inputs.old_routing is None and epochs > 1:
-        routes = _unknown_routing(inputs.batch, actor.model)
+        routes = moe.unknown_routing(inputs.batch, actor.model)
     sums: dict[str, float] = defaultdict(float)
     steps = skipped = 0
     for _ in range(epochs):
@@ -336,13 +336,6 @@ def perplexity_view(logp: torch.Tensor, old: torch.Tensor, rollout: torch.Tensor
     }
     values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()
     return dict(zip(stats, values, strict=True))
-
-
-def _unknown_routing(batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
-    """[N, P+T, L, k] all -1 (nothing forced), to be filled with the old policy's routing."""
-    layout = moe.routing.moe_layout(moe.base_model(model))
-    shape = (*batch.input_ids.shape, layout.num_layers, layout.top_k)
-    return torch.full(shape, -1, dtype=torch.long, device=batch.device)
 
 
 def rollout_correction(algo: ResolvedAlgo, train_logp: torch.Tensor, rollout_logp: torch.Tensor,
