@@ -153,12 +153,3 @@ def test_an_algos_entry_can_be_a_variant_with_its_own_settings(tmp_path):
         plan.config(tmp_path, "grpo:r3", 0, "x")
     with pytest.raises(ConfigError, match="set by gradus compare"):
         plan.config(tmp_path, "grpo:run.seed=3", 0, "x")
-
-
-def test_variants_whose_run_names_collide_are_refused(tmp_path):
-    from gradus.compare.runner import ComparePlan, validate_plan
-
-    # both would be grpo+dtype=bfloat16-seed0: the second would find the first's results and skip itself
-    plan = ComparePlan(algos=["grpo:rollout.dtype=bfloat16", "grpo:model.dtype=bfloat16"], seeds=1)
-    with pytest.raises(ConfigError, match="would both be named 'grpo\\+dtype=bfloat16-seed0'"):
-        validate_plan(plan, tmp_path)
