@@ -29,8 +29,17 @@ def run(moe_dir, tmp_path, reward, **extra):
     return trainer
 
 
-def test_r3_with_the_same_dtype_trains_on_exactly_the_rollouts_routing(moe_dir, tmp_path, signal_reward):
+def test_r3_with_the_same_dtype_trains_on_exactly_the_rollouts_routing(moe_dir, tmp_path, signal_reward,
+                                                                      monkeypatch):
+    calls = []
+    original = moe.training_forward
+    monkeypatch.setattr(moe, "training_forward", lambda model, experts: calls.append((model, experts)) or original(
+        model, experts))
     trainer = run(moe_dir, tmp_path, signal_reward, **{"algo.routing_replay": "r3"})
+    # every forward of the policy was forced (the reference's is not): in fp32 the free routing would agree
+    # anyway, so the checks below alone could not tell R3 from none
+    forced = [experts for model, experts in calls if model is trainer.policy]
+    assert forced and all(f is not None and (f >= 0).any() for f in forced)
     for record in steps_of(trainer):
         assert record["routing/layer_mismatch_frac"] == 0.0 and record["routing/token_mismatch_frac"] == 0.0
         assert record["actor/ratio_min"] == 1.0 and record["actor/ratio_max"] == 1.0  # on-policy: exactly 1
