@@ -1,9 +1,14 @@
-"""Train each algorithm with `gradus train` defaults and print the README's results table.
+"""Train each algorithm with `gradus train` defaults over several seeds; print the README's results table.
 
-Run: python bench/train_table.py [--algos ppo,grpo,dapo,gspo,sapo] [-- extra key=value overrides]
+Run: python bench/train_table.py [--algos ppo,grpo,dapo,gspo,sapo] [--seeds 5] [--jobs 2] [key=value ...]
 
-Each algorithm is one `gradus train --algo A` run on the default task (built-in tiny model, SFT
-warm start cached by the first run); the table is read back from each run's summary.json.
+Each (algorithm, seed) is one `gradus train --algo A run.seed=S` on the default task; every seed has its
+own SFT warm start (cached, shared by that seed's algorithms). Gains are read back from each run's
+summary.json. A run whose summary.json is already in --out is reused, not re-run, so an interrupted
+table continues where it stopped (delete --out to measure afresh). With --jobs 2 two runs go side by
+side, one CPU thread each: the gains are the same as alone (parameters are bit-identical across thread
+counts, tests/test_threads.py), the wall times are not the ones a run alone takes.
+Writes --out/table.md and --out/table.json.
 """
 
 from __future__ import annotations
@@ -12,38 +17,95 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--algos", default="ppo,grpo,dapo,gspo,sapo")
-    parser.add_argument("--out", default="runs/table")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    rows = []
-    for algo in args.algos.split(","):
-        cmd = ["gradus", "train", "--algo", algo, "--out", args.out, "--name", algo, "--no-progress", *args.overrides]
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
+    """One `gradus train` run (or its summary when it already finished); the row of the per-run table."""
+    name = f"{algo}-seed{seed}"
+    summary_path = Path(args.out) / name / "summary.json"
+    total = None
+    if not summary_path.exists():
+        cmd = ["gradus", "train", "--algo", algo, "--out", args.out, "--name", name, "--no-progress",
+               f"run.seed={seed}", *(["run.threads=1"] if args.jobs > 1 else []), *args.overrides]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         total = time.perf_counter() - start
         if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            rows.append(f"| {algo} | failed (exit {proc.returncode}) | | | | |")
+            print(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+            return {"algo": algo, "seed": seed, "failed": proc.returncode}
+    s = json.loads(summary_path.read_text())
+    row = {"algo": algo, "seed": seed, "before": s["heldout_accuracy_before"], "after": s["heldout_accuracy_after"],
+           "gain": 100 * (s["heldout_accuracy_after"] - s["heldout_accuracy_before"]), "steps": s["steps"],
+           "rl_wall_s": s["wall_time_s"], "command_s": total}
+    print(f"{name}: {row['before']:.3f} -> {row['after']:.3f} ({row['gain']:+.1f}), RL {row['rl_wall_s']:.0f} s"
+          + ("" if total is None else f", command {total:.0f} s") + ("" if total is not None else " (reused)"),
+          flush=True)
+    return row
+
+
+def summarize(algos: list[str], rows: list[dict]) -> list[str]:
+    """Markdown rows: per algorithm, the runs done, mean start, mean end, and the gain's mean, min and max."""
+    lines = ["| algo | seeds | held-out acc. before (mean) | after (mean) | gain mean | gain min | gain max "
+             "| RL wall time (median) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for algo in algos:
+        done = [r for r in rows if r["algo"] == algo and "gain" in r]
+        failed = sum(1 for r in rows if r["algo"] == algo and "failed" in r)
+        if not done:
+            lines.append(f"| {algo} | 0 done, {failed} failed | | | | | | |")
             continue
-        s = json.loads((Path(args.out) / algo / "summary.json").read_text())
-        gain = 100 * (s["heldout_accuracy_after"] - s["heldout_accuracy_before"])
-        rows.append(f"| {algo} | {s['heldout_accuracy_before']:.3f} | {s['heldout_accuracy_after']:.3f} | {gain:+.1f} "
-                    f"| {s['steps']} | {s['wall_time_s']:.0f} s | {total:.0f} s |")
-        print(rows[-1], flush=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default")
-    print(f"command: python bench/train_table.py --algos {args.algos} {' '.join(args.overrides)}".rstrip())
-    print("\n| algo | held-out acc. before | after | gain (points) | RL steps | RL wall time | whole command |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
+        gains = [r["gain"] for r in done]
+        seeds = f"{len(done)}" + (f" ({failed} failed)" if failed else "")
+        lines.append(f"| {algo} | {seeds} | {statistics.mean(r['before'] for r in done):.3f} "
+                     f"| {statistics.mean(r['after'] for r in done):.3f} | {statistics.mean(gains):+.1f} "
+                     f"| {min(gains):+.1f} | {max(gains):+.1f} "
+                     f"| {statistics.median(r['rl_wall_s'] for r in done):.0f} s |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algos", default="ppo,grpo,dapo,gspo,sapo")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                        help="runs side by side, one thread each when 2 (default %(default)s)")
+    parser.add_argument("--out", default="runs/table")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    algos = args.algos.split(",")
+    # seed-major order: a seed's warm start is made by its first run and cached for the others
+    plan = [(algo, seed) for seed in range(args.seeds) for algo in algos]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda job: run_one(*job, args), plan))
+    command = (f"python bench/train_table.py --algos {args.algos} --seeds {args.seeds} --jobs {args.jobs} "
+               f"{' '.join(args.overrides)}").rstrip()
+    machine = f"{cpu_model()}, {os.cpu_count()} cores" + (", two runs side by side, 1 thread each"
+                                                           if args.jobs > 1 else ", one run at a time")
+    table = summarize(algos, rows)
+    text = "\n".join([f"machine: {machine}", f"command: {command}", "", *table])
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    (out / "table.json").write_text(json.dumps({"machine": machine, "command": command, "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":

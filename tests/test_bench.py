@@ -1,5 +1,5 @@
 """The pure pieces of bench/grpo_vs_trl.py, bench/efficiency.py, bench/rollout.py, bench/data_parallel.py and
-bench/lora.py (neither TRL nor a worker nor a training run is started)."""
+bench/lora.py, bench/train_table.py (neither TRL nor a worker nor a training run is started)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import efficiency  # noqa: E402
 import grpo_vs_trl  # noqa: E402
 import lora as lora_bench  # noqa: E402
 import rollout as rollout_bench  # noqa: E402
+import train_table  # noqa: E402
 
 from gradus.models import build_char_tokenizer  # noqa: E402
 
@@ -170,3 +171,16 @@ def test_phase_peaks_see_a_transient_allocation():
 
     assert phases.wrap("work", allocate)() == 64 << 20
     assert 60 <= phases.growth["work"] < 200
+
+
+def test_train_table_summary_by_hand():
+    rows = [{"algo": "grpo", "seed": 0, "before": 0.2, "after": 0.36, "gain": 16.0, "rl_wall_s": 300.0},
+            {"algo": "grpo", "seed": 1, "before": 0.1, "after": 0.30, "gain": 20.0, "rl_wall_s": 100.0},
+            {"algo": "grpo", "seed": 2, "before": 0.15, "after": 0.27, "gain": 12.0, "rl_wall_s": 200.0},
+            {"algo": "ppo", "seed": 0, "failed": 1}]
+    header, rule, grpo, ppo = train_table.summarize(["grpo", "ppo"], rows)
+    # before: (0.2 + 0.1 + 0.15) / 3 = 0.15; after: (0.36 + 0.30 + 0.27) / 3 = 0.31; gain mean (16 + 20 + 12) / 3 = 16
+    assert grpo == "| grpo | 3 | 0.150 | 0.310 | +16.0 | +12.0 | +20.0 | 200 s |"
+    assert ppo == "| ppo | 0 done, 1 failed | | | | | | |"
+    assert header.count("|") == rule.count("|") == grpo.count("|")
+    assert train_table.cpu_model()

@@ -72,6 +72,16 @@ def test_small_file_trains_with_a_heldout_share_that_fits_and_says_so(nano_dir, 
     assert summary["steps"] == 2 and summary["heldout_n"] == 8
 
 
+def test_warm_start_on_a_file_says_the_split_once(tmp_path, capsys):
+    """`gradus sft --data` with the built-in model: the warm start builds the task again and once said the
+    split a second time."""
+    data = _jsonl(tmp_path / "data.jsonl", _rows(40))
+    with pytest.warns(UserWarning, match="means little"):
+        assert main(["sft", "--data", data, "--output", str(tmp_path / "out"), "--no-progress", "sft.steps=2",
+                     "sft.batch_size=4", "model.tiny_size=nano", f"run.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert capsys.readouterr().err.count("data.jsonl: 40 distinct prompts; held out 8") == 1
+
+
 def test_large_file_holds_out_heldout_size_and_trains_on_the_rest(tmp_path):
     path = _jsonl(tmp_path / "big.jsonl", _rows(3000))
     task = bootstrap.build_task(_file_cfg(path, f"run.cache_dir={tmp_path}"))

@@ -70,8 +70,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_task(cfg: TrainConfig) -> Task:
-    """The configured task (the config was validated: task.data_file and task.difficulty apply)."""
+def build_task(cfg: TrainConfig, say: bool = True) -> Task:
+    """The configured task (the config was validated: task.data_file and task.difficulty apply); `say`: print
+    how a file was split (once a run: the warm start builds the task again, quietly)."""
     t = cfg.task
     kwargs: dict[str, Any] = {"seed": cfg.run.seed}
     if t.name == "file":
@@ -86,7 +87,7 @@ def build_task(cfg: TrainConfig) -> Task:
     except ValueError as err:
         raise ConfigError(f"task: {err}") from err
     note = getattr(task, "split_note", None)
-    if note and _is_rank_zero():
+    if note and say and _is_rank_zero():
         print(f"gradus: {note}", file=sys.stderr, flush=True)
     return task
 
@@ -182,7 +183,7 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
     path = cache_root(cfg) / f"tiny-{cfg.model.tiny_size}-{cfg.task.name}-{digest}"
     if (path / "gradus_sft.json").is_file():
         return path
-    task = build_task(cfg)
+    task = build_task(cfg, say=False)
     check_positions(cfg, task, [])  # the rows the trainer's task drops, this one drops too
     try:
         model = build_tiny_model(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch, seed=cfg.run.seed)
