@@ -46,7 +46,8 @@ def child(threads: str, steps: int, sft_steps: int) -> dict[str, float]:
     sft_seconds = time.perf_counter() - start
     cfg = load_config(overrides=[
         f"model.path={out / 'model'}", f"run.out_dir={out}", "run.progress=false", "task.heldout_size=8",
-        "run.eval_every=0", "run.save_every=0", "algo.name=dapo", f"run.threads={fixed or 'none'}"])
+        "run.eval_every=0", "run.save_every=0", "algo.name=dapo",
+        "rollout.prompts_per_step=64", f"run.threads={fixed or 'none'}"])
     trainer = Trainer(cfg)  # its governor picks the threads before each step (see Trainer.train_step)
     times, reduced = [], 0
     for step in range(1, steps + 2):  # the first step warms up (lazy initialisation) and is not timed

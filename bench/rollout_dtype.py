@@ -1,6 +1,7 @@
 """Sampling in bf16 against fp32 with `LocalEngine`, for a dense and an MoE built-in model (`rollout.dtype`).
 
-The default training step's rollout: 64 countdown-like prompts x 8 completions x 16 new tokens, temperature 1,
+The rollout of a training step of 64 prompts (the default until issue 11; now 16): countdown-like prompts
+x 8 completions x 16 new tokens, temperature 1,
 no early stop (no EOS id), the built-in `micro` size untrained (speed does not depend on the weights' values).
 Tokens per second, median of --repeats alternating repeats after one warm-up each. On a CPU with AVX512-BF16
 (or AMX) bf16 matmuls run on the bf16 units; without them PyTorch emulates them and bf16 is slower. The dense

@@ -4,8 +4,9 @@ Run: python bench/train_table.py [--algos ppo,grpo,dapo,gspo,sapo] [--seeds 5] [
 
 Each (algorithm, seed) is one `gradus train --algo A run.seed=S` on the default task; every seed has its
 own SFT warm start (cached, shared by that seed's algorithms). Gains are read back from each run's
-summary.json. A run whose summary.json is already in --out is reused, not re-run, so an interrupted
-table continues where it stopped (delete --out to measure afresh). With --jobs 2 two runs go side by
+summary.json. A run whose summary.json is already in --out is reused, not re-run, and one that was interrupted
+is resumed from its newest checkpoint, so a table continues where it stopped (delete --out to measure
+afresh; never run two tables on one --out at once). With --jobs 2 two runs go side by
 side, one CPU thread each: the gains are the same as alone (parameters are bit-identical across thread
 counts, tests/test_threads.py), the wall times are not the ones a run alone takes.
 Writes --out/table.md and --out/table.json.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,8 +44,14 @@ def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
     summary_path = Path(args.out) / name / "summary.json"
     total = None
     if not summary_path.exists():
-        cmd = ["gradus", "train", "--algo", algo, "--out", args.out, "--name", name, "--no-progress",
-               f"run.seed={seed}", *(["run.threads=1"] if args.jobs > 1 else []), *args.overrides]
+        threads = ["run.threads=1"] if args.jobs > 1 else []
+        run_dir = Path(args.out) / name
+        if any(run_dir.glob("checkpoints/step-*")):  # an interrupted run: continue it (the threads are not saved)
+            cmd = ["gradus", "train", "--resume", str(run_dir), "--no-progress", *threads]
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # stopped before its first checkpoint: start it again
+            cmd = ["gradus", "train", "--algo", algo, "--out", args.out, "--name", name, "--no-progress",
+                   f"run.seed={seed}", *threads, *args.overrides]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         total = time.perf_counter() - start

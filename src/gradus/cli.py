@@ -260,7 +260,7 @@ def _unrecognized(parser: argparse.ArgumentParser, stray: list[str]) -> NoReturn
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `gradus` parser and each subcommand's parser, by name; help texts quote the live defaults."""
-    from gradus.compare import COMPARE_DEFAULTS, DEFAULT_ALGOS, ComparePlan
+    from gradus.compare import DEFAULT_ALGOS, ComparePlan
     from gradus.demo import STEPS as DEMO_STEPS
 
     parser = argparse.ArgumentParser(prog="gradus", description="RL post-training of language models.")
@@ -289,7 +289,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_cmp.add_argument("--algos", help=f"comma-separated (default: {','.join(DEFAULT_ALGOS)})")
     p_cmp.add_argument("--seeds", type=int, help=f"seeds per algorithm (default {ComparePlan.seeds})")
     p_cmp.add_argument("--steps", type=int,
-                       help=f"RL steps per run (= run.steps; default {COMPARE_DEFAULTS['run.steps']})")
+                       help=f"RL steps per run (= run.steps; default {_default('run.steps')})")
     p_cmp.add_argument("--task", help="= task.name")
     p_cmp.add_argument("--device", help="= run.device")
     p_cmp.add_argument("--target", type=float,

@@ -94,7 +94,7 @@ class TaskConfig:
 class RolloutConfig:
     group_size: int = spec(8, ge=1)
     """G: completions sampled per prompt."""
-    prompts_per_step: int = spec(64, ge=1)
+    prompts_per_step: int = spec(16, ge=1)
     """Prompts (groups) per training step."""
     temperature: float = spec(1.0, gt=0)
     """Sampling temperature."""
@@ -130,7 +130,7 @@ class VLLMConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = spec("grpo", choices="gradus.objectives.presets:ALGORITHMS")
+    name: str = spec("dapo", choices="gradus.objectives.presets:ALGORITHMS")
     """Algorithm: a key of gradus.objectives.ALGORITHMS (`gradus algos` shows their settings)."""
     clip_low: float | None = spec(None, gt=0, le=1)
     """Lower clip epsilon; None: the preset's."""
@@ -208,7 +208,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = spec(250, ge=1)
+    steps: int = spec(1000, ge=1)
     """RL training steps."""
     seed: int = spec(0, ge=0, lt=2**32)
     """Seed of everything: model init, data order, sampling."""

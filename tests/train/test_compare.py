@@ -16,9 +16,9 @@ from .conftest import tiny_overrides
 
 def _plan(nano_dir, tmp_path, signal_reward, **extra):
     overrides = tiny_overrides(nano_dir, tmp_path, **{"task.rewards": signal_reward, "run.steps": 3,
-                                                      "run.eval_every": 2, **extra})
+                                                      "run.eval_every": 2, "optim.minibatches": 4, **extra})
     # compare sets these per run; the fixture's would clash
-    overrides = [o for o in overrides if not o.startswith(("run.out_dir", "run.seed"))]
+    overrides = [o for o in overrides if not o.startswith(("run.out_dir", "run.seed", "algo.name"))]
     return ComparePlan(algos=["grpo", "sapo"], seeds=2, overrides=overrides)
 
 
@@ -40,12 +40,26 @@ def test_compare_trains_every_run_and_writes_the_report(nano_dir, tmp_path, sign
 
     assert first_batch("grpo-seed0") == first_batch("sapo-seed0")
     assert first_batch("grpo-seed0") != first_batch("grpo-seed1")
-    # the compare defaults apply: several minibatches (off-policy, so SAPO's gate drops below 1), KL monitored
+    # several minibatches (given here: off-policy, so SAPO's gate drops below 1); the compare defaults apply (KL
+    # monitored, one checkpoint kept), and nothing else differs from `gradus train`'s config
     sapo = by_name["sapo-seed0"]
     assert all(v <= 1.0 for _, v in sapo.series("actor/gate_weight_mean"))
     assert min(v for _, v in sapo.series("actor/gate_weight_mean")) < 1.0
     assert sapo.series("actor/kl_ref")
     assert (out / "runs" / "sapo-seed0" / "config.yaml").read_text().count("minibatches: 4") == 1
+    assert len(list((out / "runs" / "sapo-seed0" / "checkpoints").glob("step-*"))) == 1
+
+
+def test_compare_runs_have_gradus_train_defaults(tmp_path):
+    """A comparison measures what `gradus train` does: its runs differ from `gradus train --algo A` only in the
+    KL being monitored and the checkpoints kept."""
+    from gradus.config import load_config
+
+    plan = ComparePlan(algos=["dapo"], seeds=1)
+    got = plan.config(tmp_path, "dapo", 0, "dapo-seed0")
+    want = load_config(overrides=["algo.name=dapo", f"run.out_dir={tmp_path / 'runs'}", "run.name=dapo-seed0",
+                                  "algo.monitor_kl=true", "run.keep_checkpoints=1"])
+    assert got == want
 
 
 def test_a_failing_run_is_reported_and_the_others_go_on_then_resume_finishes(

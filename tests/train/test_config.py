@@ -13,7 +13,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     path.write_text("algo:\n  name: dapo\n  clip_high: 0.3\nrun:\n  steps: 7\n")
     cfg = load_config(path, ["run.steps=9", "algo.dynamic_sampling=false"])
     assert (cfg.algo.name, cfg.algo.clip_high, cfg.run.steps, cfg.algo.dynamic_sampling) == ("dapo", 0.3, 9, False)
-    assert load_config().algo.name == "grpo"
+    default = load_config()  # the defaults measured in docs/training.md ("The default run")
+    assert (default.algo.name, default.rollout.prompts_per_step, default.rollout.group_size, default.run.steps,
+            default.optim.lr, default.sft.steps) == ("dapo", 16, 8, 1000, 2e-4, 300)
 
 
 @pytest.mark.parametrize(("override", "message"), [

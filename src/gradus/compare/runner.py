@@ -31,17 +31,14 @@ from pathlib import Path
 
 from gradus.config import ConfigError, TrainConfig, load_config
 
-# What every compare run sets unless the user overrides it: several optimizer steps per rollout
-# batch, so the trust regions (clip, sequence clip, soft gate) act and their statistics mean
-# something; the KL to the reference measured for every algorithm, not only those that pay it;
-# evaluations often enough to time the target; checkpoints often enough to resume.
+# What every compare run sets unless the user overrides it, on top of `gradus train`'s defaults (the same
+# task, rollout, optimizer and steps as a training run, so a comparison measures what `gradus train`
+# does): the KL to the reference measured for every algorithm, not only those that pay it; one
+# checkpoint kept per run (a comparison holds many runs). `optim.minibatches=4` makes the later
+# updates of each batch off-policy, so the trust regions act (docs/compare.md).
 COMPARE_DEFAULTS = {
-    "optim.minibatches": "4",
     "algo.monitor_kl": "true",
-    "run.eval_every": "10",
-    "run.save_every": "20",
     "run.keep_checkpoints": "1",
-    "run.steps": "80",
 }
 DEFAULT_ALGOS = ("ppo", "grpo", "dapo", "gspo", "sapo")
 
