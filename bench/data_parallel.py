@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is None:
         args.json = str(Path(__file__).parent / "results" / f"data_parallel{'_busy' if args.busy else ''}.json")
     overrides = [f"run.steps={args.steps}", "run.eval_every=0", "run.save_every=0", "run.progress=false",
-                 f"task.heldout_size={args.heldout}", "rollout.prompts_per_step=64", *args.overrides]
+                 f"task.heldout_size={args.heldout}", "algo.name=grpo", "rollout.prompts_per_step=64", *args.overrides]
     from gradus.config import load_config
 
     cfg = load_config(overrides=overrides)

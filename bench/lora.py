@@ -156,7 +156,7 @@ def child(model_dir: str, rank: int, steps: int, threads: int) -> dict:
     cfg = load_config(overrides=[
         f"model.path={model_dir}", f"model.lora_r={rank}", f"run.out_dir={out}", "run.name=bench",
         "run.progress=false", "task.heldout_size=8", "run.eval_every=0", "run.save_every=0",
-        "rollout.prompts_per_step=64", f"run.threads={threads}", f"run.steps={steps + 1}"])
+        "algo.name=grpo", "rollout.prompts_per_step=64", f"run.threads={threads}", f"run.steps={steps + 1}"])
     trainer = Trainer(cfg)
     # where the memory goes: sampling, the passes before the update (advantages, old and reference log-probs)
     # and the update; measured by wrapping the three calls of Trainer.train_step (nothing else is changed)
