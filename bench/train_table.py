@@ -3,7 +3,7 @@
 Run: python bench/train_table.py [--algos ppo,grpo,dapo,gspo,sapo] [--seeds 5] [--jobs 2] [key=value ...]
 
 Each (algorithm, seed) is one `gradus train --algo A run.seed=S` on the default task; every seed has its
-own SFT warm start (cached, shared by that seed's algorithms). Gains are read back from each run's
+own SFT warm start (made by the first algorithm's run, cached for the others). Gains are read back from each run's
 summary.json. A run whose summary.json is already in --out is reused, not re-run, and one that was interrupted
 is resumed from its newest checkpoint, so a table continues where it stopped (delete --out to measure
 afresh; never run two tables on one --out at once). With --jobs 2 two runs go side by
@@ -36,8 +36,8 @@ def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
     if not summary_path.exists():
         threads = ["run.threads=1"] if args.jobs > 1 else []
         run_dir = Path(args.out) / name
-        if any(run_dir.glob("checkpoints/step-*")):  # an interrupted run: continue it (the threads are not saved)
-            cmd = ["gradus", "train", "--resume", str(run_dir), "--no-progress", *threads]
+        if any(run_dir.glob("checkpoints/step-*")):  # an interrupted run: continue it, at this table's threads
+            cmd = ["gradus", "train", "--resume", str(run_dir), "--no-progress", *(threads or ["run.threads=none"])]
         else:
             shutil.rmtree(run_dir, ignore_errors=True)  # stopped before its first checkpoint: start it again
             cmd = ["gradus", "train", "--algo", algo, "--out", args.out, "--name", name, "--no-progress",
@@ -48,7 +48,11 @@ def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
         if proc.returncode != 0:
             print(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
             return {"algo": algo, "seed": seed, "failed": proc.returncode}
-    s = json.loads(summary_path.read_text())
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as err:  # e.g. run.out_dir or run.name given as overrides
+        print(f"{name}: no readable {summary_path}: {err}", file=sys.stderr, flush=True)
+        return {"algo": algo, "seed": seed, "failed": "no summary.json"}
     row = {"algo": algo, "seed": seed, "before": s["heldout_accuracy_before"], "after": s["heldout_accuracy_after"],
            "gain": 100 * (s["heldout_accuracy_after"] - s["heldout_accuracy_before"]), "steps": s["steps"],
            "rl_wall_s": s["wall_time_s"], "command_s": total}
@@ -88,9 +92,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.jobs > args.seeds:  # two runs of one seed at once would both build its warm start
+        parser.error(f"--jobs {args.jobs} needs --seeds {args.jobs} or more")
+    if any(o.split("=", 1)[0] in ("run.out_dir", "run.name", "run.seed") for o in args.overrides):
+        parser.error("run.out_dir, run.name and run.seed are set by the table (use --out, --seeds)")
     algos = args.algos.split(",")
-    # seed-major order: a seed's warm start is made by its first run and cached for the others
-    plan = [(algo, seed) for seed in range(args.seeds) for algo in algos]
+    # algorithm-major: runs side by side have different seeds (each seed's warm start is made once, by the
+    # first algorithm's run, and cached for the others, which start after it)
+    plan = [(algo, seed) for algo in algos for seed in range(args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: run_one(*job, args), plan))
     command = (f"python bench/train_table.py --algos {args.algos} --seeds {args.seeds} --jobs {args.jobs} "

@@ -5,7 +5,7 @@ Each row is {"question": "spell 347", "answer": "three hundred forty-seven"}: th
 of the whole completion, so a model must get every word and hyphen right. Numbers are drawn without
 repetition from 1..MAX by a seeded RNG, so the file is the same on every machine.
 
-Run: python scripts/make_number_words.py --out numbers.jsonl [--rows 999] [--max 999] [--seed 0]
+Run: python scripts/make_number_words.py --out numbers.jsonl [--max 999] [--rows N (default: --max)] [--seed 0]
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ def words(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the JSONL file to write")
-    parser.add_argument("--rows", type=int, default=999, help="rows, each a distinct number (default %(default)s)")
+    parser.add_argument("--rows", type=int, default=None, help="rows, each a distinct number (default: --max)")
     parser.add_argument("--max", type=int, default=999, help="largest number, below 1,000,000 (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 1 <= args.max < 1_000_000:
         parser.error("--max must be in 1..999999")
+    if args.rows is None:
+        args.rows = args.max
     if not 1 <= args.rows <= args.max:
         parser.error(f"--rows must be in 1..{args.max} (the numbers are distinct)")
     numbers = random.Random(args.seed).sample(range(1, args.max + 1), args.rows)

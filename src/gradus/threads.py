@@ -18,7 +18,8 @@ torch's default is kept.
 
 Thread count and results: on the built-in models the parameters after warm-start and RL steps are
 bit-identical with 1 and 2 threads (tests/test_threads.py; on Intel CPUs only with MKL's strict
-reproducibility mode, which `gradus/__init__.py` sets), so following the load changes speed, not results. A fixed `run.threads` turns this off.
+reproducibility mode, which `gradus/__init__.py` sets), so following the load changes speed, not results.
+A fixed `run.threads` turns this off.
 """
 
 from __future__ import annotations
