@@ -62,9 +62,10 @@ def _overrides_from(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _config_from(args: argparse.Namespace):
+def _config_from(args: argparse.Namespace, *, rl: bool = True):
+    """The command's config, validated before any work (`rl=False`: the command runs no RL step)."""
     cfg = load_config(args.config, _overrides_from(args))
-    validate(cfg)  # every command checks its config before any work
+    validate(cfg, rl=rl)
     if cfg.model.path:  # a run or checkpoint folder stands for the policy inside it
         from gradus.train.bootstrap import resolve_model_dir
 
@@ -146,7 +147,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from gradus.train import bootstrap
     from gradus.train.sft import run_sft
 
-    cfg = _config_from(args)
+    cfg = _config_from(args, rl=False)
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     if cfg.model.path:
@@ -173,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gradus.train.engines import build_engine, engine_problem
     from gradus.train.evaluate import evaluate
 
-    cfg = _config_from(args)
+    cfg = _config_from(args, rl=False)
     if not cfg.model.path:
         raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)

@@ -25,9 +25,12 @@ if TYPE_CHECKING:
     from gradus.train.presets import ResolvedAlgo
 
 
-def validate(cfg: TrainConfig) -> ResolvedAlgo:
+def validate(cfg: TrainConfig, *, rl: bool = True) -> ResolvedAlgo:
     """Check everything that can be checked before any work; return the resolved algorithm.
 
+    `rl=False` (commands that run no RL step: `gradus sft`, `gradus eval`) skips the rules that tie the
+    RL batch to the algorithm (groups, minibatches, DAPO's overlong window), so an algorithm knob
+    never stops a command that does not use it. Every field is still checked against its own values.
     Raises ConfigError naming the field, its value and what is allowed.
     """
     from gradus.train.presets import resolve_algo, resolved_config
@@ -35,7 +38,9 @@ def validate(cfg: TrainConfig) -> ResolvedAlgo:
     check_fields(cfg)
     algo = resolve_algo(cfg)
     check_fields(resolved_config(cfg, algo), note=f" (the {algo.name} preset's value)")
-    _check_rules(cfg, algo)
+    if rl:
+        _check_rl_rules(cfg, algo)
+    _check_task_rules(cfg)
     reward_weights(cfg.task.rewards)
     return algo
 
@@ -68,8 +73,8 @@ def reward_weights(text: str | None) -> None:
                               f"+-{MAX_ABS_SCORE:g}, got {spec.weight} (in {text!r})")
 
 
-def _check_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
-    r, t = cfg.rollout, cfg.task
+def _check_rl_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
+    r = cfg.rollout
     if r.group_size < 2 and not algo.uses_critic:
         raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
                           f"got {r.group_size}")
@@ -80,6 +85,10 @@ def _check_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
     if algo.overlong_shaping and algo.overlong_cache > r.max_new_tokens:
         raise ConfigError(f"algo.overlong_cache must be in 1..rollout.max_new_tokens ({r.max_new_tokens}), "
                           f"got {algo.overlong_cache}")
+
+
+def _check_task_rules(cfg: TrainConfig) -> None:
+    t = cfg.task
     if t.name == "file" and not t.data_file:
         raise ConfigError("task.data_file is required with task.name=file")
     if t.name != "file" and t.data_file:
