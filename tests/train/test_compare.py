@@ -167,3 +167,28 @@ def test_an_algos_entry_can_be_a_variant_with_its_own_settings(tmp_path):
         plan.config(tmp_path, "grpo:r3", 0, "x")
     with pytest.raises(ConfigError, match="set by gradus compare"):
         plan.config(tmp_path, "grpo:run.seed=3", 0, "x")
+
+
+def test_a_resumed_comparison_runs_the_config_it_started_with(nano_dir, tmp_path, signal_reward, monkeypatch):
+    from gradus.compare import runner
+
+    out = tmp_path / "cmp"
+    plan = _plan(nano_dir, tmp_path, signal_reward)
+    plan.algos, plan.seeds = ["grpo"], 1
+    plan.freeze()
+    runner.save_plan(plan, out)
+    started = plan.config(out, "grpo", 0, "grpo-seed0")
+    assert started.algo.monitor_kl is True and started.run.steps == 3
+    # gradus' defaults change between the start and the resume (here: compare's own)
+    monkeypatch.setitem(runner.COMPARE_DEFAULTS, "optim.lr", "1e-3")
+    assert runner.load_plan(out).config(out, "grpo", 0, "grpo-seed0") == started
+    # a compare.json from before the base was kept: rebuilt from today's defaults, and the resume says so
+    saved = json.loads((out / "compare.json").read_text())
+    del saved["base"]
+    (out / "compare.json").write_text(json.dumps(saved))
+    old = runner.load_plan(out)
+    assert old.config(out, "grpo", 0, "grpo-seed0").optim.lr == 1e-3
+    messages = []
+    run_compare(old, out, resume=True, echo=messages.append)
+    assert "saved by an older gradus" in messages[0] and "today's defaults" in messages[0]
+    assert json.loads((out / "metrics" / "grpo-seed0.summary.json").read_text())["steps"] == 3

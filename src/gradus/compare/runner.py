@@ -7,7 +7,10 @@ model and have the same number of steps.
 
 The compare folder:
 
-    compare.json          what was asked (algos, seeds, overrides): `--resume` reads it back
+    compare.json          what was asked (algos, seeds, overrides) and every key of the runs' common
+                          config as it was when the comparison started: `--resume` reads it back, so
+                          a resumed comparison runs what it began with, whatever gradus' defaults or
+                          the --config file have become since
     runs/<algo>-seed<k>/  each run's own folder (checkpoints, TensorBoard, curves)
     metrics/              each run's raw per-step metrics and summary, copied when it ends
     report.md, *.png      the report, redrawn from metrics/ alone (`gradus compare --redraw`)
@@ -28,8 +31,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gradus.config import ConfigError, TrainConfig, load_config
+from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 
 # What every compare run sets unless the user overrides it, on top of `gradus train`'s defaults (the same
 # task, rollout, optimizer and steps as a training run, so a comparison measures what `gradus train`
@@ -41,6 +45,8 @@ COMPARE_DEFAULTS = {
     "run.keep_checkpoints": "1",
 }
 DEFAULT_ALGOS = ("ppo", "grpo", "dapo", "gspo", "sapo")
+# Keys compare sets for each run (from --algos, --seeds, --out); never in the plan's overrides or base.
+PER_RUN_KEYS = ("algo.name", "run.seed", "run.out_dir", "run.name")
 
 
 @dataclass
@@ -50,24 +56,46 @@ class ComparePlan:
     overrides: list[str] = field(default_factory=list)  # key=value, for every run
     config_file: str | None = None
     target: float | None = None  # held-out accuracy to time; None: 10 points over the start
+    # Every key of the runs' common config (defaults, --config file, COMPARE_DEFAULTS, overrides), frozen by
+    # `freeze` when the comparison starts; None in a plan not yet started, or in a compare.json written
+    # before compare kept it (resuming such a plan builds it from today's defaults, and says so).
+    base: dict[str, Any] | None = None
 
     def run_names(self) -> list[tuple[str, int, str]]:
         return [(algo, seed, run_name(algo, seed)) for seed in range(self.seeds) for algo in self.algos]
+
+    def common(self) -> dict[str, Any]:
+        """Every key the runs share, as `section.key: value`: gradus' defaults, the --config file,
+        COMPARE_DEFAULTS and the overrides, in that order (the frozen `base` once started)."""
+        if self.base is not None:
+            return dict(self.base)
+        for item in self.overrides:
+            _check_item(item, "an override")
+        cfg = load_config(self.config_file, [*(f"{k}={v}" for k, v in COMPARE_DEFAULTS.items()), *self.overrides])
+        return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()
+                if f"{section}.{key}" not in PER_RUN_KEYS}
+
+    def freeze(self) -> None:
+        """Fix the common config now, so that resuming later runs what was started."""
+        self.base = self.common()
 
     def config(self, out: Path, algo: str, seed: int, name: str) -> TrainConfig:
         """The config of one run; `algo` is an --algos entry: ALGO, or ALGO:key=value[:key=value...] for a
         variant (e.g. grpo:algo.routing_replay=r3), whose settings apply to its runs only."""
         algo_name, *variant = algo.split(":")
+        for item in variant:
+            _check_item(item, f"--algos: {algo!r}: a variant's setting")
         fixed = [f"algo.name={algo_name}", f"run.seed={seed}", f"run.out_dir={out / 'runs'}", f"run.name={name}"]
-        user_keys = {item.split("=", 1)[0].strip() for item in [*self.overrides, *variant]}
-        defaults = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items() if k not in user_keys]
-        for item in [*self.overrides, *variant]:
-            if "=" not in item:
-                raise ConfigError(f"--algos: {algo!r}: a variant's settings are key=value, got {item!r}")
-            if item.split("=", 1)[0].strip() in ("algo.name", "run.seed", "run.out_dir", "run.name"):
-                raise ConfigError(f"{item.split('=', 1)[0]} is set by gradus compare for each run (use --algos, "
-                                  "--seeds, --out)")
-        return load_config(self.config_file, [*defaults, *self.overrides, *variant, *fixed])
+        given = dict((k.strip(), v.strip()) for k, v in (item.split("=", 1) for item in [*variant, *fixed]))
+        return load_config(None, {**self.common(), **given})
+
+
+def _check_item(item: str, what: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"{what} is key=value, got {item!r}")
+    if item.split("=", 1)[0].strip() in PER_RUN_KEYS:
+        raise ConfigError(f"{item.split('=', 1)[0]} is set by gradus compare for each run (use --algos, "
+                          "--seeds, --out)")
 
 
 def run_name(algo: str, seed: int) -> str:
@@ -136,7 +164,12 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
     if not resume and (out / "compare.json").exists():
         raise ConfigError(f"--out: {out} already holds a comparison; continue it with `gradus compare --resume {out}`"
                           " or pick another folder")
+    if plan.base is None and resume:
+        echo(f"{out / 'compare.json'} was saved by an older gradus and holds only the overrides: runs not yet "
+             "finished get today's defaults, which may differ from those of the runs already done")
     validate_plan(plan, out)
+    if plan.base is None and not resume:
+        plan.freeze()
     save_plan(plan, out)
     (out / "metrics").mkdir(exist_ok=True)
     statuses: list[RunStatus] = []
