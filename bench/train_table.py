@@ -6,7 +6,9 @@ Each (algorithm, seed) is one `gradus train --algo A run.seed=S` on the default 
 own SFT warm start (made by the first algorithm's run, cached for the others). Gains are read back from each run's
 summary.json. A run whose summary.json is already in --out is reused, not re-run, and one that was interrupted
 is resumed from its newest checkpoint, so a table continues where it stopped (delete --out to measure
-afresh; never run two tables on one --out at once). With --jobs 2 two runs go side by
+afresh; never run two tables on one --out at once). A run is reused or resumed only when its config.yaml is
+what this table would run now (gradus' defaults and the overrides); one that differs is a failed row that
+names the keys. With --jobs 2 two runs go side by
 side, one CPU thread each: the gains are the same as alone (parameters are bit-identical across thread
 counts, tests/test_threads.py), the wall times are not the ones a run alone takes.
 Writes --out/table.md and --out/table.json.
@@ -27,12 +29,40 @@ from pathlib import Path
 
 from contention import cpu_model  # bench/ is on sys.path when a bench script runs
 
+# Keys that may differ between a run kept in --out and this table without making it another run.
+_SAME_RUN_IGNORES = ("run.threads", "run.progress", "run.out_dir", "run.cache_dir")
+
+
+def config_drift(run_dir: Path, algo: str, seed: int, overrides: list[str]) -> list[str]:
+    """The keys (with both values) in which `run_dir`'s config.yaml differs from the run this table would
+    start now; empty when it is that run."""
+    from gradus.config import all_keys, load_config
+    from gradus.train.presets import resolved_config
+
+    saved = load_config(run_dir / "config.yaml")
+    want = resolved_config(load_config(overrides=[f"algo.name={algo}", f"run.seed={seed}", f"run.name={run_dir.name}",
+                                                  *overrides]))
+
+    def get(cfg, key):
+        section, field = key.split(".")
+        return getattr(getattr(cfg, section), field)
+
+    return [f"{key} (kept {get(saved, key)!r}, now {get(want, key)!r})" for key in all_keys()
+            if key not in _SAME_RUN_IGNORES and get(saved, key) != get(want, key)]
+
 
 def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
     """One `gradus train` run (or its summary when it already finished); the row of the per-run table."""
     name = f"{algo}-seed{seed}"
     summary_path = Path(args.out) / name / "summary.json"
     total = None
+    if (Path(args.out) / name / "config.yaml").is_file():
+        drift = config_drift(Path(args.out) / name, algo, seed, args.overrides)
+        if drift:
+            print(f"{name}: the run kept in {Path(args.out) / name} is not the one this table runs: "
+                  f"{'; '.join(drift)}. Delete that folder (or use another --out) to measure it afresh",
+                  file=sys.stderr, flush=True)
+            return {"algo": algo, "seed": seed, "failed": "config differs: " + "; ".join(drift)}
     if not summary_path.exists():
         threads = ["run.threads=1"] if args.jobs > 1 else []
         run_dir = Path(args.out) / name

@@ -184,3 +184,28 @@ def test_train_table_summary_by_hand():
     assert ppo == "| ppo | 0 done, 1 failed | | | | | | |"
     assert header.count("|") == rule.count("|") == grpo.count("|")
     assert train_table.cpu_model()
+
+
+def test_train_table_reuses_a_kept_run_only_when_it_is_the_run_the_table_would_start(tmp_path, capsys):
+    import argparse
+
+    from gradus.config import load_config, save_config
+    from gradus.train.presets import resolved_config
+
+    run = tmp_path / "dapo-seed0"
+    run.mkdir()
+    # what `gradus train --algo dapo run.seed=0 --out X --name dapo-seed0 run.threads=1` saves
+    kept = load_config(overrides=["algo.name=dapo", "run.seed=0", f"run.out_dir={tmp_path}", "run.name=dapo-seed0",
+                                  "run.threads=1", "run.progress=false"])
+    save_config(resolved_config(kept), run / "config.yaml")
+    assert train_table.config_drift(run, "dapo", 0, []) == []  # threads, progress and the folder do not count
+    assert train_table.config_drift(run, "dapo", 0, ["optim.lr=1e-3"]) == ["optim.lr (kept 0.0002, now 0.001)"]
+    assert train_table.config_drift(run, "dapo", 1, []) == ["run.seed (kept 0, now 1)"]
+    (run / "summary.json").write_text(json.dumps({"heldout_accuracy_before": 0.1, "heldout_accuracy_after": 0.3,
+                                                  "steps": 2, "wall_time_s": 1.0}))
+    args = argparse.Namespace(out=str(tmp_path), jobs=1, overrides=[])
+    assert train_table.run_one("dapo", 0, args)["gain"] == pytest.approx(20.0)
+    args.overrides = ["rollout.group_size=4"]  # a table of other settings must not count the kept run
+    row = train_table.run_one("dapo", 0, args)
+    assert row["failed"] == "config differs: rollout.group_size (kept 8, now 4)"
+    assert "Delete that folder" in capsys.readouterr().err
