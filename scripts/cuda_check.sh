@@ -12,7 +12,7 @@ CACHE=/tmp/gradus-cache
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu STEPS=3 tries the script on a machine without a GPU (gloo instead of nccl)
 STEPS=${STEPS:-250}
 # the settings docs/scaling.md measured (the defaults before issue 11)
-COMMON="run.progress=false run.cache_dir=$CACHE run.out_dir=/tmp/runs run.device=$DEVICE algo.name=grpo rollout.prompts_per_step=64"
+COMMON="run.progress=false run.cache_dir=$CACHE run.out_dir=/tmp/runs run.device=$DEVICE algo.name=grpo rollout.prompts_per_step=64 sft.steps=300"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || lscpu | grep "Model name"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"

@@ -54,8 +54,9 @@ class ModelConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = spec(300, ge=0)
-    """Optimizer steps of the supervised warm start (short on purpose: it teaches the format, RL the skill)."""
+    steps: int = spec(250, ge=0)
+    """Optimizer steps of the supervised warm start (short on purpose: it teaches the format and leaves room
+    between what the model says first and what it can sample, which RL closes; docs/training.md)."""
     batch_size: int = spec(64, ge=1)
     """Examples per SFT step."""
     lr: float = spec(3e-3, gt=0)

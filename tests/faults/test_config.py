@@ -291,8 +291,10 @@ def test_warm_start_cache_changes_with_the_data_files_content(tmp_path, monkeypa
     third = bootstrap.tiny_model_dir(load_config(overrides=[*overrides, "task.template=Q: {prompt}"]),
                                      progress=False)
     assert third not in (first, second)
-    # the default task's key did not change, so users' existing warm starts still hit
+    # the default task's key did not change form, so users' existing warm starts still hit (this digest is
+    # the one of the default config made with the 300 SFT steps of gradus before issue 11)
     cached = tmp_path / "tiny-micro-countdown-5aa697940e4743c0"
     cached.mkdir()
     (cached / "gradus_sft.json").write_text("{}")
-    assert bootstrap.tiny_model_dir(load_config(overrides=[f"run.cache_dir={tmp_path}"]), progress=False) == cached
+    old_default = load_config(overrides=[f"run.cache_dir={tmp_path}", "sft.steps=300"])
+    assert bootstrap.tiny_model_dir(old_default, progress=False) == cached

@@ -15,7 +15,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert (cfg.algo.name, cfg.algo.clip_high, cfg.run.steps, cfg.algo.dynamic_sampling) == ("dapo", 0.3, 9, False)
     default = load_config()  # the defaults measured in docs/training.md ("The default run")
     assert (default.algo.name, default.rollout.prompts_per_step, default.rollout.group_size, default.run.steps,
-            default.optim.lr, default.sft.steps) == ("dapo", 16, 8, 1000, 2e-4, 300)
+            default.optim.lr, default.sft.steps) == ("dapo", 16, 8, 1000, 2e-4, 250)
 
 
 @pytest.mark.parametrize(("override", "message"), [
