@@ -38,8 +38,8 @@ from gradus.config import ConfigError, TrainConfig, load_config, to_dict
 # What every compare run sets unless the user overrides it, on top of `gradus train`'s defaults (the same
 # task, rollout, optimizer and steps as a training run, so a comparison measures what `gradus train`
 # does): the KL to the reference measured for every algorithm, not only those that pay it; one
-# checkpoint kept per run (a comparison holds many runs). `optim.minibatches=4` makes the later
-# updates of each batch off-policy, so the trust regions act (docs/compare.md).
+# checkpoint kept per run (a comparison holds many runs). Give `optim.minibatches=4` to make the later
+# updates of each batch off-policy, where the trust regions act (docs/compare.md).
 COMPARE_DEFAULTS = {
     "algo.monitor_kl": "true",
     "run.keep_checkpoints": "1",
