@@ -298,3 +298,17 @@ def test_warm_start_cache_changes_with_the_data_files_content(tmp_path, monkeypa
     (cached / "gradus_sft.json").write_text("{}")
     old_default = load_config(overrides=[f"run.cache_dir={tmp_path}", "sft.steps=300"])
     assert bootstrap.tiny_model_dir(old_default, progress=False) == cached
+
+
+def test_algorithm_rules_do_not_stop_eval_or_sft(nano_dir, tmp_path, capsys):
+    # The default algorithm (DAPO) shapes the last algo.overlong_cache=4 tokens of a completion, so a
+    # 2-token budget is an error for training; eval and sft run no RL step and must not refuse it.
+    assert main(["train", "rollout.max_new_tokens=2"]) == 2
+    assert "algo.overlong_cache must be in 1..rollout.max_new_tokens (2)" in capsys.readouterr().err
+    assert main(["eval", "--model", str(nano_dir), "--task", "arithmetic", "--n", "2", "--json",
+                 "rollout.max_new_tokens=2", "optim.minibatches=3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
+    assert main(["sft", "--model", str(nano_dir), "--output", str(tmp_path / "sft"), "--no-progress",
+                 "sft.steps=1", "sft.batch_size=2", "sft.warmup_steps=1", "rollout.max_new_tokens=2"]) == 0
+    # field-level checks still apply to every command
+    assert main(["eval", "--model", str(nano_dir), "algo.clip_low=-1"]) == 2
