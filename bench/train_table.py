@@ -36,19 +36,14 @@ _SAME_RUN_IGNORES = ("run.threads", "run.progress", "run.out_dir", "run.cache_di
 def config_drift(run_dir: Path, algo: str, seed: int, overrides: list[str]) -> list[str]:
     """The keys (with both values) in which `run_dir`'s config.yaml differs from the run this table would
     start now; empty when it is that run."""
-    from gradus.config import all_keys, load_config
+    from gradus.config import all_keys, get_key, load_config
     from gradus.train.presets import resolved_config
 
     saved = load_config(run_dir / "config.yaml")
     want = resolved_config(load_config(overrides=[f"algo.name={algo}", f"run.seed={seed}", f"run.name={run_dir.name}",
                                                   *overrides]))
-
-    def get(cfg, key):
-        section, field = key.split(".")
-        return getattr(getattr(cfg, section), field)
-
-    return [f"{key} (kept {get(saved, key)!r}, now {get(want, key)!r})" for key in all_keys()
-            if key not in _SAME_RUN_IGNORES and get(saved, key) != get(want, key)]
+    return [f"{key} (kept {get_key(saved, key)!r}, now {get_key(want, key)!r})" for key in all_keys()
+            if key not in _SAME_RUN_IGNORES and get_key(saved, key) != get_key(want, key)]
 
 
 def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:

@@ -270,6 +270,20 @@ def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def get_key(cfg: TrainConfig, key: str) -> Any:
+    """The value of a dotted key, e.g. get_key(cfg, "optim.lr")."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """'section.key=value' -> ('section.key', 'value'); anything without '=' is a ConfigError."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. algo.clip_high=0.3)")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
 def field_doc(key: str) -> str:
     """The one-line docstring of a dotted key (read from this file's source)."""
     return _field_docs().get(key, "")
@@ -312,7 +326,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
                 set_key(cfg, key, value)
             except ConfigError as err:
                 raise ConfigError(f"config file {p}: {err}") from None
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides or []]
     for key, value in items:
         set_key(cfg, key, value)
     return cfg
@@ -373,13 +387,6 @@ def help_text(preset_values: Callable[[], dict[str, dict[str, Any]]] | None = No
 
 def _show(value: Any) -> str:
     return "None" if value is None else str(value).lower() if isinstance(value, bool) else f"{value!r}".strip("'")
-
-
-def _split(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. algo.clip_high=0.3)")
-    key, value = item.split("=", 1)
-    return key.strip(), value.strip()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

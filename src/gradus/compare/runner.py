@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradus.config import ConfigError, TrainConfig, load_config, to_dict
+from gradus.config import ConfigError, TrainConfig, load_config, split_override, to_dict
 
 # What every compare run sets unless the user overrides it, on top of `gradus train`'s defaults (the same
 # task, rollout, optimizer and steps as a training run, so a comparison measures what `gradus train`
@@ -86,15 +86,16 @@ class ComparePlan:
         for item in variant:
             _check_item(item, f"--algos: {algo!r}: a variant's setting")
         fixed = [f"algo.name={algo_name}", f"run.seed={seed}", f"run.out_dir={out / 'runs'}", f"run.name={name}"]
-        given = dict((k.strip(), v.strip()) for k, v in (item.split("=", 1) for item in [*variant, *fixed]))
+        given = dict(split_override(item) for item in [*variant, *fixed])
         return load_config(None, {**self.common(), **given})
 
 
 def _check_item(item: str, what: str) -> None:
     if "=" not in item:
         raise ConfigError(f"{what} is key=value, got {item!r}")
-    if item.split("=", 1)[0].strip() in PER_RUN_KEYS:
-        raise ConfigError(f"{item.split('=', 1)[0]} is set by gradus compare for each run (use --algos, "
+    key = split_override(item)[0]
+    if key in PER_RUN_KEYS:
+        raise ConfigError(f"{key} is set by gradus compare for each run (use --algos, "
                           "--seeds, --out)")
 
 

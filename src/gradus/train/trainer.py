@@ -29,7 +29,7 @@ import torch.distributed as dist
 import yaml
 
 from gradus import parallel
-from gradus.config import ConfigError, TrainConfig, load_config, to_dict
+from gradus.config import ConfigError, TrainConfig, get_key, load_config, to_dict
 from gradus.config_checks import validate
 from gradus.logprobs import check_plain_lm_head
 from gradus.models import build_critic, load_critic, lora
@@ -481,18 +481,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
     saved, cfg = load_config(path), load_config(path, overrides)
-    changed = [f"{key} (saved {_get(saved, key)!r}, given {_get(cfg, key)!r})" for key in FIXED_ON_RESUME
-               if _comparable(key, _get(saved, key)) != _comparable(key, _get(cfg, key))]
+    changed = [f"{key} (saved {get_key(saved, key)!r}, given {get_key(cfg, key)!r})" for key in FIXED_ON_RESUME
+               if _comparable(key, get_key(saved, key)) != _comparable(key, get_key(cfg, key))]
     if changed:
         raise ConfigError(f"--resume: {'; '.join(changed)} cannot change when a run is resumed; start a new run "
                           "for that (only keys such as run.steps, run.device or optim.lr may change)")
     validate(cfg)
     return cfg
-
-
-def _get(cfg: TrainConfig, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def _comparable(key: str, value: Any) -> Any:
