@@ -290,7 +290,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_cmp.add_argument("--algos", help=f"comma-separated (default: {','.join(DEFAULT_ALGOS)})")
     p_cmp.add_argument("--seeds", type=int, help=f"seeds per algorithm (default {ComparePlan.seeds})")
     p_cmp.add_argument("--steps", type=int,
-                       help=f"RL steps per run (= run.steps; default {_default('run.steps')})")
+                       help="RL steps per run (= run.steps; default: each algorithm's, see `gradus algos`)")
     p_cmp.add_argument("--task", help="= task.name")
     p_cmp.add_argument("--device", help="= run.device")
     p_cmp.add_argument("--target", type=float,

@@ -209,8 +209,8 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = spec(1000, ge=1)
-    """RL training steps."""
+    steps: int | None = spec(None, ge=1)
+    """RL training steps; None: the algo preset's (`gradus algos`: more for those without dynamic sampling)."""
     seed: int = spec(0, ge=0, lt=2**32)
     """Seed of everything: model init, data order, sampling."""
     device: str = spec("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?", text="auto, cpu, cuda, cuda:N or mps")

@@ -5,6 +5,7 @@ each is refused before any work, with the field, its value and what is allowed n
 checked, not assumed.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -270,9 +271,9 @@ def test_run_saves_the_resolved_config_and_resumes_from_it(tmp_path):
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["algo"]["clip_high"] == 0.28 and saved["algo"]["clip_low"] == 0.2
     assert saved["algo"]["kl_coef"] == 0.0 and saved["algo"]["dynamic_sampling"] is True
-    assert saved["optim"]["epochs"] == 1 and saved["optim"]["minibatches"] == 1
+    assert saved["optim"]["epochs"] == 1 and saved["optim"]["minibatches"] == 1 and saved["run"]["steps"] == 1
     resumed = Trainer(resume_config(tmp_path / "r", ["run.steps=2"]), run_dir=tmp_path / "r", resume=True)
-    assert resumed.step == 1 and resumed.algo == trainer.algo
+    assert resumed.step == 1 and resumed.algo == dataclasses.replace(trainer.algo, steps=2)
     resumed.fit()
     assert resumed.step == 2
 

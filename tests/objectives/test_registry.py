@@ -59,7 +59,7 @@ def test_the_loss_table_is_the_registry():
 def test_the_trainer_table_is_the_registry():
     rows = _table("| algo       | kl_coef")
     assert list(rows) == list(ALGORITHMS)
-    for name, (kl_coef, estimator, advantages, passes, data) in rows.items():
+    for name, (kl_coef, estimator, advantages, passes, data, steps) in rows.items():
         t = ALGORITHMS[name].trainer
         assert float(kl_coef) == t.kl_coef, name
         assert estimator == t.kl_estimator, name
@@ -67,3 +67,4 @@ def test_the_trainer_table_is_the_registry():
         assert [int(n) for n in re.findall(r"\d+", passes)] == [t.epochs, t.minibatches], name
         assert ("dynamic sampling" in data) == t.dynamic_sampling, name
         assert ("overlong shaping" in data) == t.overlong_shaping, name
+        assert int(steps) == t.steps, name

@@ -4,7 +4,7 @@ import pytest
 
 from gradus.config import ConfigError, all_keys, field_doc, load_config
 from gradus.objectives import ALGORITHMS
-from gradus.train.presets import resolve_algo
+from gradus.train.presets import resolve_algo, resolved_config
 from gradus.train.trainer import validate
 
 
@@ -15,7 +15,19 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert (cfg.algo.name, cfg.algo.clip_high, cfg.run.steps, cfg.algo.dynamic_sampling) == ("dapo", 0.3, 9, False)
     default = load_config()  # the defaults measured in docs/training.md ("The default run")
     assert (default.algo.name, default.rollout.prompts_per_step, default.rollout.group_size, default.run.steps,
-            default.optim.lr, default.sft.steps) == ("dapo", 16, 8, 1000, 2e-4, 250)
+            default.optim.lr, default.sft.steps) == ("dapo", 16, 8, None, 2e-4, 250)
+    assert resolve_algo(default).steps == 1000  # None: the preset's
+
+
+@pytest.mark.parametrize(("algo", "steps"), [("dapo", 1000), ("ppo", 1000), ("grpo", 1500), ("gspo", 1500),
+                                             ("sapo", 1500), ("dr_grpo", 1500), ("cispo", 1500)])
+def test_steps_are_the_presets_unless_given(algo, steps):
+    # measured in docs/training.md: the group-advantage algorithms without dynamic sampling need more steps
+    assert resolve_algo(load_config(overrides=[f"algo.name={algo}"])).steps == steps
+    given = load_config(overrides=[f"algo.name={algo}", "run.steps=7"])
+    assert resolve_algo(given).steps == 7
+    assert resolved_config(given).run.steps == 7
+    assert resolved_config(load_config(overrides=[f"algo.name={algo}"])).run.steps == steps  # config.yaml says it
 
 
 @pytest.mark.parametrize(("override", "message"), [

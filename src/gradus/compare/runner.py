@@ -159,6 +159,7 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
     """Train every (algo, seed) run not yet finished, then write the report. Returns each run's status."""
     from gradus.compare.report import write_report
     from gradus.train.checkpoint import latest_checkpoint
+    from gradus.train.presets import resolve_algo
     from gradus.train.trainer import Trainer
 
     out = Path(out)
@@ -184,7 +185,7 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
         cfg = plan.config(out, algo, seed, name)
         run_dir = out / "runs" / name
         again = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
-        echo(f"{label}: {'resuming' if again else 'starting'} ({cfg.run.steps} steps)")
+        echo(f"{label}: {'resuming' if again else 'starting'} ({resolve_algo(cfg).steps} steps)")
         (out / "metrics" / f"{name}.error.txt").unlink(missing_ok=True)
         start = time.perf_counter()
         try:

@@ -5,7 +5,7 @@ The loss preset fixes three structural choices (which importance ratio, which tr
 aggregation) and the defaults of its knobs, taken from the papers (see ../shared/seed/NOTES.md):
 
 | algo       | ratio             | trust region         | default agg             | defaults                  |
-| ---------- | ----------------- | -------------------- | ----------------------- | ------------------------- |
+| ---------- | ----------------- | ------------ | ----------------------- | ------------------------- |
 | ppo        | token             | clip (+ dual clip)   | token-mean              | eps 0.2                   |
 | grpo       | token             | clip                 | seq-mean-token-mean     | eps 0.2                   |
 | dapo       | token             | clip-higher          | token-mean              | eps_low 0.2, eps_high 0.28|
@@ -18,20 +18,27 @@ aggregation) and the defaults of its knobs, taken from the papers (see ../shared
 The trainer's defaults (applied to a config by gradus.train.presets): the KL coefficient and
 estimator (GRPO keeps a k3 term in the loss; PPO puts a per-token k1 penalty in the reward and
 learns a critic; the later papers drop the KL), how advantages are scaled, DAPO's data operations,
-and how many optimizer passes each rollout batch gets:
+how many optimizer passes each rollout batch gets (epochs x minibatches) and the run's steps:
 
-| algo       | kl_coef | kl_estimator | advantages        | epochs x minibatches | data operations                    |
-| ---------- | ------- | ------------ | ----------------- | -------------------- | ---------------------------------- |
-| ppo        | 0.02    | k1           | GAE from a critic | 2 x 1                | -                                  |
-| grpo       | 0.04    | k3           | group             | 1 x 1                | -                                  |
-| dapo       | 0       | k3           | group             | 1 x 1                | dynamic sampling, overlong shaping |
-| gspo       | 0       | k3           | group             | 1 x 1                | -                                  |
-| gspo_token | 0       | k3           | group             | 1 x 1                | -                                  |
-| sapo       | 0       | k3           | group             | 1 x 1                | -                                  |
-| dr_grpo    | 0       | k3           | none              | 1 x 1                | -                                  |
-| cispo      | 0       | k3           | group             | 1 x 1                | -                                  |
+| algo       | kl_coef | kl_estimator | advantages        | epochs x mbs | data operations                    | steps |
+| ---------- | ------- | ------------ | ----------------- | ------------ | ---------------------------------- | ----- |
+| ppo        | 0.02    | k1           | GAE from a critic | 2 x 1        | -                                  | 1000  |
+| grpo       | 0.04    | k3           | group             | 1 x 1        | -                                  | 1500  |
+| dapo       | 0       | k3           | group             | 1 x 1        | dynamic sampling, overlong shaping | 1000  |
+| gspo       | 0       | k3           | group             | 1 x 1        | -                                  | 1500  |
+| gspo_token | 0       | k3           | group             | 1 x 1        | -                                  | 1500  |
+| sapo       | 0       | k3           | group             | 1 x 1        | -                                  | 1500  |
+| dr_grpo    | 0       | k3           | none              | 1 x 1        | -                                  | 1500  |
+| cispo      | 0       | k3           | group             | 1 x 1        | -                                  | 1500  |
 
 (advantages: `group` divides by the group's std, `none` only centres it, Dr. GRPO's point.)
+
+Steps (`run.steps` when the config leaves it unset) are not from the papers but measured on the default
+task (docs/training.md, "The default run"): a group whose completions are all right or all wrong has zero
+advantage and teaches nothing. DAPO's dynamic sampling fills each batch with groups that differ; the
+group-advantage algorithms without it train on about a quarter as many such groups per step, and need
+more steps to gain as much (1500 against DAPO's 1000). PPO's advantages come from a critic, so every
+group carries a signal.
 
 Only the knobs that mean something for a preset are accepted for it: an override of any other
 knob is an error, never silently ignored. This module is data and maths only: it knows nothing of
@@ -87,6 +94,7 @@ class TrainerDefaults:
     overlong_shaping: bool = False  # DAPO: soft punishment of completions near the length limit
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
+    steps: int = 1000  # RL steps of a run (measured on the default task, not from the paper)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ class Algorithm:
         return self.trainer.adv_scale is None
 
 
+# Steps of the group-advantage algorithms without dynamic sampling (see the module docstring).
+STEPS_WITHOUT_DYNAMIC_SAMPLING = 1500
+
+
 def _registry(*algos: Algorithm) -> dict[str, Algorithm]:
     return {a.name: a for a in algos}
 
@@ -116,23 +128,23 @@ ALGORITHMS: dict[str, Algorithm] = _registry(
     Algorithm(PolicyObjective("ppo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.2),
               TrainerDefaults(kl_coef=0.02, adv_scale=None, kl_estimator="k1", epochs=2)),
     Algorithm(PolicyObjective("grpo", "token", "clip", "seq-mean-token-mean", clip_low=0.2, clip_high=0.2),
-              TrainerDefaults(kl_coef=0.04, adv_scale="group")),
+              TrainerDefaults(kl_coef=0.04, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     Algorithm(PolicyObjective("dapo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.28),
               TrainerDefaults(kl_coef=0.0, adv_scale="group", dynamic_sampling=True, overlong_shaping=True)),
     Algorithm(PolicyObjective("gspo", "sequence", "clip", "seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4),
-              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     Algorithm(PolicyObjective("gspo_token", "sequence_token", "clip", "seq-mean-token-mean", clip_low=3e-4,
                               clip_high=4e-4),
-              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     Algorithm(PolicyObjective("sapo", "token", "gate", "seq-mean-token-mean", tau_pos=1.0, tau_neg=1.05),
-              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     # Dr. GRPO: advantages centred, not divided by the group std; a constant norm (the trainer sets
     # it to rollout.max_new_tokens) instead of each sequence's length.
     Algorithm(PolicyObjective("dr_grpo", "token", "clip", "seq-mean-token-sum-norm", clip_low=0.2, clip_high=0.2),
-              TrainerDefaults(kl_coef=0.0, adv_scale="none")),
+              TrainerDefaults(kl_coef=0.0, adv_scale="none", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     # MiniMax-M1 (CISPO): the weight is clipped above only; 1 + 4.0 caps r at 5.
     Algorithm(PolicyObjective("cispo", "token", "cispo", "token-mean", clip_low=None, clip_high=4.0),
-              TrainerDefaults(kl_coef=0.0, adv_scale="group")),
+              TrainerDefaults(kl_coef=0.0, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
 )
 
 # The loss presets alone, by name: a view of ALGORITHMS, never a second table.

@@ -1,7 +1,7 @@
 """A config resolved against the algorithm registry (gradus.objectives.ALGORITHMS).
 
 Each registry entry holds an algorithm's loss preset and its trainer defaults (KL coefficient and
-where it goes, how advantages are computed, DAPO's data operations, epochs and minibatches); this
+where it goes, how advantages are computed, DAPO's data operations, epochs, minibatches and steps); this
 module only applies it to a `TrainConfig`: a value the config leaves at None is the entry's, a value
 the config sets is checked against what the algorithm uses. Adding an algorithm is one entry there.
 """
@@ -44,6 +44,7 @@ class ResolvedAlgo:
     overlong_filter: bool
     epochs: int = 1
     minibatches: int = 1
+    steps: int = 1000  # RL steps of the run
     monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
     routing_replay: str = "none"  # MoE: none | r2 | r3 (gradus.train.moe)
     correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
@@ -119,6 +120,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         overlong_filter=a.overlong_filter,
         epochs=epochs,
         minibatches=minibatches,
+        steps=d.steps if cfg.run.steps is None else cfg.run.steps,
         monitor_kl=a.monitor_kl,
         routing_replay=a.routing_replay,
         correction=a.rollout_correction,
@@ -140,6 +142,7 @@ def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> Train
     out.algo.adv_scale = algo.adv_scale  # None for PPO: GAE from the critic
     out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
     out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
+    out.run.steps = algo.steps
     # the correction's bounds stay as given (None: the mode's), so that a resume may change the mode
     return out
 
@@ -153,7 +156,7 @@ def preset_values() -> dict[str, dict[str, object]]:
         cfg.algo.name = name
         resolved[name] = resolved_config(cfg)
     out: dict[str, dict[str, object]] = {}
-    for section in ("algo", "optim"):
+    for section in ("algo", "optim", "run"):
         for f in dataclasses.fields(getattr(base, section)):
             values = {name: getattr(getattr(r, section), f.name) for name, r in resolved.items()}
             if getattr(getattr(base, section), f.name) is None and any(v is not None for v in values.values()):

@@ -233,14 +233,14 @@ class Trainer:
     def _fit(self) -> RunResult:
         cfg = self.cfg
         log = NullLogger() if self.rank != 0 else RunLogger(
-            self.run_dir, total_steps=cfg.run.steps, start_step=self.step, fresh=self.eval_before is None,
+            self.run_dir, total_steps=self.algo.steps, start_step=self.step, fresh=self.eval_before is None,
             progress=cfg.run.progress, desc=self.label or self.algo.name)
         try:
             with StopSignals() as stop:
                 if self.eval_before is None:
                     self.eval_before = self.evaluate()
                     log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
-                while self.step < cfg.run.steps and not parallel.any_rank(stop.requested, self.device):
+                while self.step < self.algo.steps and not parallel.any_rank(stop.requested, self.device):
                     self._step(log)
                 if parallel.any_rank(stop.requested, self.device):
                     ckpt = self.save()
@@ -275,7 +275,7 @@ class Trainer:
         metrics["time/step_seconds"] = time.perf_counter() - start
         metrics["time/elapsed"] = self.elapsed
         metrics = parallel.combine_over_ranks(metrics, summed=SUMMED_OVER_RANKS)
-        if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
+        if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.algo.steps:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
         log.log(self.step, metrics)
         log.advance()
@@ -505,7 +505,7 @@ def _save_config_atomically(cfg: TrainConfig, path: Path) -> None:
 def _optim(model: torch.nn.Module, lr: float, cfg: TrainConfig, algo: ResolvedAlgo) -> Optim:
     trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))
-    total = cfg.run.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
+    total = algo.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     factor = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total, kind=cfg.optim.schedule)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), cfg.optim.grad_clip)
 
