@@ -88,18 +88,21 @@ def run_one(algo: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def summarize(algos: list[str], rows: list[dict]) -> list[str]:
-    """Markdown rows: per algorithm, the runs done, mean start, mean end, and the gain's mean, min and max."""
-    lines = ["| algo | seeds | held-out acc. before (mean) | after (mean) | gain mean | gain min | gain max "
-             "| RL wall time (median) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown rows: per algorithm, the runs done, their steps, mean start, mean end, and the gain's mean, min
+    and max."""
+    lines = ["| algo | seeds | steps | held-out acc. before (mean) | after (mean) | gain mean | gain min | gain max "
+             "| RL wall time (median) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for algo in algos:
         done = [r for r in rows if r["algo"] == algo and "gain" in r]
         failed = sum(1 for r in rows if r["algo"] == algo and "failed" in r)
         if not done:
-            lines.append(f"| {algo} | 0 done, {failed} failed | | | | | | |")
+            lines.append(f"| {algo} | 0 done, {failed} failed | | | | | | | |")
             continue
         gains = [r["gain"] for r in done]
         seeds = f"{len(done)}" + (f" ({failed} failed)" if failed else "")
-        lines.append(f"| {algo} | {seeds} | {statistics.mean(r['before'] for r in done):.3f} "
+        steps = sorted({r["steps"] for r in done})  # one value unless runs were stopped early
+        lines.append(f"| {algo} | {seeds} | {'/'.join(map(str, steps))} "
+                     f"| {statistics.mean(r['before'] for r in done):.3f} "
                      f"| {statistics.mean(r['after'] for r in done):.3f} | {statistics.mean(gains):+.1f} "
                      f"| {min(gains):+.1f} | {max(gains):+.1f} "
                      f"| {statistics.median(r['rl_wall_s'] for r in done):.0f} s |")

@@ -174,14 +174,14 @@ def test_phase_peaks_see_a_transient_allocation():
 
 
 def test_train_table_summary_by_hand():
-    rows = [{"algo": "grpo", "seed": 0, "before": 0.2, "after": 0.36, "gain": 16.0, "rl_wall_s": 300.0},
-            {"algo": "grpo", "seed": 1, "before": 0.1, "after": 0.30, "gain": 20.0, "rl_wall_s": 100.0},
-            {"algo": "grpo", "seed": 2, "before": 0.15, "after": 0.27, "gain": 12.0, "rl_wall_s": 200.0},
+    rows = [{"algo": "grpo", "seed": 0, "before": 0.2, "after": 0.36, "gain": 16.0, "steps": 1500, "rl_wall_s": 300.0},
+            {"algo": "grpo", "seed": 1, "before": 0.1, "after": 0.30, "gain": 20.0, "steps": 1500, "rl_wall_s": 100.0},
+            {"algo": "grpo", "seed": 2, "before": 0.15, "after": 0.27, "gain": 12.0, "steps": 1500, "rl_wall_s": 200.0},
             {"algo": "ppo", "seed": 0, "failed": 1}]
     header, rule, grpo, ppo = train_table.summarize(["grpo", "ppo"], rows)
     # before: (0.2 + 0.1 + 0.15) / 3 = 0.15; after: (0.36 + 0.30 + 0.27) / 3 = 0.31; gain mean (16 + 20 + 12) / 3 = 16
-    assert grpo == "| grpo | 3 | 0.150 | 0.310 | +16.0 | +12.0 | +20.0 | 200 s |"
-    assert ppo == "| ppo | 0 done, 1 failed | | | | | | |"
+    assert grpo == "| grpo | 3 | 1500 | 0.150 | 0.310 | +16.0 | +12.0 | +20.0 | 200 s |"
+    assert ppo == "| ppo | 0 done, 1 failed | | | | | | | |"
     assert header.count("|") == rule.count("|") == grpo.count("|")
     assert train_table.cpu_model()
 
