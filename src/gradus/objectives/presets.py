@@ -5,7 +5,7 @@ The loss preset fixes three structural choices (which importance ratio, which tr
 aggregation) and the defaults of its knobs, taken from the papers (see ../shared/seed/NOTES.md):
 
 | algo       | ratio             | trust region         | default agg             | defaults                  |
-| ---------- | ----------------- | ------------ | ----------------------- | ------------------------- |
+| ---------- | ----------------- | -------------------- | ----------------------- | ------------------------- |
 | ppo        | token             | clip (+ dual clip)   | token-mean              | eps 0.2                   |
 | grpo       | token             | clip                 | seq-mean-token-mean     | eps 0.2                   |
 | dapo       | token             | clip-higher          | token-mean              | eps_low 0.2, eps_high 0.28|
