@@ -240,7 +240,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.seeds is not None:
             plan.seeds = args.seeds
         out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    statuses = run_compare(plan, out, resume=bool(args.resume), echo=echo_err)
+    statuses = run_compare(plan, out, resume=bool(args.resume), echo=echo_err, jobs=args.jobs)
     failed = [s.name for s in statuses if s.state == "failed"]
     print((out / "report.md").read_text())
     if failed:
@@ -297,7 +297,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="held-out accuracy to time (default: 10 points over each run's start)")
     p_cmp.add_argument("--config", help="YAML config file for every run")
     p_cmp.add_argument("--out", help="report folder (default runs/compare-<time>)")
-    p_cmp.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison")
+    p_cmp.add_argument("--jobs", type=int, default=1,
+                       help="runs at once, each in its own process (default %(default)s; results are the same, "
+                            "wall times are those of runs sharing the machine)")
+    p_cmp.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison (--jobs may be given)")
     p_cmp.add_argument("--redraw", metavar="DIR", help="rewrite report.md and the plots from DIR/metrics")
     p_cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("algos", help="print every algorithm preset's settings side by side")

@@ -221,6 +221,92 @@ def test_signal_to_a_cli_run_then_resume_with_steps(sig, nano_dir, reward_dir, s
         torch.set_num_threads(threads)
 
 
+def test_ctrl_c_to_compare_jobs_2_stops_both_runs_saved_then_resume_finishes(nano_dir, reward_dir, tmp_path):
+    """`gradus compare --jobs 2` and a Ctrl-C: the parent passes it on once to each run (the workers are out of
+    the terminal's process group), each finishes and saves its step, the command exits 130 saying how to
+    continue; `--resume` then ends both runs with every step logged once."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(gradus.__file__).parents[1]), str(reward_dir), os.environ.get("PYTHONPATH", "")]))
+    args = [o for o in overrides(nano_dir, tmp_path, **{"run.steps": 30, "run.threads": 1})
+            if not o.startswith(("run.out_dir", "run.name", "algo.name"))]
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "gradus.cli", "compare", "--algos", "grpo,sapo", "--seeds", "1",
+                             "--jobs", "2", "--out", str(out), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [out / "runs" / name for name in ("grpo-seed0", "sapo-seed0")]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").is_file() and '"step": 1, ' in (r / "metrics.jsonl").read_text()
+                  for r in runs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped on SIGINT" in err and f"gradus compare --resume {out}" in err
+    for run in runs:
+        assert 1 <= load_state(latest_checkpoint(run))["step"] < 30, err  # the step in progress was saved
+    assert not list((out / "metrics").glob("*.summary.json"))
+    assert main(["compare", "--resume", str(out), "--jobs", "2"]) == 0
+    for run in runs:
+        assert_logged_once(run, steps=30)
+        assert json.loads((out / "metrics" / f"{run.name}.summary.json").read_text())["steps"] == 30
+
+
+def _workers_of(pid):
+    """The `--jobs` worker processes of `pid` (spawned multiprocessing children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            pass
+    return found
+
+
+def _alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_to_compare_jobs_2_stops_its_runs_saved_then_resume_finishes(nano_dir, reward_dir, tmp_path):
+    """`kill -9` to `gradus compare --jobs 2`: its runs are told (SIGTERM at the parent's death), save their step
+    and stop, instead of training on unseen; `--resume` then ends both. (The kernel's PR_SET_PDEATHSIG, tried
+    first, sent one signal per thread of the dead parent: the second made the runs abandon their step.)"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(gradus.__file__).parents[1]), str(reward_dir), os.environ.get("PYTHONPATH", "")]))
+    args = [o for o in overrides(nano_dir, tmp_path, **{"run.steps": 60, "run.threads": 1})
+            if not o.startswith(("run.out_dir", "run.name", "algo.name"))]
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "gradus.cli", "compare", "--algos", "grpo,sapo", "--seeds", "1",
+                             "--jobs", "2", "--out", str(out), "--no-progress", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
+    runs = [out / "runs" / name for name in ("grpo-seed0", "sapo-seed0")]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").is_file() and '"step": 1, ' in (r / "metrics.jsonl").read_text()
+                  for r in runs):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+        time.sleep(0.02)
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "a run went on after its parent was killed\n" + (
+            tmp_path / "stderr").read_text()
+        time.sleep(0.05)
+    for run in runs:
+        assert not (run / "summary.json").exists()  # stopped, not trained to its end
+        assert 1 <= load_state(latest_checkpoint(run))["step"] < 60
+    assert main(["compare", "--resume", str(out), "--jobs", "2", "--no-progress"]) == 0
+    for run in runs:
+        assert_logged_once(run, steps=60)
+
+
 # ---- kills while checkpointing ----------------------------------------------------------------------------
 def test_resume_skips_a_checkpoint_marked_complete_without_policy(nano_dir, reward_dir, straight, tmp_path,
                                                                   capsys):

@@ -192,3 +192,49 @@ def test_a_resumed_comparison_runs_the_config_it_started_with(nano_dir, tmp_path
     run_compare(old, out, resume=True, echo=messages.append)
     assert "saved by an older gradus" in messages[0] and "today's defaults" in messages[0]
     assert json.loads((out / "metrics" / "grpo-seed0.summary.json").read_text())["steps"] == 3
+
+
+def test_jobs_2_trains_the_same_runs_as_one_at_a_time(nano_dir, tmp_path, signal_reward):
+    """--jobs 2: each run in a worker process, two at once; every run logs exactly what it logs when the runs go
+    one at a time in this process (all but the timings), and the report has every run."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    run_compare(_plan(nano_dir, tmp_path, signal_reward), serial, echo=lambda m: None)
+    messages = []
+    statuses = run_compare(_plan(nano_dir, tmp_path, signal_reward), parallel, echo=messages.append, jobs=2)
+    assert [(s.name, s.state) for s in statuses] == [
+        ("grpo-seed0", "done"), ("sapo-seed0", "done"), ("grpo-seed1", "done"), ("sapo-seed1", "done")]
+    assert sum("done in" in m for m in messages) == 4 and messages[-1].startswith("report:")
+
+    def logged(out, name):  # everything but the clock
+        return [{k: v for k, v in r.items() if not (k.startswith("time/") or k.endswith(("_seconds", "per_s")))}
+                for r in by_name(out)[name].records]
+
+    def by_name(out):
+        return {r.name: r for r in load_runs(out)[1]}
+
+    for name in ("grpo-seed0", "sapo-seed0", "grpo-seed1", "sapo-seed1"):
+        assert len(logged(parallel, name)) > 3 and logged(parallel, name) == logged(serial, name), name
+    assert "| grpo | 2/2 |" in (parallel / "report.md").read_text()
+
+
+def test_a_worker_killed_from_outside_is_a_failed_run_that_says_so(tmp_path):
+    from gradus.compare.parallel import _ended, _last_step
+    from gradus.compare.runner import RunJob
+
+    (tmp_path / "metrics").mkdir()
+    job = RunJob("grpo-seed0", "grpo", 0, "[1/2] grpo-seed0", None, tmp_path / "runs" / "grpo-seed0", False)
+    messages = []
+    status = _ended(job, -9, 12.0, tmp_path, messages.append)
+    assert status.state == "failed" and "SIGKILL" in status.error and "SIGKILL" in messages[0]
+    assert "--resume" in (tmp_path / "metrics" / "grpo-seed0.error.txt").read_text()
+    assert _ended(job, 130, 1.0, tmp_path, messages.append).state == "interrupted"
+    # the progress line's step: the newest in metrics.jsonl, 0 before there is one
+    assert _last_step(job.run_dir) == 0
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.1}\n{"step": 17, "reward/mean": 0.5}\n')
+    assert _last_step(job.run_dir) == 17
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_compare(ComparePlan(algos=["grpo"], seeds=1), tmp_path / "c", echo=lambda m: None, jobs=0)

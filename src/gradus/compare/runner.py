@@ -17,7 +17,8 @@ The compare folder:
 
 A run that raises is recorded (metrics/<run>.error.txt) and the others go on. An interrupted
 compare resumes where it stopped: finished runs are skipped, a run with a checkpoint continues
-from it (the trainer's resume is exact on CPU), the rest start over.
+from it (the trainer's resume is exact on CPU), the rest start over. Runs go one at a time in this
+process, or with `jobs` > 1 several at once in worker processes (gradus.compare.parallel).
 """
 
 from __future__ import annotations
@@ -154,15 +155,28 @@ def validate_plan(plan: ComparePlan, out: Path) -> None:
         preflight(cfg)
 
 
-def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
-                echo: Callable[[str], None] = print) -> list[RunStatus]:
-    """Train every (algo, seed) run not yet finished, then write the report. Returns each run's status."""
+@dataclass
+class RunJob:
+    """One run still to train: what `train_one` needs, in this process or in a `--jobs` worker process."""
+    name: str
+    algo: str
+    seed: int
+    label: str  # "[i/n] name": the progress bar's title and the prefix of every message about the run
+    cfg: TrainConfig
+    run_dir: Path
+    resume: bool  # it has a checkpoint to continue from
+
+
+def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False, echo: Callable[[str], None] = print,
+                jobs: int = 1) -> list[RunStatus]:
+    """Train every (algo, seed) run not yet finished, `jobs` at a time, then write the report. Returns each run's
+    status, in the plan's order."""
     from gradus.compare.report import write_report
     from gradus.train.checkpoint import latest_checkpoint
-    from gradus.train.presets import resolve_algo
-    from gradus.train.trainer import Trainer
 
     out = Path(out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if not resume and (out / "compare.json").exists():
         raise ConfigError(f"--out: {out} already holds a comparison; continue it with `gradus compare --resume {out}`"
                           " or pick another folder")
@@ -174,37 +188,56 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False,
         plan.freeze()
     save_plan(plan, out)
     (out / "metrics").mkdir(exist_ok=True)
-    statuses: list[RunStatus] = []
+    statuses: dict[str, RunStatus] = {}
+    todo: list[RunJob] = []
     runs = plan.run_names()
     for i, (algo, seed, name) in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {name}"
         if (out / "metrics" / f"{name}.summary.json").is_file():
             echo(f"{label}: already done, skipped")
-            statuses.append(RunStatus(name, algo, seed, "skipped"))
+            statuses[name] = RunStatus(name, algo, seed, "skipped")
             continue
-        cfg = plan.config(out, algo, seed, name)
         run_dir = out / "runs" / name
         again = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
-        echo(f"{label}: {'resuming' if again else 'starting'} ({resolve_algo(cfg).steps} steps)")
-        (out / "metrics" / f"{name}.error.txt").unlink(missing_ok=True)
-        start = time.perf_counter()
-        try:
-            Trainer(cfg, run_dir=run_dir, resume=again, label=label).fit()
-        except KeyboardInterrupt:
-            statuses.append(RunStatus(name, algo, seed, "interrupted", time.perf_counter() - start))
-            echo(f"{label}: interrupted; continue with `gradus compare --resume {out}`")
-            raise
-        except Exception as err:  # a failing run is reported, the comparison goes on
-            text = traceback.format_exc()
-            (out / "metrics" / f"{name}.error.txt").write_text(text)
-            echo(f"{label}: FAILED: {type(err).__name__}: {err}")
-            statuses.append(RunStatus(name, algo, seed, "failed", time.perf_counter() - start, f"{err}"))
-            continue
-        _collect(run_dir, out / "metrics", name)
-        statuses.append(RunStatus(name, algo, seed, "done", time.perf_counter() - start))
+        todo.append(RunJob(name, algo, seed, label, plan.config(out, algo, seed, name), run_dir, again))
+    if jobs > 1 and len(todo) > 1:
+        from gradus.compare.parallel import run_parallel
+
+        statuses.update((s.name, s) for s in run_parallel(todo, out, jobs, echo))
+    else:
+        for job in todo:
+            echo(start_message(job))
+            try:
+                statuses[job.name] = train_one(job, out, echo)
+            except KeyboardInterrupt:
+                echo(f"{job.label}: interrupted; continue with `gradus compare --resume {out}`")
+                raise
     report = write_report(out)
     echo(f"report: {report}")
-    return statuses
+    return [statuses[name] for _, _, name in runs]
+
+
+def start_message(job: RunJob) -> str:
+    from gradus.train.presets import resolve_algo
+
+    return f"{job.label}: {'resuming' if job.resume else 'starting'} ({resolve_algo(job.cfg).steps} steps)"
+
+
+def train_one(job: RunJob, out: Path, echo: Callable[[str], None]) -> RunStatus:
+    """Train one run to its end and copy its metrics next to the report. A run that raises is recorded
+    (metrics/<run>.error.txt) and reported as failed; KeyboardInterrupt (Ctrl-C, SIGTERM) goes through."""
+    from gradus.train.trainer import Trainer
+
+    (out / "metrics" / f"{job.name}.error.txt").unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        Trainer(job.cfg, run_dir=job.run_dir, resume=job.resume, label=job.label).fit()
+    except Exception as err:  # a failing run is reported, the comparison goes on
+        (out / "metrics" / f"{job.name}.error.txt").write_text(traceback.format_exc())
+        echo(f"{job.label}: FAILED: {type(err).__name__}: {err}")
+        return RunStatus(job.name, job.algo, job.seed, "failed", time.perf_counter() - start, f"{err}")
+    _collect(job.run_dir, out / "metrics", job.name)
+    return RunStatus(job.name, job.algo, job.seed, "done", time.perf_counter() - start)
 
 
 def _collect(run_dir: Path, metrics_dir: Path, name: str) -> None:
