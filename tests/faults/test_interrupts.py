@@ -221,32 +221,40 @@ def test_signal_to_a_cli_run_then_resume_with_steps(sig, nano_dir, reward_dir, s
         torch.set_num_threads(threads)
 
 
-def test_ctrl_c_to_compare_jobs_2_stops_both_runs_saved_then_resume_finishes(nano_dir, reward_dir, tmp_path):
-    """`gradus compare --jobs 2` and a Ctrl-C: the parent passes it on once to each run (the workers are out of
-    the terminal's process group), each finishes and saves its step, the command exits 130 saying how to
-    continue; `--resume` then ends both runs with every step logged once."""
+def _compare_jobs_2_under_way(nano_dir, reward_dir, tmp_path, steps):
+    """`gradus compare --jobs 2` of grpo and sapo in a subprocess, once both runs have logged step 1; stderr goes
+    to tmp_path/stderr. Returns the process, the compare folder and the two run folders."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(gradus.__file__).parents[1]), str(reward_dir), os.environ.get("PYTHONPATH", "")]))
-    args = [o for o in overrides(nano_dir, tmp_path, **{"run.steps": 30, "run.threads": 1})
+    args = [o for o in overrides(nano_dir, tmp_path, **{"run.steps": steps, "run.threads": 1})
             if not o.startswith(("run.out_dir", "run.name", "algo.name"))]
     out = tmp_path / "cmp"
     proc = subprocess.Popen([sys.executable, "-m", "gradus.cli", "compare", "--algos", "grpo,sapo", "--seeds", "1",
-                             "--jobs", "2", "--out", str(out), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--jobs", "2", "--out", str(out), "--no-progress", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
     runs = [out / "runs" / name for name in ("grpo-seed0", "sapo-seed0")]
     deadline = time.monotonic() + 120
     while not all((r / "metrics.jsonl").is_file() and '"step": 1, ' in (r / "metrics.jsonl").read_text()
                   for r in runs):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
         time.sleep(0.02)
+    return proc, out, runs
+
+
+def test_ctrl_c_to_compare_jobs_2_stops_both_runs_saved_then_resume_finishes(nano_dir, reward_dir, tmp_path):
+    """`gradus compare --jobs 2` and a Ctrl-C: the parent passes it on once to each run (the workers are out of
+    the terminal's process group), each finishes and saves its step, the command exits 130 saying how to
+    continue; `--resume` then ends both runs with every step logged once."""
+    proc, out, runs = _compare_jobs_2_under_way(nano_dir, reward_dir, tmp_path, steps=30)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 130, err
     assert "stopped on SIGINT" in err and f"gradus compare --resume {out}" in err
     for run in runs:
         assert 1 <= load_state(latest_checkpoint(run))["step"] < 30, err  # the step in progress was saved
     assert not list((out / "metrics").glob("*.summary.json"))
-    assert main(["compare", "--resume", str(out), "--jobs", "2"]) == 0
+    assert main(["compare", "--resume", str(out), "--jobs", "2", "--no-progress"]) == 0
     for run in runs:
         assert_logged_once(run, steps=30)
         assert json.loads((out / "metrics" / f"{run.name}.summary.json").read_text())["steps"] == 30
@@ -276,20 +284,7 @@ def test_kill_9_to_compare_jobs_2_stops_its_runs_saved_then_resume_finishes(nano
     """`kill -9` to `gradus compare --jobs 2`: its runs are told (SIGTERM at the parent's death), save their step
     and stop, instead of training on unseen; `--resume` then ends both. (The kernel's PR_SET_PDEATHSIG, tried
     first, sent one signal per thread of the dead parent: the second made the runs abandon their step.)"""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(gradus.__file__).parents[1]), str(reward_dir), os.environ.get("PYTHONPATH", "")]))
-    args = [o for o in overrides(nano_dir, tmp_path, **{"run.steps": 60, "run.threads": 1})
-            if not o.startswith(("run.out_dir", "run.name", "algo.name"))]
-    out = tmp_path / "cmp"
-    proc = subprocess.Popen([sys.executable, "-m", "gradus.cli", "compare", "--algos", "grpo,sapo", "--seeds", "1",
-                             "--jobs", "2", "--out", str(out), "--no-progress", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
-    runs = [out / "runs" / name for name in ("grpo-seed0", "sapo-seed0")]
-    deadline = time.monotonic() + 120
-    while not all((r / "metrics.jsonl").is_file() and '"step": 1, ' in (r / "metrics.jsonl").read_text()
-                  for r in runs):
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
-        time.sleep(0.02)
+    proc, out, runs = _compare_jobs_2_under_way(nano_dir, reward_dir, tmp_path, steps=60)
     workers = _workers_of(proc.pid)
     assert len(workers) == 2
     proc.kill()
