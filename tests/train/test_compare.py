@@ -218,7 +218,7 @@ def test_jobs_2_trains_the_same_runs_as_one_at_a_time(nano_dir, tmp_path, signal
 
 
 def test_a_worker_killed_from_outside_is_a_failed_run_that_says_so(tmp_path):
-    from gradus.compare.parallel import _ended, _last_step
+    from gradus.compare.parallel import _ended, _last_step, progress_line
     from gradus.compare.runner import RunJob
 
     (tmp_path / "metrics").mkdir()
@@ -233,6 +233,12 @@ def test_a_worker_killed_from_outside_is_a_failed_run_that_says_so(tmp_path):
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.1}\n{"step": 17, "reward/mean": 0.5}\n')
     assert _last_step(job.run_dir) == 17
+    # run.steps unset: the algorithm's own steps (1500 for grpo, 1000 for dapo)
+    plan = ComparePlan(algos=["grpo", "dapo"], seeds=1)
+    job.cfg = plan.config(tmp_path, "grpo", 0, "grpo-seed0")
+    other = RunJob("dapo-seed0", "dapo", 0, "[2/2] dapo-seed0", plan.config(tmp_path, "dapo", 0, "dapo-seed0"),
+                   tmp_path / "runs" / "dapo-seed0", False)
+    assert progress_line([job, other]) == "in progress: grpo-seed0 step 17/1500, dapo-seed0 step 0/1000"
 
 
 def test_jobs_must_be_positive(tmp_path):

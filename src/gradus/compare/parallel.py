@@ -27,6 +27,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from gradus.compare.runner import RunJob, RunStatus, start_message, train_one
+from gradus.train.presets import resolve_algo
 
 INTERRUPTED = 130  # a worker's exit code when its run stopped on a signal (the shell's code for SIGINT)
 PROGRESS_EVERY_S = 60.0  # how often the steps of the runs in progress are printed
@@ -57,9 +58,7 @@ def run_parallel(todo: list[RunJob], out: Path, jobs: int, echo: Callable[[str],
                 statuses.append(_ended(job, proc.exitcode, time.perf_counter() - start, out, echo))
             if running and time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
-                echo("in progress: " + ", ".join(f"{job.name} step {_last_step(job.run_dir)}/{job.cfg.run.steps}"
-                                                  if job.cfg.run.steps else f"{job.name} step {_last_step(job.run_dir)}"
-                                                  for _, job, _ in running.values()))
+                echo(progress_line([job for _, job, _ in running.values()]))
     if stop.signum is not None:
         left = [s.name for s in statuses if s.state == "interrupted"] + [job.name for job in pending]
         echo(f"stopped on {signal.Signals(stop.signum).name}; not finished: {', '.join(left)}; continue with "
@@ -121,6 +120,12 @@ def _ended(job: RunJob, code: int | None, seconds: float, out: Path, echo: Calla
                           f"{out}` continues it\n")
     echo(f"{job.label}: FAILED: {why}")
     return RunStatus(job.name, job.algo, job.seed, "failed", seconds, why)
+
+
+def progress_line(jobs: list[RunJob]) -> str:
+    """The runs in progress and how far each is: "in progress: ppo-seed0 step 251/1000, grpo-seed0 step ..."."""
+    return "in progress: " + ", ".join(f"{job.name} step {_last_step(job.run_dir)}/{resolve_algo(job.cfg).steps}"
+                                       for job in jobs)
 
 
 def _last_step(run_dir: Path) -> int:
