@@ -36,7 +36,7 @@ PROGRESS_EVERY_S = 60.0  # how often the steps of the runs in progress are print
 def run_parallel(todo: list[RunJob], out: Path, jobs: int, echo: Callable[[str], None]) -> list[RunStatus]:
     """Train `todo` with up to `jobs` worker processes; the statuses of the runs that ended, in the order they
     ended. Raises KeyboardInterrupt after every running run has stopped, when a signal asked to stop."""
-    _make_warm_starts(todo, echo)
+    _make_warm_starts(todo)
     for job in todo:  # progress bars of several processes would overwrite each other: a line a minute instead
         job.cfg.run.progress = False
     context = multiprocessing.get_context("spawn")
@@ -67,7 +67,7 @@ def run_parallel(todo: list[RunJob], out: Path, jobs: int, echo: Callable[[str],
     return statuses
 
 
-def _make_warm_starts(todo: list[RunJob], echo: Callable[[str], None]) -> None:
+def _make_warm_starts(todo: list[RunJob]) -> None:
     """Build (or find in the cache) the model each run starts from, one after another, before any run starts."""
     from gradus.train.bootstrap import initial_model_dir
 
