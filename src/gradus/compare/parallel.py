@@ -27,7 +27,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from gradus.compare.runner import RunJob, RunStatus, start_message, train_one
+from gradus.train.interrupts import StopSignals
 from gradus.train.presets import resolve_algo
+from gradus.train.runlog import read_metrics
 
 INTERRUPTED = 130  # a worker's exit code when its run stopped on a signal (the shell's code for SIGINT)
 PROGRESS_EVERY_S = 60.0  # how often the steps of the runs in progress are printed
@@ -129,41 +131,18 @@ def progress_line(jobs: list[RunJob]) -> str:
 
 
 def _last_step(run_dir: Path) -> int:
-    """The newest step in a run's metrics.jsonl (0 before its first), read from the file's end."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 8192))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        key = line.find('"step": ')
-        if key >= 0:
-            digits = line[key + 8:].split(",", 1)[0].split("}", 1)[0].strip()
-            if digits.isdigit():
-                return int(digits)
-    return 0
+    """The newest step in a run's metrics.jsonl (0 before its first)."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return records[-1]["step"] if records else 0
 
 
-class _Forwarder:
-    """While open, SIGINT and SIGTERM are recorded (`signum`) and passed on to every running worker; the
-    previous handlers come back on exit. Outside the main thread it does nothing (no handler can be set)."""
+class _Forwarder(StopSignals):
+    """While open, SIGINT and SIGTERM are recorded (`signum`) and passed on to every running worker, each time
+    (the workers count them: the first saves, the second abandons); the previous handlers come back on exit."""
 
     def __init__(self, running: dict[int, tuple[multiprocessing.process.BaseProcess, RunJob, float]]) -> None:
+        super().__init__()
         self.running = running
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _Forwarder:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signum = signum
