@@ -153,6 +153,8 @@ class AlgoConfig:
     """KL estimator: k1, k2 or k3; None: the preset's (k1 in PPO's reward, k3 in the others' loss)."""
     monitor_kl: bool = spec(False)
     """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
+    advantage: str | None = spec(None, choices="gradus.objectives.estimators:ESTIMATORS")
+    """Advantage estimator: group (group-normalised rewards) or gae (a critic); None: the preset's."""
     adv_scale: str | None = spec(None, choices="gradus.objectives.advantages:ADV_SCALES")
     """Group advantage scaling: group, batch or none; None: the preset's."""
     dynamic_sampling: bool | None = spec(None)

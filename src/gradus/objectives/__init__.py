@@ -21,6 +21,15 @@ from gradus.objectives.correction import (
     mismatch_metrics,
     resolve_bounds,
 )
+from gradus.objectives.estimators import (
+    ESTIMATORS,
+    AdvantageInputs,
+    Advantages,
+    AdvantageSettings,
+    Estimator,
+    estimate,
+    estimator,
+)
 from gradus.objectives.kl import KL_ESTIMATORS, kl_penalty
 from gradus.objectives.policy import objective_loss, policy_loss
 from gradus.objectives.presets import (
@@ -43,15 +52,22 @@ __all__ = [
     "ALGORITHMS",
     "CORRECTIONS",
     "DEFAULT_BOUNDS",
+    "ESTIMATORS",
     "KL_ESTIMATORS",
     "KNOBS_BY_TRUST",
     "PRESETS",
+    "AdvantageInputs",
+    "AdvantageSettings",
+    "Advantages",
     "Algorithm",
+    "Estimator",
     "PolicyObjective",
     "TrainerDefaults",
     "agg_loss",
     "correction_weights",
     "dynamic_sampling_keep",
+    "estimate",
+    "estimator",
     "gae",
     "group_advantages",
     "kl_penalty",

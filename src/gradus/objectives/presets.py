@@ -51,6 +51,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from gradus.objectives.aggregation import check_agg_mode
+from gradus.objectives.estimators import estimator
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class TrainerDefaults:
     """What an algorithm does around its loss, as its paper sets it (a config may override each)."""
 
     kl_coef: float  # 0: no reference model is loaded
-    adv_scale: str | None  # one of ADV_SCALES; None: GAE from a learned critic (PPO)
+    adv_scale: str | None  # group's scale, one of ADV_SCALES; None: an estimator that has no scale (GAE)
+    advantage: str = "group"  # the advantage estimator, a key of gradus.objectives.estimators.ESTIMATORS
     kl_estimator: str = "k3"  # GRPO's unbiased, non-negative k3 in the loss
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
     overlong_shaping: bool = False  # DAPO: soft punishment of completions near the length limit
@@ -110,7 +112,7 @@ class Algorithm:
 
     @property
     def uses_critic(self) -> bool:
-        return self.trainer.adv_scale is None
+        return estimator(self.trainer.advantage).uses_critic
 
 
 # Steps of the group-advantage algorithms without dynamic sampling (see the module docstring).
@@ -126,7 +128,7 @@ ALGORITHMS: dict[str, Algorithm] = _registry(
     # epoch's own log-probs are the old ones for the second). Its per-token reward is
     # -beta * (log pi - log pi_ref): the k1 estimator.
     Algorithm(PolicyObjective("ppo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.2),
-              TrainerDefaults(kl_coef=0.02, adv_scale=None, kl_estimator="k1", epochs=2)),
+              TrainerDefaults(kl_coef=0.02, adv_scale=None, advantage="gae", kl_estimator="k1", epochs=2)),
     Algorithm(PolicyObjective("grpo", "token", "clip", "seq-mean-token-mean", clip_low=0.2, clip_high=0.2),
               TrainerDefaults(kl_coef=0.04, adv_scale="group", steps=STEPS_WITHOUT_DYNAMIC_SAMPLING)),
     Algorithm(PolicyObjective("dapo", "token", "clip", "token-mean", clip_low=0.2, clip_high=0.28),

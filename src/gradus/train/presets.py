@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from gradus.config import AlgoConfig, ConfigError, TrainConfig
 from gradus.objectives import (
     ALGORITHMS,
+    ESTIMATORS,
     KNOBS_BY_TRUST,
+    Estimator,
     PolicyObjective,
+    estimator,
     resolve_bounds,
     resolve_objective,
     valid_knobs,
@@ -35,8 +38,8 @@ class ResolvedAlgo:
     objective: PolicyObjective
     kl_coef: float
     kl_estimator: str
-    kl_in_reward: bool  # PPO: per-token penalty in the reward; others: a term in the loss
-    adv_scale: str | None  # None: GAE from a critic
+    kl_in_reward: bool  # the estimator's: a per-token penalty in the reward (PPO's GAE); else a term in the loss
+    adv_scale: str | None  # the group estimator's scale; None for an estimator without one (GAE)
     dynamic_sampling: bool
     max_gen_rounds: int
     overlong_shaping: bool
@@ -49,10 +52,15 @@ class ResolvedAlgo:
     routing_replay: str = "none"  # MoE: none | r2 | r3 (gradus.train.moe)
     correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
     correction_bounds: tuple[float | None, float | None] = (None, None)  # its (low, high), defaults filled in
+    advantage: str = "group"  # the advantage estimator (gradus.objectives.estimators)
+
+    @property
+    def estimator(self) -> Estimator:
+        return estimator(self.advantage)
 
     @property
     def uses_critic(self) -> bool:
-        return self.adv_scale is None
+        return self.estimator.uses_critic
 
     @property
     def needs_reference(self) -> bool:
@@ -66,7 +74,11 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(f"algo.name: unknown algo {a.name!r}; valid: {', '.join(ALGORITHMS)}")
     d = ALGORITHMS[a.name].trainer
     defaults = AlgoConfig()
-    is_ppo = ALGORITHMS[a.name].uses_critic
+    advantage = d.advantage if a.advantage is None else a.advantage
+    if advantage not in ESTIMATORS:
+        raise ConfigError(f"algo.advantage: unknown estimator {advantage!r}; valid: {', '.join(ESTIMATORS)}")
+    est = estimator(advantage)
+    is_ppo = est.uses_critic
 
     set_knobs = {k: getattr(a, k) for k in LOSS_KNOBS if getattr(a, k) is not None}
     bad = sorted(set(set_knobs) - set(valid_knobs(a.name)))
@@ -77,9 +89,12 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
     if not is_ppo:
         changed = [k for k in PPO_ONLY if getattr(a, k) != getattr(defaults, k)]
         if changed:
-            raise ConfigError(f"algo.{changed[0]} is only used by ppo (it trains a critic), not by {a.name!r}")
-    if is_ppo and a.adv_scale is not None:
-        raise ConfigError("algo.adv_scale is not used by ppo: its advantages come from GAE with a critic")
+            raise ConfigError(f"algo.{changed[0]} is only used with a critic (algo.advantage=gae, as ppo), not by "
+                              f"{a.name!r} with the {advantage} estimator")
+    if "adv_scale" not in est.knobs and a.adv_scale is not None:
+        raise ConfigError(f"algo.adv_scale is not used by the {advantage} advantage estimator"
+                          + (f" ({a.name}'s)" if a.advantage is None else "")
+                          + (": its advantages come from GAE with a critic" if est.uses_critic else ""))
     if a.name == "dr_grpo" and set_knobs.get("agg", "seq-mean-token-sum-norm") == "seq-mean-token-sum-norm":
         set_knobs.setdefault("agg_norm", float(cfg.rollout.max_new_tokens))
     try:
@@ -111,8 +126,9 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         objective=objective,
         kl_coef=d.kl_coef if a.kl_coef is None else a.kl_coef,
         kl_estimator=d.kl_estimator if a.kl_estimator is None else a.kl_estimator,
-        kl_in_reward=is_ppo,
-        adv_scale=d.adv_scale if a.adv_scale is None else a.adv_scale,
+        kl_in_reward=est.kl_in_reward,
+        adv_scale=None if "adv_scale" not in est.knobs else (
+            a.adv_scale if a.adv_scale is not None else d.adv_scale or "group"),
         dynamic_sampling=dynamic,
         max_gen_rounds=a.max_gen_rounds,
         overlong_shaping=overlong,
@@ -125,6 +141,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         routing_replay=a.routing_replay,
         correction=a.rollout_correction,
         correction_bounds=bounds,
+        advantage=advantage,
     )
 
 
@@ -139,7 +156,8 @@ def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> Train
     for knob, value in algo.objective.knobs().items():
         setattr(out.algo, knob, value)
     out.algo.kl_coef, out.algo.kl_estimator = algo.kl_coef, algo.kl_estimator
-    out.algo.adv_scale = algo.adv_scale  # None for PPO: GAE from the critic
+    out.algo.advantage = algo.advantage
+    out.algo.adv_scale = algo.adv_scale  # None for an estimator without a scale (PPO's GAE)
     out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
     out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
     out.run.steps = algo.steps
