@@ -34,6 +34,8 @@ class AdvantageInputs:
     group_size: int
     values: torch.Tensor | None = None  # [N, T] the critic's V before each token (estimators with a critic)
     kl: torch.Tensor | None = None  # [N, T] per-token KL to the reference (estimators with kl_in_reward)
+    reward_parts: torch.Tensor | None = None  # [N, K] each configured reward's own score, before its weight
+    reward_weights: tuple[float, ...] | None = None  # [K] the weights of task.rewards (rewards = parts @ weights)
     total: Total | None = None  # sums a tensor over data-parallel shards (batch statistics of the whole batch)
 
 
