@@ -189,8 +189,8 @@ def test_train_table_summary_by_hand():
 def test_train_table_reuses_a_kept_run_only_when_it_is_the_run_the_table_would_start(tmp_path, capsys):
     import argparse
 
+    from gradus.algorithm import resolved_config
     from gradus.config import load_config, save_config
-    from gradus.train.presets import resolved_config
 
     run = tmp_path / "dapo-seed0"
     run.mkdir()

@@ -239,7 +239,7 @@ def test_export_writes_the_merged_policy_that_transformers_loads(nano_dir, tmp_p
     from gradus.train import bootstrap
 
     path, _ = bootstrap.resolve_model_dir(trainer.run_dir)
-    loaded, _ = bootstrap.load_model(path, trainer.cfg, torch.device("cpu"))
+    loaded, _ = lora.load_model(path, trainer.cfg.model.dtype, torch.device("cpu"))
     torch.testing.assert_close(completion_logprobs(loaded, ids, mask, 6), expected, rtol=0, atol=1e-5)
     assert main(["eval", "--model", str(trainer.run_dir), "--n", "4", "--k", "0", "--json", "--no-progress",
                  "rollout.max_new_tokens=6"]) == 0

@@ -77,14 +77,14 @@ def _config_from(args: argparse.Namespace, *, rl: bool = True):
 
 
 def _help_config() -> str:
-    from gradus.train.presets import preset_values
+    from gradus.algorithm import preset_values
 
     return help_text(preset_values)
 
 
 def _algos_table() -> str:
     """Each preset's settings side by side, one row per setting."""
-    from gradus.train.presets import describe, resolve_algo
+    from gradus.algorithm import describe, resolve_algo
 
     rows: dict[str, dict[str, str]] = {}
     for name in ALGORITHMS:
@@ -109,7 +109,8 @@ def _resume_command(run_dir: Path) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from gradus.train.durable import DiskFull
     from gradus.train.interrupts import Interrupted
-    from gradus.train.trainer import resume_config, train
+    from gradus.train.resume import resume_config
+    from gradus.train.trainer import train
 
     try:
         if args.resume:
@@ -143,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from gradus.models import save_pretrained
+    from gradus.models import lora, save_pretrained
     from gradus.train import bootstrap
     from gradus.train.sft import run_sft
 
@@ -151,7 +152,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     if cfg.model.path:
-        model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
+        model, tokenizer = lora.load_model(Path(cfg.model.path), cfg.model.dtype, device)
         bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # the rows training would refuse
         metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress,
                           threads=cfg.run.threads)
@@ -170,28 +171,36 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gradus.models import lora
+    from gradus.rollout.registry import engine_class
+    from gradus.runtime import plain_source
     from gradus.train import bootstrap
-    from gradus.train.engines import build_engine, engine_problem
     from gradus.train.evaluate import evaluate
 
     cfg = _config_from(args, rl=False)
     if not cfg.model.path:
         raise ConfigError("gradus eval needs --model PATH (a HF model directory, a run folder or a checkpoint)")
     device = bootstrap.resolve_device(cfg.run.device)
+    engine_type = engine_class(cfg.rollout.engine)
+    engine_type.check_machine(cfg, device)  # e.g. vLLM installed and importable here
     task = bootstrap.build_task(cfg)
     n = args.n or cfg.task.heldout_size
     bootstrap.check_positions(cfg, task, task.heldout(n))
     bootstrap.heldout_set(task, n)  # before loading the model: the check above may have dropped every row
-    model, tokenizer = bootstrap.load_model(Path(cfg.model.path), cfg, device)
+    model, tokenizer = lora.load_model(Path(cfg.model.path), cfg.model.dtype, device)
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
     heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()
-    if problem := engine_problem(cfg, distributed=False):
-        raise ConfigError(problem)
-    engine = build_engine(cfg, model, tokenizer, Path(cfg.model.path), device)
-    result = evaluate(engine, tokenizer, task, heldout,
-                      max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
-                      seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
+    source = plain_source(model, Path(cfg.model.path))  # a LoRA run's policy: merged, on its base's folder
+    engine = engine_type.build(cfg, source, tokenizer, device)
+    try:
+        if engine.holds_weights:
+            engine.sync(source.export())
+        result = evaluate(engine, tokenizer, task, heldout,
+                          max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
+                          seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
+    finally:
+        engine.close()
     if args.json:
         print(json.dumps(result))
     else:

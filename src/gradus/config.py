@@ -107,7 +107,7 @@ class RolloutConfig:
     """Hard limit on completion length (DAPO's L_max)."""
     dtype: str | None = spec(None, choices=("float32", "bfloat16"))
     """Local engine: sample with a copy of the policy in this dtype, synced after every update; None: model.dtype."""
-    engine: str = spec("local", choices=("local", "vllm"))
+    engine: str = spec("local", choices="gradus.rollout.registry:ENGINES")
     """What samples completions (training and evaluation): local (the policy itself) or vllm (see vllm.*)."""
 
 
@@ -233,8 +233,8 @@ class RunConfig:
     """Show a progress bar."""
     threads: int | None = spec(None, ge=1)
     """CPU threads; None: every core while the machine is idle, fewer while other work keeps cores busy."""
-    parallel: str = spec("ddp", choices=("ddp", "fsdp2"))
-    """Under torchrun: ddp (replicated weights) or fsdp2 (weights, gradients, optimizer state sharded)."""
+    parallel: str = spec("ddp", choices="gradus.parallel.modes:MODES")
+    """Under torchrun: ddp (replicated weights) or fsdp2 (weights, gradients, optimizer state sharded); one process: none."""
     dist_timeout_s: float = spec(600.0, gt=0)
     """Under torchrun: a collective that waits this long on a dead or stuck rank ends the job."""
 
@@ -369,7 +369,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 def help_text(preset_values: Callable[[], dict[str, dict[str, Any]]] | None = None) -> str:
     """Every key with its default, valid values and meaning; for a default that is "the preset's",
-    each algorithm's value (from `preset_values()`, e.g. `gradus.train.presets.preset_values`)."""
+    each algorithm's value (from `preset_values()`, e.g. `gradus.algorithm.preset_values`)."""
     presets = preset_values() if preset_values else {}
     lines = []
     for key in all_keys():

@@ -2,47 +2,82 @@
 
 1. Every field against its own valid values (declared next to it in `gradus.config`): ranges,
    finiteness, choices, patterns.
-2. The algorithm preset applied (`resolve_algo`: which knobs the algorithm uses), and every value
-   the preset filled in checked by the same rules.
+2. The algorithm preset applied (`gradus.algorithm.resolve_algo`: which knobs the algorithm uses), and
+   every value the preset filled in checked by the same rules.
 3. The rules that tie fields together (minibatches divide the batch, groups of two or more, LoRA
    fields only with a LoRA rank and never on the lm head or the embeddings, ...).
-4. The reward list parsed, its weights finite.
+4. What the rollout engine (`rollout.engine`, its class's `check`) and the parallel mode (`run.parallel`)
+   cannot run, on this job's number of processes; the batch split evenly over them.
+5. MoE settings a dense built-in model (`model.arch`) cannot use, and routing replay r3 with an engine that
+   does not record the rollout's routing.
+6. The reward list parsed, its weights finite.
 
 What needs the machine, the model's config.json or the task's data (the device exists, prompt +
-completion fit the model's positions, a held-out set is left) is checked next, still before any work,
-by `gradus.train.bootstrap.preflight`.
+completion fit the model's and the engine's positions, a held-out set is left, an MoE setting on a
+`model.path` that is dense) is checked next, still before any work, by `gradus.train.bootstrap.preflight`.
+This module sits below `gradus.train` and imports nothing from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
-from gradus.config import ConfigError, ModelConfig, TrainConfig, allowed
+from gradus.algorithm import ResolvedAlgo, resolve_algo, resolved_config
+from gradus.config import ConfigError, TrainConfig, allowed
+from gradus.models.lora import check_lora_config
+from gradus.parallel.modes import MODES
+from gradus.rollout.registry import engine_class
 
-if TYPE_CHECKING:
-    from gradus.train.presets import ResolvedAlgo
 
-
-def validate(cfg: TrainConfig, *, rl: bool = True) -> ResolvedAlgo:
+def validate(cfg: TrainConfig, *, rl: bool = True, world: int = 1) -> ResolvedAlgo:
     """Check everything that can be checked before any work; return the resolved algorithm.
 
     `rl=False` (commands that run no RL step: `gradus sft`, `gradus eval`) skips the rules that tie the
     RL batch to the algorithm (groups, minibatches, DAPO's overlong window), so an algorithm knob
     never stops a command that does not use it. Every field is still checked against its own values.
-    Raises ConfigError naming the field, its value and what is allowed.
+    `world`: the job's number of processes (torchrun's). Raises ConfigError naming the field, its value
+    and what is allowed.
     """
-    from gradus.train.presets import resolve_algo, resolved_config
-
     check_fields(cfg)
     algo = resolve_algo(cfg)
     check_fields(resolved_config(cfg, algo), note=f" (the {algo.name} preset's value)")
     if rl:
-        _check_rl_rules(cfg, algo)
+        _check_rl_rules(cfg, algo, world)
     _check_task_rules(cfg)
+    _check_runtime_rules(cfg, algo, world)
     reward_weights(cfg.task.rewards)
     return algo
+
+
+def _check_runtime_rules(cfg: TrainConfig, algo: ResolvedAlgo, world: int) -> None:
+    """The engine and the parallel mode, each by its own `check`; MoE settings a built-in model can decide."""
+    engine = engine_class(cfg.rollout.engine)
+    for problem in (engine.check(cfg, world), MODES[cfg.run.parallel].check(cfg, world) if world > 1 else None):
+        if problem:
+            raise ConfigError(problem)
+    if algo.routing_replay == "r3" and not engine.records_routing:
+        raise ConfigError(f"algo.routing_replay=r3 needs the rollout's routing, which rollout.engine={engine.name} "
+                          f"does not record (rollout.engine=local does); with {engine.name} use r2 or none")
+    if cfg.model.path is None:  # the built-in model's architecture is the config's own
+        from gradus.models.tiny import MOE_ARCHS
+
+        moe_problem(cfg, cfg.model.arch, is_moe=cfg.model.arch in MOE_ARCHS, where=f"model.arch={cfg.model.arch}")
+
+
+def moe_problem(cfg: TrainConfig, model_type: str | None, *, is_moe: bool, where: str) -> None:
+    """ConfigError for an MoE setting a model of `model_type` (dense unless `is_moe` and gradus routes it)
+    cannot use: routing replay and the router's load-balancing loss need routers gradus knows."""
+    from gradus.models.routing import ROUTERS  # transformers' MoE classes: imported only when asked
+
+    routed = is_moe and model_type in ROUTERS
+    if algo_replay := cfg.algo.routing_replay if cfg.algo.routing_replay != "none" else None:
+        if not routed:
+            raise ConfigError(f"algo.routing_replay={algo_replay} needs a mixture-of-experts policy; {where} is "
+                              f"dense or not one gradus can route (supported model types: {', '.join(ROUTERS)})")
+    coef = cfg.model.router_aux_coef
+    if coef is not None and coef > 0 and not is_moe:
+        raise ConfigError(f"model.router_aux_coef={coef}: {where} has no router (only mixture-of-experts models)")
 
 
 def check_fields(cfg: TrainConfig, note: str = "") -> None:
@@ -61,10 +96,10 @@ def reward_weights(text: str | None) -> None:
     obey (so no weighted total can overflow); else a ConfigError."""
     if not text:
         return
+    from gradus.rewards import parse_reward_specs
     from gradus.rewards.worker import MAX_ABS_SCORE
-    from gradus.train.scoring import parse_reward_specs
 
-    specs = parse_reward_specs(text, None)  # the task is only read when text is empty
+    specs = parse_reward_specs(text, None)
     for spec in specs:
         if not spec.name_or_path:
             raise ConfigError(f"task.rewards: an entry has no reward name, got {text!r}")
@@ -73,11 +108,14 @@ def reward_weights(text: str | None) -> None:
                               f"+-{MAX_ABS_SCORE:g}, got {spec.weight} (in {text!r})")
 
 
-def _check_rl_rules(cfg: TrainConfig, algo: ResolvedAlgo) -> None:
+def _check_rl_rules(cfg: TrainConfig, algo: ResolvedAlgo, world: int) -> None:
     r = cfg.rollout
-    if r.group_size < 2 and not algo.uses_critic:
-        raise ConfigError(f"rollout.group_size must be >= 2 for {algo.name} (group advantages need a group), "
-                          f"got {r.group_size}")
+    if r.group_size < algo.estimator.min_group_size:
+        raise ConfigError(f"rollout.group_size must be >= {algo.estimator.min_group_size} for {algo.name} (its "
+                          f"{algo.advantage} advantages need a group), got {r.group_size}")
+    if r.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the {world} "
+                          "processes: it is the global batch, split evenly over the ranks")
     rows = r.group_size * r.prompts_per_step
     if rows % algo.minibatches:
         raise ConfigError(f"optim.minibatches ({algo.minibatches}) must divide the batch of "
@@ -95,40 +133,4 @@ def _check_task_rules(cfg: TrainConfig) -> None:
         raise ConfigError(f"task.data_file is only used with task.name=file, not {t.name!r}")
     if t.difficulty is not None and t.name != "arithmetic":
         raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
-    _check_lora(cfg.model)
-
-
-# Module names (the last part of a dotted name) that LoRA must not adapt, and why.
-_HEAD_NAMES = ("lm_head", "embed_out")
-_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")
-HEAD_REASON = ("gradus computes log-probs from the lm head's weight as a plain linear layer (in chunks, never the "
-               "whole [B, T, V] logits), so an adapter there would not be applied")
-EMBEDDING_REASON = ("an embedding adapter merges into the embedding matrix, which small Qwen2 and Llama models (and "
-                    "gradus' built-in ones) share with the lm head, so the exported model would not be the trained one")
-
-
-def lora_targets(text: str) -> list[str]:
-    """model.lora_targets as a list of module names (empty entries dropped)."""
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _check_lora(m: ModelConfig) -> None:
-    defaults = ModelConfig()
-    if m.lora_r == 0:
-        for key in ("lora_alpha", "lora_dropout", "lora_targets"):
-            if getattr(m, key) != getattr(defaults, key):
-                raise ConfigError(f"model.{key} is only used with LoRA (model.lora_r > 0), got {getattr(m, key)!r} "
-                                  "with model.lora_r=0; set model.lora_r (e.g. 16) or leave it out")
-        return
-    targets = lora_targets(m.lora_targets)
-    if not targets:
-        raise ConfigError(f"model.lora_targets must name at least one module with model.lora_r={m.lora_r} "
-                          f"(e.g. {defaults.lora_targets})")
-    for name in targets:
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in _HEAD_NAMES:
-            raise ConfigError(f"model.lora_targets: {name!r} is the lm head, which cannot take an adapter: "
-                              f"{HEAD_REASON}")
-        if leaf in _EMBEDDING_NAMES:
-            raise ConfigError(f"model.lora_targets: {name!r} is the token embedding, which cannot take an adapter: "
-                              f"{EMBEDDING_REASON}")
+    check_lora_config(cfg.model)

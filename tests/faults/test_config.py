@@ -11,12 +11,12 @@ import json
 import pytest
 import yaml
 
+from gradus.algorithm import resolve_algo
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
 from gradus.objectives import ALGORITHMS
 from gradus.train import bootstrap, sft
-from gradus.train.presets import resolve_algo
 from gradus.train.trainer import Trainer, resume_config
 
 
@@ -238,8 +238,8 @@ def test_help_config_shows_defaults_and_the_presets_values(capsys):
 
 @pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
+    from gradus.algorithm import resolved_config
     from gradus.config import save_config
-    from gradus.train.presets import resolved_config
 
     cfg = load_config(overrides=[f"algo.name={algo}", "rollout.max_new_tokens=12"])
     save_config(resolved_config(cfg), tmp_path / "config.yaml")
@@ -251,8 +251,8 @@ def test_resolved_config_resolves_to_the_same_algorithm(algo, tmp_path):
 def test_a_resumed_run_may_change_its_rollout_correction(tmp_path):
     # the resolved config saved tis's default cap (2.0); resuming with none was refused, and with icepop it
     # silently kept [.., 2] instead of icepop's [0.5, 5]
+    from gradus.algorithm import resolved_config
     from gradus.config import save_config
-    from gradus.train.presets import resolved_config
 
     save_config(resolved_config(load_config(overrides=["algo.rollout_correction=tis"])), tmp_path / "config.yaml")
     assert resolve_algo(load_config(tmp_path / "config.yaml", ["algo.rollout_correction=none"])).correction == "none"

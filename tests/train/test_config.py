@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 
+from gradus.algorithm import resolve_algo, resolved_config
 from gradus.config import ConfigError, all_keys, field_doc, load_config
 from gradus.objectives import ALGORITHMS
-from gradus.train.presets import resolve_algo, resolved_config
 from gradus.train.trainer import validate
 
 

@@ -2,14 +2,15 @@
 
 import torch
 
+from gradus.algorithm import resolve_algo
 from gradus.config import load_config
 from gradus.models import build_char_tokenizer
+from gradus.rewards import parse_reward_specs
 from gradus.rollout import RolloutBatch, SamplingParams
 from gradus.tasks import get_task
 from gradus.train.data import PromptSource
 from gradus.train.generation import collect
-from gradus.train.presets import resolve_algo
-from gradus.train.scoring import Scorer, parse_reward_specs
+from gradus.train.scoring import Scorer
 from gradus.train.sft import pack
 
 
@@ -44,7 +45,7 @@ def _setup(pattern, overrides):
     tok = build_char_tokenizer()
     task = get_task("arithmetic", seed=0)
     source = PromptSource(task, tok)
-    scorer = Scorer(task, parse_reward_specs(None, task), timeout_s=5, strict=False)
+    scorer = Scorer(task, parse_reward_specs(None, task.default_reward), timeout_s=5, strict=False)
     return cfg, tok, source, scorer, ScriptedEngine(tok, task, source, pattern)
 
 

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from gradus.algorithm import resolve_algo
 from gradus.compare.runner import RunJob, RunStatus, start_message, train_one
 from gradus.train.interrupts import StopSignals
-from gradus.train.presets import resolve_algo
 from gradus.train.runlog import read_metrics
 
 INTERRUPTED = 130  # a worker's exit code when its run stopped on a signal (the shell's code for SIGINT)

@@ -133,7 +133,7 @@ def validate_plan(plan: ComparePlan, out: Path) -> None:
     """Every run's config is checked before any training, so a typo fails at once; so are the device, the
     model folder and the task's data, which every run shares."""
     from gradus.train.bootstrap import preflight
-    from gradus.train.trainer import validate
+    from gradus.config_checks import validate
 
     if not plan.algos:
         raise ConfigError("--algos: give at least one algorithm")
@@ -218,7 +218,7 @@ def run_compare(plan: ComparePlan, out: Path, *, resume: bool = False, echo: Cal
 
 
 def start_message(job: RunJob) -> str:
-    from gradus.train.presets import resolve_algo
+    from gradus.algorithm import resolve_algo
 
     return f"{job.label}: {'resuming' if job.resume else 'starting'} ({resolve_algo(job.cfg).steps} steps)"
 

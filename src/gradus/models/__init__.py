@@ -3,6 +3,7 @@ routing capture/replay."""
 
 from gradus.models.critic import build_critic, completion_values, critic_values
 from gradus.models.loading import (
+    DTYPES,
     ModelLoadError,
     check_finite,
     check_model_dir,
@@ -27,6 +28,7 @@ from gradus.models.tiny import MOE_ARCHS, TINY_SIZES, TinySize, build_tiny_model
 from gradus.models.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
 
 __all__ = [
+    "DTYPES",
     "DEFAULT_ALPHABET",
     "MOE_ARCHS",
     "ROUTERS",

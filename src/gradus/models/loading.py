@@ -33,6 +33,10 @@ from transformers import (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+# model.dtype and rollout.dtype by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class ModelLoadError(ValueError):
     """A model directory is missing, incomplete or unreadable."""
 

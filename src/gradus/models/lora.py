@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from gradus.config import ConfigError, ModelConfig
-from gradus.config_checks import EMBEDDING_REASON, HEAD_REASON, lora_targets
 from gradus.models.loading import ModelLoadError, check_finite, check_model_dir, load_pretrained
 
 if TYPE_CHECKING:
@@ -42,6 +41,43 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+# Module names (the last part of a dotted name) that LoRA must not adapt, and why.
+_HEAD_NAMES = ("lm_head", "embed_out")
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")
+HEAD_REASON = ("gradus computes log-probs from the lm head's weight as a plain linear layer (in chunks, never the "
+               "whole [B, T, V] logits), so an adapter there would not be applied")
+EMBEDDING_REASON = ("an embedding adapter merges into the embedding matrix, which small Qwen2 and Llama models (and "
+                    "gradus' built-in ones) share with the lm head, so the exported model would not be the trained one")
+
+
+def lora_targets(text: str) -> list[str]:
+    """model.lora_targets as a list of module names (empty entries dropped)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def check_lora_config(m: ModelConfig) -> None:
+    """The LoRA fields of a config: only with a rank, at least one target, never the lm head or the embeddings."""
+    defaults = ModelConfig()
+    if m.lora_r == 0:
+        for key in ("lora_alpha", "lora_dropout", "lora_targets"):
+            if getattr(m, key) != getattr(defaults, key):
+                raise ConfigError(f"model.{key} is only used with LoRA (model.lora_r > 0), got {getattr(m, key)!r} "
+                                  "with model.lora_r=0; set model.lora_r (e.g. 16) or leave it out")
+        return
+    targets = lora_targets(m.lora_targets)
+    if not targets:
+        raise ConfigError(f"model.lora_targets must name at least one module with model.lora_r={m.lora_r} "
+                          f"(e.g. {defaults.lora_targets})")
+    for name in targets:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _HEAD_NAMES:
+            raise ConfigError(f"model.lora_targets: {name!r} is the lm head, which cannot take an adapter: "
+                              f"{HEAD_REASON}")
+        if leaf in _EMBEDDING_NAMES:
+            raise ConfigError(f"model.lora_targets: {name!r} is the token embedding, which cannot take an adapter: "
+                              f"{EMBEDDING_REASON}")
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -122,6 +158,15 @@ def adapter_base(path: str | Path) -> Path | None:
     return Path(base)
 
 
+def plain_model_dir(path: str | Path) -> Path:
+    """The folder of the plain model that `path` is built on: `path` itself, or, for a LoRA adapter folder, its
+    base (the base's base, for an adapter trained on a LoRA run's policy). Same architecture and tokenizer."""
+    path = Path(path)
+    while (base := adapter_base(path)) is not None:
+        path = base
+    return path
+
+
 def check_adapter_dir(path: str | Path) -> Path:
     """Raise ModelLoadError unless `path` is an adapter folder with weights whose base model folder is
     complete (or itself such an adapter folder); return the base folder."""
@@ -181,7 +226,69 @@ def load_merged(
     return (model if device is None else model.to(device)), tokenizer
 
 
+def merged_tensors(model: PeftModel, named: Iterator[tuple[str, torch.Tensor]]
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy as one plain model: (HF name, tensor) with every adapter merged into its base weight, from
+    `named`, the PEFT model's own (name, full tensor) pairs in its parameter order (`parallel.full_tensors`:
+    gathered one at a time under FSDP2). `model` itself is left as it is.
+
+    A LoRA layer's merged weight is W + transpose(B @ A, fan_in_fan_out) * scaling, in float32 and rounded to
+    W's dtype: PEFT's own `get_delta_weight` and `merge`, computed out of place, so the result equals
+    `merge_and_unload` bit for bit (tests/test_lora.py). Names lose PEFT's `base_model.model.` prefix and the
+    `.base_layer` of adapted modules, so they are the base model's HF names (what vLLM's `load_weights` and
+    a plain copy of the base architecture take).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # an adapted module's parts until all three are there
+    for name, tensor in named:
+        plain = name.removeprefix(prefix)
+        module_name, _, leaf = plain.rpartition(".")
+        if ".lora_" not in plain and ".base_layer." not in f".{plain}":
+            yield plain, tensor
+            continue
+        if ".base_layer" in module_name and leaf == "bias":
+            yield plain.replace(".base_layer", ""), tensor  # a bias is not changed by LoRA
+            continue
+        owner = module_name.split(".base_layer")[0].split(".lora_A")[0].split(".lora_B")[0]
+        layer = model.get_submodule(prefix + owner)
+        if not isinstance(layer, LoraLayer):
+            raise ValueError(f"{name}: {owner} is not a LoRA layer")
+        part = "A" if ".lora_A." in plain else "B" if ".lora_B." in plain else "W"
+        parts = pending.setdefault(owner, {})
+        parts[part] = tensor
+        if len(parts) < 3:
+            continue
+        del pending[owner]
+        adapter = layer.active_adapters[0]
+        delta = parts["B"].float() @ parts["A"].float()  # [out, in]
+        if layer.fan_in_fan_out:
+            delta = delta.T
+        delta = delta * layer.scaling[adapter]
+        weight = parts["W"]
+        yield f"{owner}.weight", (weight.float() + delta).to(weight.dtype)
+    if pending:
+        raise ValueError(f"LoRA layers with missing parts: {', '.join(sorted(pending))}")
+
+
 def merged_copy(model: PeftModel) -> PreTrainedModel:
     """A plain HF model equal to `model` with its adapter merged in; `model` itself is left as it is."""
     return copy.deepcopy(model).merge_and_unload()
 
+
+def load_model(path: str | Path, dtype_name: str, device: torch.device | str | None) -> tuple[Any, Any]:
+    """Model and tokenizer of a model folder, or of a LoRA adapter folder (a LoRA run's policy: its base with
+    the adapter merged in), as a plain HF model in `dtype_name` (model.dtype); ConfigError naming model.path."""
+    from gradus.models.loading import DTYPES, check_special_tokens
+
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    try:
+        load = load_merged if adapter_base(path) is not None else load_pretrained
+        model, tokenizer = load(path, dtype=dtype, device=device)
+        check_special_tokens(model, tokenizer, path)  # and gives a tokenizer without PAD its EOS as PAD
+    except ModelLoadError as err:
+        raise ConfigError(f"model.path: {err}") from err
+    return model, tokenizer

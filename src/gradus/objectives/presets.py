@@ -15,7 +15,7 @@ aggregation) and the defaults of its knobs, taken from the papers (see ../shared
 | dr_grpo    | token             | clip                 | seq-mean-token-sum-norm | eps 0.2, constant norm    |
 | cispo      | token             | sg[clip(r)] A log pi | token-mean              | no lower bound, r <= 5    |
 
-The trainer's defaults (applied to a config by gradus.train.presets): the KL coefficient and
+The trainer's defaults (applied to a config by gradus.algorithm): the KL coefficient and
 estimator (GRPO keeps a k3 term in the loss; PPO puts a per-token k1 penalty in the reward and
 learns a critic; the later papers drop the KL), how advantages are scaled, DAPO's data operations,
 how many optimizer passes each rollout batch gets (epochs x minibatches) and the run's steps:

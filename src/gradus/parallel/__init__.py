@@ -14,17 +14,13 @@ the same optimizer step, up to float rounding):
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import inspect
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from gradus.config import ConfigError
 
@@ -124,112 +120,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---- wrapping ---------------------------------------------------------------------------------------
-def _sum_hook(_state, bucket):  # unannotated: DDP checks real annotations, this module has strings
-    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size, and gradus'
-    losses are already divided by global counts)."""
-    work = dist.all_reduce(bucket.buffer(), async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def shard(model: nn.Module) -> nn.Module:
-    """FSDP2: `fully_shard` each transformer block (the classes HF lists in `_no_split_modules`) and the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in blocks]
-    if not layers:
-        raise ConfigError(f"run.parallel=fsdp2: {type(model).__name__} names no transformer block class "
-                          "(_no_split_modules) to shard")
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-    for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
-            module.set_gradient_divide_factor(1.0)  # sum, not mean: see the module docstring
-            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-    return model
-
-
-def wrap(model: nn.Module, kind: str, device: torch.device, *, trainable: bool = True) -> nn.Module:
-    """The model as this run trains (or, trainable=False, evaluates) it: bare in one process; DDP or FSDP2
-    under torchrun. A frozen model under DDP stays bare (a replica needs no gradient sync)."""
-    if not active():
-        return model
-    if kind == "fsdp2":
-        return shard(model)
-    if not trainable:
-        return model
-    # no collective in forward (ranks decode different numbers of steps): buffers are synced once, at init
-    # (torch 2.13 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
-    ddp.register_comm_hook(None, _sum_hook)
-    return ddp
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (the same parameters), or the model itself."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether the wrapper syncs gradients itself (DDP, FSDP2)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether the model's parameters are FSDP2 shards (rather than whole tensors)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def gradient_sync(models: list[nn.Module], enabled: bool) -> Iterator[None]:
-    """Within the block, backward passes accumulate locally (enabled=False) or synchronise (True)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
-                stack.enter_context(model.no_sync())
-            elif isinstance(model, FSDPModule):
-                model.set_requires_gradient_sync(enabled)
-                stack.callback(model.set_requires_gradient_sync, True)
-        yield
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the gradients' global norm to max_norm; returns the norm before clipping (over all shards)."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-@torch.no_grad()
-def copy_full_weights(sharded: nn.Module, full: nn.Module) -> None:
-    """Collective: copy a sharded model's weights into an unsharded copy of it, one parameter at a time
-    (so no more than one parameter is gathered at once beyond the copy itself)."""
-    source = dict(sharded.named_parameters())
-    for name, param in full.named_parameters():  # same names (fully_shard keeps them), same order on every rank
-        value = source[name]
-        param.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: a sharded model's unsharded weights, on CPU on rank 0 ({} on the others), keyed as the
-    bare model's state_dict (for saving)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 # ---- collectives ------------------------------------------------------------------------------------
 def global_max(value: int, device: torch.device | str = "cpu") -> int:
     if not active():
@@ -300,3 +190,62 @@ def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> l
     x = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(x)
     return x.tolist()
+
+
+def planned_world() -> int:
+    """The number of processes of this job, known before the process group is joined (torchrun's WORLD_SIZE,
+    or an initialised group's size; 1 in one process)."""
+    if active():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+# the wrapping modes (imported last: they use `active` from here)
+from gradus.parallel.modes import (  # noqa: E402
+    MODES,
+    Mode,
+    clip_grad_norm,
+    full_state_dict,
+    full_tensors,
+    gradient_sync,
+    is_sharded,
+    is_wrapped,
+    mode_for,
+    shard,
+    unwrap_ddp,
+    wrap,
+)
+
+__all__ = [
+    "MODES",
+    "CollectiveFailed",
+    "Layout",
+    "Mode",
+    "active",
+    "any_rank",
+    "barrier",
+    "clip_grad_norm",
+    "collective_failure",
+    "combine_over_ranks",
+    "engine_started_group",
+    "equal_pieces",
+    "from_rank0",
+    "full_state_dict",
+    "full_tensors",
+    "gather_ints",
+    "global_max",
+    "global_min",
+    "gradient_sync",
+    "is_sharded",
+    "is_wrapped",
+    "launched_by_torchrun",
+    "mode_for",
+    "planned_world",
+    "rank_device",
+    "setup",
+    "shard",
+    "sum_over_ranks",
+    "teardown",
+    "unwrap_ddp",
+    "wrap",
+]

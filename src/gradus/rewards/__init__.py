@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from gradus.rewards.basic import RewardFn, make_exact_match, make_format_reward, make_numeric_match
-from gradus.rewards.combine import CombinedReward, RewardResult, RewardSpec
+from gradus.rewards.combine import CombinedReward, RewardResult, RewardSpec, parse_reward_specs
 from gradus.rewards.countdown import countdown_reward
 from gradus.rewards.extract import extract_answer
 from gradus.rewards.math import is_equivalent, make_math_equivalent
@@ -83,6 +83,7 @@ __all__ = [
     "RewardResult",
     "RewardError",
     "RewardSpec",
+    "parse_reward_specs",
     "RewardTimeout",
     "available_rewards",
     "countdown_reward",

@@ -62,6 +62,28 @@ class RewardResult:
         return out
 
 
+def parse_reward_specs(text: str | None, default: str | None) -> list[RewardSpec]:
+    """'numeric_match:1.0,format:0.1' -> specs (the config's task.rewards); None or '' -> `default`, weight 1."""
+    if not text:
+        return [RewardSpec(default, 1.0)] if default else []
+    specs = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and _is_number(tail):
+            name, weight = head, float(tail)
+        specs.append(RewardSpec(name, weight))
+    return specs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _as_spec(spec: RewardSpec | str | tuple[str, float]) -> RewardSpec:
     if isinstance(spec, RewardSpec):
         return spec

@@ -18,17 +18,21 @@ rounding in the last bits of the logits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from gradus.models.routing import moe_layout_or_none
 from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
+from gradus.rollout.engine import PolicySource, Weights
 from gradus.rollout.routing_record import RolloutRouting, record_routing
 from gradus.rollout.sampling import next_tokens, row_keys, row_uniforms
 from gradus.rollout.types import RolloutBatch, SamplingParams
+
+if TYPE_CHECKING:
+    from gradus.config import TrainConfig
 
 Backend = Literal["auto", "direct", "hf"]
 log = logging.getLogger("gradus.rollout")
@@ -89,9 +93,39 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
 
 
 class LocalEngine:
-    """Samples completions with `model` (a HF causal LM) in this process; implements `RolloutEngine`."""
+    """Samples completions with `model` (a HF causal LM) in this process; implements `RolloutEngine`.
 
-    owns_weights = False  # it samples with the trainer's module: nothing to synchronise
+    Built for a run (`build`), it samples with the policy's own module when it can, and else keeps a copy of
+    its own, refreshed by `sync`: in `rollout.dtype` when that differs from the policy's, a whole copy of an
+    FSDP2-sharded policy, and the merged weights of a LoRA policy (so the fast decoder runs it: a PEFT
+    model's forward adds each adapter in every layer at every token)."""
+
+    name: ClassVar[str] = "local"
+    records_routing: ClassVar[bool] = True  # MoE models known to models/routing.py
+    holds_weights = False  # True for a copy (see above)
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, world: int) -> str | None:
+        return None
+
+    @classmethod
+    def check_machine(cls, cfg: TrainConfig, device: torch.device) -> None:
+        return None
+
+    @classmethod
+    def max_positions(cls, cfg: TrainConfig) -> int | None:
+        return None
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, source: PolicySource, tokenizer: Any, device: torch.device) -> LocalEngine:
+        from gradus.models import DTYPES, stop_token_ids
+
+        dtype = DTYPES[cfg.rollout.dtype or cfg.model.dtype]
+        copy = source.sharded or source.adapted or dtype != source.dtype
+        model = source.blueprint(dtype) if copy else source.module
+        engine = cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stop_token_ids(source.module, tokenizer))
+        engine.holds_weights = copy
+        return engine
 
     def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_ids: Sequence[int] | int,
                  backend: Backend = "auto") -> None:
@@ -122,10 +156,20 @@ class LocalEngine:
                         "model's own forward", reason)
         return reason is None
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy weights into the engine's model (strict: every key must match)."""
+    def sync(self, weights: Weights) -> None:
+        """Copy weights into the engine's model, each into the parameter of its name, in that parameter's dtype
+        (buffers, such as a rotary table, keep theirs). Every parameter must be given, and no other name."""
+        params = dict(self.model.named_parameters())
+        seen = set()
         with torch.no_grad():
-            self.model.load_state_dict(dict(state_dict), strict=True)
+            for name, value in weights:
+                if name not in params:
+                    raise ValueError(f"sync: {name} is not a parameter of the engine's model")
+                params[name].copy_(value)
+                seen.add(name)
+        if missing := sorted(set(params) - seen):
+            raise ValueError(f"sync: no weights given for {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def sleep(self) -> None:
         """Nothing to free: the engine holds no memory of its own between rollouts."""

@@ -7,8 +7,8 @@ back with its log-prob as the sampler drew it (`logprobs_mode="processed_logprob
 temperature, after top-k / top-p); with top-k and top-p off that is exactly the trainer's log-prob.
 
 Weights: the engine starts from the policy's folder, then the trainer pushes its current weights in
-memory after every update (`load_weights`, vLLM's in-place `reload_weights` fed from the state dict:
-no file is written), and the prefix cache is reset (its KV entries were computed by the old weights).
+memory after every update (`sync`, vLLM's in-place `reload_weights` fed from the policy's export: no file
+is written), and the prefix cache is reset (its KV entries were computed by the old weights).
 
 One process: vLLM runs its engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the
 weights pass as tensors, not through a pipe. On GPU, sleep mode frees the KV cache while the trainer
@@ -21,18 +21,21 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from gradus import parallel
-from gradus.rollout.engine import EngineError
+from gradus.rollout.engine import EngineError, PolicySource, Weights
 from gradus.rollout.local import completion_keys, config_positions, left_pad, prompt_seeds
 from gradus.rollout.types import RolloutBatch, SamplingParams
+
+if TYPE_CHECKING:
+    from gradus.config import TrainConfig
 
 log = logging.getLogger("gradus.rollout")
 _LIVE: list[VLLMEngine] = []  # vLLM keeps process-wide state (its parallel groups): one engine at a time
@@ -72,9 +75,45 @@ def import_vllm(on_gpu: bool) -> Any:
 
 
 class VLLMEngine:
-    """Samples with vLLM; implements `RolloutEngine`. Build it once per run (it takes seconds to start)."""
+    """Samples with vLLM; implements `RolloutEngine`. Build it once per run (it takes seconds to start).
 
-    owns_weights = True
+    Under torchrun every rank builds its own engine, which samples that rank's share of the batch: vLLM joins
+    the job's process group as an outer data-parallel dimension of size world (each rank a whole model, tensor
+    parallel 1). A LoRA policy reaches it merged (`sync`), so vLLM runs the plain base architecture."""
+
+    name: ClassVar[str] = "vllm"
+    records_routing: ClassVar[bool] = False  # vLLM does not report the experts it routed to
+    holds_weights = True
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, world: int) -> str | None:
+        if cfg.rollout.dtype is not None:
+            return "rollout.dtype is the local engine's sampling copy; with rollout.engine=vllm set vllm.dtype"
+        return None
+
+    @classmethod
+    def check_machine(cls, cfg: TrainConfig, device: torch.device) -> None:
+        if device.type not in ("cpu", "cuda"):
+            from gradus.config import ConfigError
+
+            raise ConfigError(f"rollout.engine=vllm runs on cpu or cuda, not {device.type}; use rollout.engine=local")
+        import_vllm(on_gpu=device.type == "cuda")
+
+    @classmethod
+    def max_positions(cls, cfg: TrainConfig) -> int | None:
+        return cfg.vllm.max_model_len
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, source: PolicySource, tokenizer: Any, device: torch.device) -> VLLMEngine:
+        from gradus.models import stop_token_ids
+
+        cls.check_machine(cfg, device)
+        v = cfg.vllm
+        settings = VLLMSettings(dtype=cfg.model.dtype if v.dtype == "auto" else v.dtype,
+                                memory_fraction=v.memory_fraction, kv_cache_gb=v.kv_cache_gb,
+                                max_model_len=v.max_model_len, eager=v.eager, sleep=v.sleep, seed=cfg.run.seed)
+        return cls(source.model_dir, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_ids=stop_token_ids(source.module, tokenizer), settings=settings, device=device)
 
     def __init__(self, model_dir: str | Path, *, pad_token_id: int, eos_token_ids: Sequence[int],
                  settings: VLLMSettings, device: torch.device) -> None:
@@ -163,11 +202,17 @@ class VLLMEngine:
         outputs = self._running().generate(requests, sampling, use_tqdm=False)
         return self._batch(outputs, ids, mask, n, params.max_new_tokens)
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Push the policy's weights (HF names) into the engine, in memory; its prefix cache is reset."""
-        weights = [(name, t.detach()) for name, t in state_dict.items()]
+    def sync(self, weights: Weights) -> None:
+        """Push the policy's weights (HF names) into the engine, in memory, as vLLM reads them (one at a time:
+        under FSDP2 each is gathered only when vLLM takes it); its prefix cache is reset. Whatever vLLM leaves
+        unread is read anyway, so every rank of a sharded policy makes the same gathers."""
+        it = ((name, t.detach()) for name, t in weights)
         llm = self._running()
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        try:
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": it})
+        finally:
+            for _ in it:
+                pass
         llm.reset_prefix_cache()
 
     def sleep(self) -> None:

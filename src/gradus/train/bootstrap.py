@@ -19,12 +19,11 @@ from gradus.models import (
     build_char_tokenizer,
     build_tiny_model,
     check_model_dir,
-    check_special_tokens,
-    load_pretrained,
     lora,
     save_pretrained,
 )
 from gradus.rollout.local import config_positions, model_positions
+from gradus.rollout.registry import engine_class
 from gradus.tasks import DatasetError, FileTask, Task, get_task
 from gradus.train.checkpoint import MARKER, checkpoint_dir, latest_checkpoint
 from gradus.train.data import prompt_problems
@@ -34,8 +33,6 @@ SFT_CACHE_VERSION = 1
 # build_char_tokenizer()'s fingerprint when the version-1 cache keys were made (see warm_start_key)
 _CHAR_TOKENIZER_V1 = "aa90672ff7fbfb15"
 
-# model.dtype and rollout.dtype by name
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def preflight(cfg: TrainConfig) -> tuple[torch.device, Task]:
@@ -43,8 +40,10 @@ def preflight(cfg: TrainConfig) -> tuple[torch.device, Task]:
     config.json or the task's data; no model is loaded. Run after `validate`, before any work (warm start,
     model load, run folder). Returns the device and the task (with any rows task.on_error=skip dropped)."""
     device = resolve_device(cfg.run.device)
+    engine_class(cfg.rollout.engine).check_machine(cfg, device)  # e.g. vLLM installed and importable here
     if cfg.model.path:
         check_model_path(cfg.model.path)
+        check_moe_path(cfg)
     task = build_task(cfg)
     check_positions(cfg, task, task.heldout(cfg.task.heldout_size))
     heldout_set(task, cfg.task.heldout_size)  # check_positions may have dropped every held-out row
@@ -214,7 +213,7 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
     if cfg.model.path:
         path = Path(cfg.model.path)
         try:
-            path = lora.adapter_base(path) or path  # a LoRA run's policy: its base model's positions
+            path = lora.plain_model_dir(path)  # a LoRA run's policy: its base model's positions
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):  # ModelLoadError is a ValueError
             return  # an unreadable model folder is reported by the model loader
@@ -230,6 +229,10 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
         tokenizer = build_char_tokenizer()
         limit = tiny_config(cfg.model.tiny_size, tokenizer=tokenizer, arch=cfg.model.arch).max_position_embeddings
         where = f"the built-in {cfg.model.tiny_size} model"
+    engine = engine_class(cfg.rollout.engine)
+    served = engine.max_positions(cfg)
+    if served is not None and (not isinstance(limit, int) or served < limit):
+        limit, where = served, f"rollout.engine={engine.name} (vllm.max_model_len={served})"
     if not isinstance(limit, int):
         return
     new = cfg.rollout.max_new_tokens
@@ -252,6 +255,20 @@ def check_positions(cfg: TrainConfig, task: Task, examples: list[Any]) -> None:
             f"rollout.max_new_tokens={new}: the longest prompt ({longest} tokens, of the held-out set and the "
             f"first training batch) plus {new} new tokens is {longest + new}, past the {limit} positions of "
             f"{where} (max_position_embeddings); rollout.max_new_tokens must be <= {max(0, limit - longest)}")
+
+
+def check_moe_path(cfg: TrainConfig) -> None:
+    """The MoE settings `gradus.config_checks.moe_problem` checks, for a model.path, read from its config.json
+    (a LoRA adapter folder: its base's): a dense model is refused before it is loaded."""
+    from gradus.config_checks import moe_problem
+
+    folder = lora.plain_model_dir(cfg.model.path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # reported by the model loader
+    experts = any(config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+    moe_problem(cfg, config.get("model_type"), is_moe=bool(experts), where=f"{folder / 'config.json'}")
 
 
 def check_model_path(path: str) -> None:
@@ -298,18 +315,3 @@ def initial_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
     if cfg.model.path:
         return Path(cfg.model.path).absolute()
     return tiny_model_dir(cfg, progress=progress).absolute()
-
-
-def load_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Any, Any]:
-    """Model and tokenizer of a model folder, or of a LoRA adapter folder (a LoRA run's policy): its base with
-    the adapter merged in, a plain HF model."""
-    dtype = DTYPES.get(cfg.model.dtype)
-    if dtype is None:
-        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    try:
-        load = lora.load_merged if lora.adapter_base(path) is not None else load_pretrained
-        model, tokenizer = load(path, dtype=dtype, device=device)
-        check_special_tokens(model, tokenizer, path)  # and gives a tokenizer without PAD its EOS as PAD
-    except ModelLoadError as err:
-        raise ConfigError(f"model.path: {err}") from err
-    return model, tokenizer

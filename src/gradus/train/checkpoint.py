@@ -1,5 +1,6 @@
-"""Atomic checkpoints: models in HF format (safetensors; a LoRA policy as its PEFT adapter folder, whose
-`adapter_config.json` names the base model), plus optimizer, scheduler, RNG and data position in `state.pt`.
+"""Atomic checkpoints: a folder per step, filled by writers (the models in HF format, safetensors; a LoRA policy
+as its PEFT adapter folder, whose `adapter_config.json` names the base model; the DCP folder of the optimizer
+states, schedulers, data positions and RNG, see `gradus.train.checkpointing`) and `state.pt`.
 
 What a kill at any moment (or a full disk) can leave, and why it is safe:
 1. A checkpoint is written into `.tmp-step-N-<pid>/`; every file and folder in it is fsync'ed, then
@@ -41,12 +42,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, models: dict[str, tuple[Any, Any]], state: dict[str, Any], keep: int = 2,
-    writers: dict[str, Callable[[Path], None]] | None = None,
+    run_dir: Path, step: int, *, state: dict[str, Any], writers: dict[str, Callable[[Path], None]], keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step-<step>` with each model (and tokenizer, if given) in HF format, then keep
-    only the newest `keep` (at least this one; any newer than it belong to an abandoned history).
-    `writers`: name -> a function that fills folder `<checkpoint>/<name>` (before the manifest is made)."""
+    """Write checkpoint `step-<step>`: `writers` maps a name to a function that fills `<checkpoint>/<name>` (a
+    model in HF format, the DCP state's folder moved in), then `state.pt`, then the manifest; then keep only
+    the newest `keep` (at least this one; any newer than it belong to an abandoned history)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
@@ -55,11 +55,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         tmp.mkdir()
-        for name, (model, tokenizer) in models.items():
-            _save_model(model, tmp / name)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / name)
-        for name, write in (writers or {}).items():
+        for name, write in writers.items():
             write(tmp / name)
         torch.save({**state, "step": step, "rng": capture_rng()}, tmp / "state.pt")
         files = fsync_tree(tmp)
@@ -77,16 +73,6 @@ def save_checkpoint(
     fsync_dir(root)
     _prune(root, keep, final)
     return final
-
-
-def _save_model(model: Any, path: Path) -> None:
-    """HF format; a LoRA policy (a PEFT model) as its adapter alone, whose config names the base model folder."""
-    from gradus.models.lora import is_lora, save_adapter
-
-    if is_lora(model):
-        save_adapter(model, path)
-    else:
-        model.save_pretrained(path, safe_serialization=True)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
+from gradus.algorithm import ResolvedAlgo
 from gradus.objectives import dynamic_sampling_keep
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
 from gradus.tasks import Example
 from gradus.train.data import PromptSource
-from gradus.train.presets import ResolvedAlgo
 from gradus.train.scoring import Scorer, Scores, add_overlong_penalty
+from gradus.train.stages import StageTimer
 
 # Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
 # the others are averaged.
@@ -44,6 +45,7 @@ def collect(
     num_groups: int,
     group_size: int,
     seed: int,
+    timer: StageTimer | None = None,
 ) -> Collected:
     """Sample and score `num_groups` groups; with dynamic sampling, only groups with signal count.
 
@@ -51,6 +53,7 @@ def collect(
     batch is still short after the last round, training goes on with what there is (logged). `seed`
     (31 bits) is the step's: completion s of example i is drawn from the stream keyed by (seed, i, s).
     """
+    timer = timer or StageTimer()
     kept: list[tuple[RolloutBatch, list[Example], Scores]] = []
     sampled: list[dict[str, float]] = []  # per round: metrics over every sampled completion
     have, dropped, rounds, tokens, gen_time = 0, 0, 0, 0, 0.0
@@ -58,18 +61,21 @@ def collect(
     while have < num_groups and rounds < max_rounds:
         prompts = source.next(num_groups)
         start = time.perf_counter()
-        # each prompt's randomness is keyed by (step seed, example index): the same on any rank or world size
-        batch = engine.generate(prompts.ids, group_size, params, seeds=[(seed << 32) | i for i in prompts.indices])
+        with timer("rollout"):
+            # each prompt's randomness is keyed by (step seed, example index): the same on any rank or world size
+            batch = engine.generate(prompts.ids, group_size, params,
+                                    seeds=[(seed << 32) | i for i in prompts.indices])
         gen_time += time.perf_counter() - start
         tokens += batch.num_completion_tokens
         rounds += 1
         rows = batch.prompt_index.tolist()
         examples = [prompts.examples[i] for i in rows]
-        texts = scorer.completions_text(batch, tokenizer)
-        scores = scorer.score([prompts.texts[i] for i in rows], texts, examples)
-        if algo.overlong_shaping:
-            scores = add_overlong_penalty(scores, batch.lengths, max_len=params.max_new_tokens,
-                                          cache_len=algo.overlong_cache)
+        with timer("score"):
+            texts = scorer.completions_text(batch, tokenizer)
+            scores = scorer.score([prompts.texts[i] for i in rows], texts, examples)
+            if algo.overlong_shaping:
+                scores = add_overlong_penalty(scores, batch.lengths, max_len=params.max_new_tokens,
+                                              cache_len=algo.overlong_cache)
         sampled.append(_sample_metrics(batch, scores))
         if algo.dynamic_sampling:
             keep_groups = dynamic_sampling_keep(scores.rewards, group_size)  # [num_groups]

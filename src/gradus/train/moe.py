@@ -1,5 +1,7 @@
-"""Training-side mixture-of-experts glue: the routing the training forwards replay (`algo.routing_replay`),
-the routing mismatch between rollout and training, and the router's load-balancing loss weight.
+"""Training-side mixture-of-experts glue, as one object: `MoeRouting` carries the routing the training forwards
+replay (`algo.routing_replay`) through a step's passes and updates, measures the routing mismatch between
+rollout and training, and holds the router's load-balancing loss weight. A dense policy has none (None),
+and no MoE code runs for it.
 
 `algo.routing_replay` (Ma et al. 2025, "Stabilizing MoE Reinforcement Learning by Aligning Training and
 Inference Routers", arXiv 2510.11370):
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,29 +33,67 @@ def is_moe(model: torch.nn.Module) -> bool:
     return routing.moe_layout_or_none(model) is not None
 
 
-def unknown_routing(batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
-    """[N, P+T, L, k] all -1 (nothing forced yet), for r2 to fill with the old policy's routing."""
-    layout = routing.moe_layout(model)
-    shape = (*batch.input_ids.shape, layout.num_layers, layout.top_k)
-    return torch.full(shape, -1, dtype=torch.long, device=batch.device)
+@dataclass
+class MoeRouting:
+    """The routing side of training an MoE policy (see the module docstring).
 
+    Per rollout batch (`start`): under r2 a tensor of the old policy's routing, [N, P+T, L, k] with -1 where
+    not yet known, filled by the first forward that runs the old policy (the old log-prob pass, or the first
+    epoch of the update when it has no such pass) and forced in every later update forward."""
 
-def check_moe_settings(model: torch.nn.Module, replay: str, aux_coef: float | None, engine: str) -> float:
-    """ConfigError for an MoE setting the policy cannot use; returns the router aux-loss weight to train with
-    (`model.router_aux_coef`, or the model config's `router_aux_loss_coef` for an MoE model, else 0)."""
-    moe = is_moe(model)
-    name = type(base_model(model)).__name__
-    if replay != "none" and not moe:
-        raise ConfigError(f"algo.routing_replay={replay} needs a mixture-of-experts policy; {name} is dense or not "
-                          f"one gradus can route (supported model types: {', '.join(routing.ROUTERS)})")
-    if replay == "r3" and engine != "local":
-        raise ConfigError("algo.routing_replay=r3 needs the rollout's routing, which rollout.engine=local records; "
-                          f"with rollout.engine={engine} use r2 or none")
-    if aux_coef is not None and aux_coef > 0 and not moe:
-        raise ConfigError(f"model.router_aux_coef={aux_coef}: {name} has no router (only mixture-of-experts models)")
-    if aux_coef is not None:
-        return float(aux_coef)
-    return float(getattr(base_model(model).config, "router_aux_loss_coef", 0.0) or 0.0) if moe else 0.0
+    replay: str  # none | r2 | r3
+    aux_coef: float  # weight of the router's load-balancing loss in the actor's loss
+    old: torch.Tensor | None = None  # [N, P+T, L, k] r2: the old policy's routing of the batch's tokens
+    known: bool = False  # r2: `old` is complete (forced from now on); else it is being recorded
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, replay: str, aux_coef: float | None) -> MoeRouting | None:
+        """None for a dense policy; else the routing of `model` with the config's settings (aux_coef None: the
+        model config's `router_aux_loss_coef`). The config checks refused MoE settings on dense models."""
+        if not is_moe(model):
+            if replay != "none" or (aux_coef or 0) > 0:  # a model.path the config checks could not read
+                name = type(base_model(model)).__name__
+                raise ConfigError(f"algo.routing_replay={replay}, model.router_aux_coef={aux_coef}: {name} is dense "
+                                  f"or not a model gradus can route (supported: {', '.join(routing.ROUTERS)})")
+            return None
+        coef = aux_coef if aux_coef is not None else float(
+            getattr(base_model(model).config, "router_aux_loss_coef", 0.0) or 0.0)
+        return cls(replay, float(coef))
+
+    def start(self, batch: RolloutBatch, model: torch.nn.Module) -> None:
+        """A new rollout batch: under r2, nothing of the old policy's routing is known yet; the first forward of
+        the old policy (`forward(record=True)`) fills it, and `recorded` makes it forced."""
+        self.known = False
+        self.old = None
+        if self.replay == "r2":
+            layout = routing.moe_layout(model)
+            self.old = torch.full((*batch.input_ids.shape, layout.num_layers, layout.top_k), -1, dtype=torch.long,
+                                  device=batch.device)
+
+    @contextmanager
+    def forward(self, model: torch.nn.Module, full: RolloutBatch, sub: RolloutBatch, idx: torch.Tensor, *,
+                record: bool, real: bool = True) -> Iterator[None]:
+        """Around one training forward of rows `idx` of `full` (trimmed to `sub`): force the experts the replay
+        mode asks for; afterwards, measure the mismatch with the rollout's routing (into `stats`) and, when
+        `record` (a forward of the old policy, under r2), keep its routing as the old one. Leave the context
+        before backward (see routing.capture)."""
+        cols = columns(full, sub)
+        forced = None
+        if self.replay == "r3":
+            forced = sub.routed_experts
+        elif self.replay == "r2" and self.known:
+            forced = self.old[idx, cols]
+        with training_forward(model, forced) as captured:
+            yield
+        trained = captured.experts()  # [m, S, L, k]
+        self.stats = mismatch_metrics(trained, sub)
+        if record and real and self.old is not None and not self.known:
+            self.old[idx, cols] = trained
+
+    def recorded(self) -> None:
+        """The old policy's routing is complete: force it from now on (r2)."""
+        self.known = self.old is not None
 
 
 def columns(full: RolloutBatch, sub: RolloutBatch) -> slice:
@@ -60,16 +101,6 @@ def columns(full: RolloutBatch, sub: RolloutBatch) -> slice:
     on the left and completion padding on the right)."""
     start = full.prompt_ids.shape[1] - sub.prompt_ids.shape[1]
     return slice(start, start + sub.input_ids.shape[1])
-
-
-def forced_experts(mode: str, sub: RolloutBatch, old: torch.Tensor | None, idx: torch.Tensor,
-                   cols: slice) -> torch.Tensor | None:
-    """The experts a training forward of `sub` (rows idx, columns cols of the batch) is forced to, or None."""
-    if mode == "r3":
-        return sub.routed_experts
-    if mode == "r2" and old is not None:
-        return old[idx, cols]
-    return None
 
 
 @contextmanager

@@ -20,20 +20,6 @@ class Scores:
     metrics: dict[str, float]
 
 
-def parse_reward_specs(text: str | None, task: Task) -> list[RewardSpec]:
-    """'numeric_match:1.0,format:0.1' -> specs; None -> the task's default reward, weight 1."""
-    if not text:
-        return [RewardSpec(task.default_reward, 1.0)]
-    specs = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        name, weight = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and _is_number(tail):
-            name, weight = head, float(tail)
-        specs.append(RewardSpec(name, weight))
-    return specs
-
-
 class Scorer:
     """Scores completions with the configured rewards; correctness always uses the task's verifier.
 
@@ -79,10 +65,3 @@ def add_overlong_penalty(scores: Scores, lengths: torch.Tensor, *, max_len: int,
     metrics = dict(scores.metrics, **{"reward/overlong_penalty": penalty.mean().item()})
     return Scores(total, scores.correct, metrics)
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

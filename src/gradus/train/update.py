@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gradus import parallel
+from gradus.algorithm import ResolvedAlgo
 from gradus.logprobs import completion_logprobs
 from gradus.models import completion_values
 from gradus.objectives import (
@@ -34,8 +35,9 @@ from gradus.objectives import (
 )
 from gradus.parallel import equal_pieces, gradient_sync
 from gradus.rollout import RolloutBatch
-from gradus.train import moe
-from gradus.train.presets import ResolvedAlgo
+from gradus.runtime import Optim
+from gradus.train.moe import MoeRouting
+from gradus.train.passes import Passes, micro_batches
 
 
 @dataclass
@@ -47,17 +49,9 @@ class UpdateInputs:
     advantages: torch.Tensor  # [N] or [N, T]
     old_logp: torch.Tensor | None  # [N, T]; None: exactly on-policy, use the current logp detached
     ref_logp: torch.Tensor | None  # [N, T]; None: no KL term in the loss
-    old_values: torch.Tensor | None = None  # [N, T] PPO
-    returns: torch.Tensor | None = None  # [N, T] PPO
-    old_routing: torch.Tensor | None = None  # [N, P+T, L, k] MoE, r2: the old policy's training routing
-
-
-@dataclass
-class Optim:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    grad_clip: float
+    old_values: torch.Tensor | None = None  # [N, T] estimators with a critic
+    returns: torch.Tensor | None = None  # [N, T] estimators with a critic
+    moe: MoeRouting | None = None  # an MoE policy's routing replay and router loss (None: dense)
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -73,12 +67,14 @@ def global_count(x: torch.Tensor) -> torch.Tensor:
 
 
 def sync_gradients(models: list[torch.nn.Module], finite: bool) -> bool:
-    """Data parallel: sum each gradient over ranks, and agree on whether every rank's losses were finite.
+    """Data parallel: agree on whether every rank's losses were finite, and sum over ranks each gradient that
+    no wrapper summed already.
 
     Losses are divided by global counts (`agg_counts`), so the sum of the ranks' gradients is the
     gradient of the whole minibatch's loss; after it every rank holds the same gradient, takes the same
-    optimizer step and keeps the same weights. One flat all-reduce per model, after the last backward
-    (DDP would overlap it with the backward; exactness first). Identity in a single process.
+    optimizer step and keeps the same weights. DDP and FSDP2 sum them in the last backward (their
+    communication set up in `gradus.parallel.modes`); a bare model in a process group (a test's, a user's own
+    launcher) gets one flat all-reduce here. Identity in a single process.
     Returns False on every rank when any rank saw a non-finite loss (then no rank steps).
     """
     if not parallel.active():
@@ -127,23 +123,6 @@ def merge_metric(acc: dict[str, float], key: str, value: float, weight: float) -
         acc[key] = acc.get(key, 0.0) + (value if name in SUMMED else value * weight)
 
 
-def micro_batches(rows: torch.Tensor, batch: RolloutBatch, token_budget: int) -> list[torch.Tensor]:
-    """Split `rows` into consecutive pieces whose rows x (prompt + longest completion) <= budget."""
-    prompt_len = batch.prompt_mask[rows].sum(-1)  # [R]
-    total = (prompt_len + batch.lengths[rows]).tolist()
-    pieces, current, width = [], [], 0
-    for r, n in zip(rows.tolist(), total, strict=True):
-        new_width = max(width, n)
-        if current and new_width * (len(current) + 1) > token_budget:
-            pieces.append(current)
-            current, new_width = [], n
-        current.append(r)
-        width = new_width
-    if current:
-        pieces.append(current)
-    return [torch.tensor(p, dtype=torch.long) for p in pieces]
-
-
 def run_updates(
     inputs: UpdateInputs,
     actor: Optim,
@@ -151,19 +130,16 @@ def run_updates(
     *,
     epochs: int,
     minibatches: int,
-    token_budget: int,
-    temperature: float,
-    chunk_size: int,
+    passes: Passes,
     generator: torch.Generator,
     critic: Optim | None = None,
     value_clip: float | None = None,
     train_actor: bool = True,
-    router_aux_coef: float = 0.0,
 ) -> tuple[dict[str, float], int]:
     """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps).
-    With train_actor=False (PPO's critic warm-up) only the critic learns. MoE policies: `algo.routing_replay`
-    forces the experts of the training forwards (`gradus.train.moe`), and the router's load-balancing loss
-    joins the actor's loss with weight `router_aux_coef`."""
+    With train_actor=False (a critic's warm-up) only the critic learns. MoE policies: `inputs.moe` forces the
+    experts of the training forwards (`gradus.train.moe`), and the router's load-balancing loss joins the
+    actor's loss with its weight."""
     n = inputs.batch.batch_size
     if minibatches > n:
         raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
@@ -172,10 +148,9 @@ def run_updates(
     # One minibatch and no old log-probs: the first epoch runs before any optimizer step, so its own
     # detached log-probs are the old ones; keep them for the later epochs (no separate pass).
     captured = torch.zeros_like(inputs.loss_mask) if inputs.old_logp is None and epochs > 1 else None
-    # r2 over several epochs of one minibatch: the first epoch's routing is the old policy's (as its log-probs)
-    routes = None
-    if algo.routing_replay == "r2" and inputs.old_routing is None and epochs > 1:
-        routes = moe.unknown_routing(inputs.batch, actor.model)
+    # r2 with no old-policy pass: the first epoch's routing is the old policy's (as its log-probs)
+    moe = inputs.moe
+    recording = moe is not None and moe.replay == "r2" and not moe.known and epochs > 1
     sums: dict[str, float] = defaultdict(float)
     steps = skipped = 0
     for _ in range(epochs):
@@ -183,15 +158,14 @@ def run_updates(
             # the policy has moved: from now on the captured first-pass values are the old log-probs
             # (while every step so far was skipped, the policy is unchanged and the capture goes on)
             inputs = dataclasses.replace(inputs, old_logp=captured)
-        if routes is not None and steps > skipped:
-            inputs = dataclasses.replace(inputs, old_routing=routes)
+        if recording and steps > skipped:
+            moe.recorded()
+            recording = False
         order = torch.randperm(n, generator=generator) if epochs * minibatches > 1 else torch.arange(n)
         for rows in order.tensor_split(minibatches):
-            metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, token_budget=token_budget,
-                                      temperature=temperature, chunk_size=chunk_size, critic=critic,
+            metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, passes, critic=critic,
                                       value_clip=value_clip, train_actor=train_actor, capture=captured,
-                                      routes=routes if inputs.old_routing is None else None,
-                                      router_aux_coef=router_aux_coef)
+                                      record=recording)
             steps += 1
             if metrics is None:
                 skipped += 1
@@ -213,16 +187,13 @@ def _minibatch_step(
     rows: torch.Tensor,
     actor: Optim,
     algo: ResolvedAlgo,
+    passes: Passes,
     *,
-    token_budget: int,
-    temperature: float,
-    chunk_size: int,
     critic: Optim | None,
     value_clip: float | None,
     train_actor: bool = True,
     capture: torch.Tensor | None = None,
-    routes: torch.Tensor | None = None,
-    router_aux_coef: float = 0.0,
+    record: bool = False,
 ) -> dict[str, float] | None:
     """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
     Returns None (and applies nothing) when a loss or gradient is not finite."""
@@ -237,12 +208,12 @@ def _minibatch_step(
     # The same number of micro-batches on every rank (FSDP2 gathers weights in each forward); only the
     # last backward synchronises gradients. A non-finite loss does not stop the loop early: every rank
     # must make the same calls, and the agreement below skips the step everywhere.
-    pieces = equal_pieces(micro_batches(rows, inputs.batch, token_budget), device)
+    pieces = equal_pieces(micro_batches(rows, inputs.batch, passes.token_budget), device)
+    step = _MicroStep(inputs, mask_mb, actor, algo, passes, counts, value_counts, critic, value_clip, capture, record,
+                      sums)
     for i, (micro, real) in enumerate(pieces):
         with gradient_sync([o.model for o in models], enabled=i == len(pieces) - 1):
-            finite &= _micro_step(inputs, micro.to(device), real, mask_mb, actor, algo, counts, value_counts,
-                                  temperature, chunk_size, critic, value_clip, train_actor, capture, sums,
-                                  routes, router_aux_coef)
+            finite &= (step.actor if train_actor else step.critic_only)(micro.to(device), real)
     finite = sync_gradients([o.model for o in models], finite)
     norms = [parallel.clip_grad_norm(o.model, o.grad_clip) for o in models] if finite else []
     if not finite or not all(math.isfinite(x) for x in norms):
@@ -259,66 +230,83 @@ def _minibatch_step(
     return dict(sums)
 
 
-def _micro_step(inputs: UpdateInputs, idx: torch.Tensor, real: bool, mask_mb: torch.Tensor, actor: Optim,
-                algo: ResolvedAlgo, counts: dict[str, torch.Tensor], value_counts: dict[str, torch.Tensor],
-                temperature: float, chunk_size: int, critic: Optim | None, value_clip: float | None,
-                train_actor: bool, capture: torch.Tensor | None, sums: dict[str, float],
-                routes: torch.Tensor | None = None, router_aux_coef: float = 0.0) -> bool:
-    """Forward and backward of one micro-batch (rows `idx`); False if a loss was not finite. A padding
-    micro-batch (real=False, see parallel.equal_pieces) runs with its losses times 0 and no metrics."""
-    obj = algo.objective
-    sub = inputs.batch.select(idx).trim()
-    T = sub.completion_ids.shape[1]
-    mask = inputs.loss_mask[idx, :T]  # [m, T]
-    share = mask.sum().item() / max(mask_mb.sum().item(), 1) if real else 0.0  # of the minibatch's tokens
-    if not train_actor:
-        return _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
-    cols = moe.columns(inputs.batch, sub)
-    forced = moe.forced_experts(algo.routing_replay, sub, inputs.old_routing, idx, cols)
-    with moe.training_forward(actor.model, forced) as record:
-        logp, entropy, *aux = completion_logprobs(actor.model, sub.input_ids, sub.attention_mask,
-                                                  sub.completion_start, temperature=temperature,
-                                                  chunk_size=chunk_size, with_entropy=True,
-                                                  router_aux=router_aux_coef > 0)
-    routing_stats = {}
-    if record is not None:
-        trained = record.experts()  # [m, S, L, k]
-        routing_stats = moe.mismatch_metrics(trained, sub)
-        if routes is not None and real:  # r2: the first pass's routing is the old policy's
-            routes[idx, cols] = trained
-    if inputs.old_logp is None:
-        old = logp.detach()
-        if capture is not None and real:
-            capture[idx, :T] = old
-    else:
-        old = inputs.old_logp[idx, :T]
-    weight, mismatch = rollout_correction(algo, old, sub.sampling_logp, mask)
-    mismatch.update(perplexity_view(logp.detach(), old, sub.sampling_logp, mask))
-    loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
-                             else inputs.advantages[idx, :T], mask, token_weight=weight, **counts)
-    m["pg_loss"] = loss.item()
-    if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
-        m["router_aux_loss"] = aux[0].item()
-        loss = loss + router_aux_coef * aux[0] * (mask.sum() / value_counts["num_tokens"].clamp(min=1))
-    if inputs.ref_logp is not None:
-        # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
-        with torch.set_grad_enabled(algo.kl_coef != 0.0):
-            kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
-                          norm=obj.agg_norm, **counts)
-        if algo.kl_coef != 0.0:
-            loss = loss + algo.kl_coef * kl
-        m["kl_ref"] = kl.item()
-    m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-    finite = bool(torch.isfinite(loss))
-    (loss if real else loss * 0.0).backward()
-    if real and finite:
-        for k, v in m.items():
-            merge_metric(sums, f"actor/{k}", v, share)
-        for k, v in {**mismatch, **routing_stats}.items():
-            merge_metric(sums, k, v, share)
-    if critic is not None:
-        finite &= _critic_backward(critic, sub, inputs, idx, mask, value_clip, value_counts, share, sums, real)
-    return finite
+@dataclass
+class _MicroStep:
+    """Forward and backward of one micro-batch of a minibatch; a padding micro-batch (real=False, see
+    parallel.equal_pieces) runs with its losses times 0 and logs nothing."""
+
+    inputs: UpdateInputs
+    mask_mb: torch.Tensor  # [M, T] the minibatch's loss mask
+    actor_optim: Optim
+    algo: ResolvedAlgo
+    passes: Passes
+    counts: dict[str, torch.Tensor]  # the actor loss's global denominators
+    value_counts: dict[str, torch.Tensor]  # token-mean denominators (value loss, router loss)
+    critic: Optim | None
+    value_clip: float | None
+    capture: torch.Tensor | None  # [N, T] one minibatch, epochs > 1: the first pass's log-probs are kept here
+    record: bool  # MoE r2: this forward runs the old policy: keep its routing
+    sums: dict[str, float]
+
+    def _sub(self, idx: torch.Tensor, real: bool) -> tuple[RolloutBatch, torch.Tensor, float]:
+        sub = self.inputs.batch.select(idx).trim()
+        mask = self.inputs.loss_mask[idx, : sub.completion_ids.shape[1]]  # [m, T]
+        share = mask.sum().item() / max(self.mask_mb.sum().item(), 1) if real else 0.0  # of the minibatch's tokens
+        return sub, mask, share
+
+    def critic_only(self, idx: torch.Tensor, real: bool) -> bool:
+        sub, mask, share = self._sub(idx, real)
+        return _critic_backward(self.critic, sub, self.inputs, idx, mask, self.value_clip, self.value_counts, share,
+                                self.sums, real)
+
+    def actor(self, idx: torch.Tensor, real: bool) -> bool:
+        """False if a loss was not finite."""
+        inputs, algo, obj, passes = self.inputs, self.algo, self.algo.objective, self.passes
+        sub, mask, share = self._sub(idx, real)
+        T = sub.completion_ids.shape[1]
+        moe = inputs.moe
+        model = self.actor_optim.model
+        routed = moe.forward(model, inputs.batch, sub, idx, record=self.record, real=real) if moe else nullcontext()
+        with routed:
+            logp, entropy, *aux = completion_logprobs(model, sub.input_ids, sub.attention_mask,
+                                                      sub.completion_start, temperature=passes.temperature,
+                                                      chunk_size=passes.chunk_size, with_entropy=True,
+                                                      router_aux=moe is not None and moe.aux_coef > 0)
+        routing_stats = moe.stats if moe is not None else {}
+        if inputs.old_logp is None:
+            old = logp.detach()
+            if self.capture is not None and real:
+                self.capture[idx, :T] = old
+        else:
+            old = inputs.old_logp[idx, :T]
+        weight, mismatch = rollout_correction(algo, old, sub.sampling_logp, mask)
+        mismatch.update(perplexity_view(logp.detach(), old, sub.sampling_logp, mask))
+        loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
+                                 else inputs.advantages[idx, :T], mask, token_weight=weight, **self.counts)
+        m["pg_loss"] = loss.item()
+        if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
+            m["router_aux_loss"] = aux[0].item()
+            loss = loss + moe.aux_coef * aux[0] * (mask.sum() / self.value_counts["num_tokens"].clamp(min=1))
+        if inputs.ref_logp is not None:
+            # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
+            with torch.set_grad_enabled(algo.kl_coef != 0.0):
+                kl = agg_loss(kl_penalty(logp, inputs.ref_logp[idx, :T], algo.kl_estimator), mask, obj.agg,
+                              norm=obj.agg_norm, **self.counts)
+            if algo.kl_coef != 0.0:
+                loss = loss + algo.kl_coef * kl
+            m["kl_ref"] = kl.item()
+        m["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+        finite = bool(torch.isfinite(loss))
+        (loss if real else loss * 0.0).backward()
+        if real and finite:
+            for k, v in m.items():
+                merge_metric(self.sums, f"actor/{k}", v, share)
+            for k, v in {**mismatch, **routing_stats}.items():
+                merge_metric(self.sums, k, v, share)
+        if self.critic is not None:
+            finite &= _critic_backward(self.critic, sub, inputs, idx, mask, self.value_clip, self.value_counts,
+                                       share, self.sums, real)
+        return finite
 
 
 def perplexity_view(logp: torch.Tensor, old: torch.Tensor, rollout: torch.Tensor,

@@ -1,0 +1,148 @@
+"""The policy runtime: one object owns the policy as this process trains it.
+
+It holds the module wrapped for `run.parallel` (`gradus.parallel.modes`), with its LoRA adapters (PEFT) when
+`model.lora_r` > 0, the reference of the KL term, the optimizer and schedule, and it gives:
+- `reference()`: the module that computes the reference: under LoRA the policy itself with its adapter off
+  (the base weights never change, so they are the initial policy; no second copy), else a frozen copy of
+  the initial model, wrapped like the policy (FSDP2 shards it too);
+- `export_weights()`: the full, plain weights, one tensor at a time (FSDP2 gathers each shard when reached;
+  a LoRA adapter is merged into its base weight, `models.lora.merged_tensors`), named as the base HF model:
+  what an engine's `sync` takes;
+- `source()`: what a rollout engine is built from (`gradus.rollout.engine.PolicySource`);
+- `writer()` and `optimizer_part()`: its weights (HF format; LoRA: the adapter) and optimizer state for a
+  checkpoint.
+PPO's critic is a `TrainedModel` of its own, built here beside the policy (`build_models`): a full copy of
+the backbone with a value head, trained in full also under LoRA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gradus import parallel
+from gradus.models import build_critic, load_critic, lora
+from gradus.rollout.engine import PolicySource, Weights
+from gradus.runtime.trained import Optim, TrainedModel, build_optim
+
+if TYPE_CHECKING:
+    from gradus.algorithm import ResolvedAlgo
+    from gradus.config import TrainConfig
+    from gradus.parallel.modes import Mode
+
+
+class PolicyRuntime(TrainedModel):
+    """The policy (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, optim: Optim, *, reference: nn.Module | None, needs_reference: bool,
+                 plain: type[nn.Module], config: Any, model_dir: Path, sharded: bool) -> None:
+        super().__init__(model, optim)
+        self._reference = reference
+        self.has_reference = needs_reference
+        self._plain_class, self._config = plain, config
+        self.model_dir = model_dir
+        self.sharded = sharded
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the policy trains LoRA adapters (a PEFT model) rather than its own weights."""
+        return lora.is_lora(self.bare)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The module that computes the reference policy within the block."""
+        if not self.has_reference:
+            raise RuntimeError("this run has no reference model (its KL coefficient is 0 and monitor_kl is off)")
+        if self._reference is not None:
+            yield self._reference
+            return
+        with self.bare.disable_adapter():  # LoRA: the base weights, which never change
+            yield self.model
+
+    def export_weights(self) -> Weights:
+        """(HF name, full tensor) of the policy as one plain model (see the module docstring)."""
+        named = self.full_tensors()
+        return lora.merged_tensors(self.bare, named) if self.adapted else named
+
+    def source(self) -> PolicySource:
+        device = next(self.model.parameters()).device
+        return PolicySource(module=self.bare, sharded=self.sharded, adapted=self.adapted,
+                            dtype=next(self.bare.parameters()).dtype,
+                            blueprint=functools.partial(new_plain, self._plain_class, self._config, device=device),
+                            model_dir=self.model_dir, export=self.export_weights)
+
+
+def new_plain(plain_class: type[nn.Module], config: Any, dtype: torch.dtype, *, device: torch.device) -> nn.Module:
+    """A new plain model of an architecture on `device`, frozen, parameters in `dtype` (their values are an
+    engine's to fill with `sync`). Buffers keep their dtype: a rotary embedding's fp32 frequency table rounded
+    to bf16 would put positions off by radians at 2k tokens."""
+    model = plain_class._from_config(copy.deepcopy(config), dtype=torch.float32)
+    model.requires_grad_(False).eval()
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model.to(device)
+
+
+def plain_source(model: nn.Module, model_dir: Path) -> PolicySource:
+    """What an engine is built from for a plain model that is not trained (`gradus eval`): the model itself,
+    `model_dir` the folder it was loaded from (a LoRA adapter folder: the plain model it is based on)."""
+    device = next(model.parameters()).device
+    return PolicySource(module=model, sharded=False, adapted=False, dtype=next(model.parameters()).dtype,
+                        blueprint=functools.partial(new_plain, type(model), model.config, device=device),
+                        model_dir=lora.plain_model_dir(model_dir),
+                        export=lambda: ((n, p.detach()) for n, p in model.named_parameters()))
+
+
+@dataclass
+class Models:
+    """The models a run trains."""
+
+    policy: PolicyRuntime
+    critic: TrainedModel | None  # estimators with a critic (PPO's GAE)
+
+
+def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, mode: Mode, device: torch.device, *,
+                 initial_dir: Path, ckpt: Path | None) -> Models:
+    """The policy runtime (and critic) from `plain`, the policy loaded as a plain HF model (from `initial_dir`,
+    or from a checkpoint's full weights; under LoRA always the base). `ckpt`: the checkpoint resumed, whose
+    adapter and critic are loaded here; its optimizer states are loaded later (`gradus.parallel.checkpoint`)."""
+    total = algo.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
+    o = cfg.optim
+
+    def optimizer(model: nn.Module, lr: float) -> Optim:
+        return build_optim(model, lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, warmup=o.warmup_steps,
+                           total=total, schedule=o.schedule)
+
+    critic = None
+    if algo.uses_critic:  # full, also under LoRA; built from the plain policy, before any adapter
+        module = load_critic(ckpt / "critic", device=device) if ckpt else build_critic(plain)
+        wrapped = mode.wrap(module, device)
+        critic = TrainedModel(wrapped, optimizer(wrapped, cfg.algo.critic_lr))
+    plain_class, config = type(plain), plain.config
+    policy = plain
+    if cfg.model.lora_r > 0:
+        policy = lora.load_lora(plain, ckpt / "policy") if ckpt else lora.apply_lora(plain, cfg.model)
+    reference = None
+    if algo.needs_reference and not lora.is_lora(policy):
+        reference, _ = lora.load_model(initial_dir, cfg.model.dtype, device)
+        reference = mode.wrap(reference.eval().requires_grad_(False), device, trainable=False)
+    wrapped = mode.wrap(policy, device)
+    runtime = PolicyRuntime(wrapped, optimizer(wrapped, cfg.optim.lr), reference=reference,
+                            needs_reference=algo.needs_reference, plain=plain_class, config=config,
+                            model_dir=lora.plain_model_dir(initial_dir if cfg.model.lora_r > 0 or ckpt is None
+                                                           else ckpt / "policy"),
+                            sharded=mode.shards)
+    return Models(runtime, critic)
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    """The names of `model`'s trainable parameters, in order (what a pre-DCP optimizer state's positions meant)."""
+    return [name for name, p in parallel.unwrap_ddp(model).named_parameters() if p.requires_grad]
