@@ -77,7 +77,7 @@ def start_vllm(model: Qwen2ForCausalLM, folder: str, pad: int) -> tuple[RolloutE
     syncs = []
     for _ in range(5):
         t0 = time.perf_counter()
-        engine.load_weights(model.state_dict())
+        engine.sync(model.state_dict().items())
         syncs.append(time.perf_counter() - t0)
     return engine, started, statistics.median(syncs)
 

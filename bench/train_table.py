@@ -36,8 +36,8 @@ _SAME_RUN_IGNORES = ("run.threads", "run.progress", "run.out_dir", "run.cache_di
 def config_drift(run_dir: Path, algo: str, seed: int, overrides: list[str]) -> list[str]:
     """The keys (with both values) in which `run_dir`'s config.yaml differs from the run this table would
     start now; empty when it is that run."""
-    from gradus.config import all_keys, get_key, load_config
     from gradus.algorithm import resolved_config
+    from gradus.config import all_keys, get_key, load_config
 
     saved = load_config(run_dir / "config.yaml")
     want = resolved_config(load_config(overrides=[f"algo.name={algo}", f"run.seed={seed}", f"run.name={run_dir.name}",

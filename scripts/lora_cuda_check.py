@@ -23,7 +23,8 @@ from gradus.config import ModelConfig, load_config  # noqa: E402
 from gradus.logprobs import completion_logprobs  # noqa: E402
 from gradus.models import build_char_tokenizer, build_tiny_model, lora, save_pretrained  # noqa: E402
 from gradus.rollout import LocalEngine, SamplingParams  # noqa: E402
-from gradus.train.trainer import Trainer, resume_config  # noqa: E402
+from gradus.train.resume import resume_config  # noqa: E402
+from gradus.train.trainer import Trainer  # noqa: E402
 
 DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu tries the script on a machine without a GPU
 

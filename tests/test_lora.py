@@ -19,7 +19,8 @@ from gradus.logprobs import completion_logprobs
 from gradus.models import build_char_tokenizer, build_tiny_model, load_pretrained, lora
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.train.checkpoint import latest_checkpoint
-from gradus.train.trainer import Trainer, resume_config
+from gradus.train.resume import resume_config
+from gradus.train.trainer import Trainer
 
 
 def _nonzero_adapter(seed: int = 0):
@@ -136,8 +137,9 @@ def _lora_run(nano_dir, tmp_path, rewards, **extra):
 def test_trainer_reference_is_the_policy_with_its_adapter_off(nano_dir, tmp_path, signal_reward):
     trainer = Trainer(load_config(overrides=_lora_run(nano_dir, tmp_path, signal_reward, **{"algo.kl_coef": 0.1})))
     assert lora.is_lora(trainer.policy)
-    assert trainer.reference is trainer.policy  # no second copy in memory
-    optimized = {id(p) for group in trainer.actor_opt.optimizer.param_groups for p in group["params"]}
+    with trainer.actor.reference() as reference:
+        assert reference is trainer.policy  # no second copy in memory
+    optimized = {id(p) for group in trainer.actor.optimizer.param_groups for p in group["params"]}
     adapters = {id(p) for n, p in trainer.policy.named_parameters() if "lora_" in n}
     assert optimized == adapters
     base = [p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n]
@@ -197,8 +199,8 @@ def test_resume_of_a_lora_run_equals_an_uninterrupted_one(algo, nano_dir, tmp_pa
     initial = _params(lora.apply_lora(load_pretrained(nano_dir)[0], resumed.cfg.model))
     assert any(not torch.equal(a, b) for a, b in zip(initial, _params(resumed.policy), strict=True) if a.dim())
     if algo == "ppo":
-        assert not lora.is_lora(resumed.critic)  # the critic is trained in full
-        for a, b in zip(_params(straight.critic), _params(resumed.critic), strict=True):
+        assert not lora.is_lora(resumed.critic.model)  # the critic is trained in full
+        for a, b in zip(_params(straight.critic.model), _params(resumed.critic.model), strict=True):
             assert torch.equal(a, b)
 
 

@@ -231,13 +231,13 @@ def test_select_concat_trim_round_trip():
     assert b.to(b.device).completion_ids.device == b.device
 
 
-def test_load_weights_and_training_flag_restored():
+def test_sync_and_training_flag_restored():
     a, src = tiny_qwen2(seed=0), tiny_qwen2(seed=1)
     params = SamplingParams(temperature=0.0, max_new_tokens=6)
     engine = LocalEngine(a, pad_token_id=PAD, eos_token_ids=[3])
     assert isinstance(engine, RolloutEngine)
     before = engine.generate(PROMPTS, 1, params).completion_ids
-    engine.load_weights(src.state_dict())
+    engine.sync(src.state_dict().items())
     want = LocalEngine(src, pad_token_id=PAD, eos_token_ids=[3]).generate(PROMPTS, 1, params).completion_ids
     got = engine.generate(PROMPTS, 1, params).completion_ids
     assert torch.equal(got, want) and not torch.equal(before, want)

@@ -78,7 +78,7 @@ def test_sampling_logp_equals_the_trainers(engine, temperature):
     assert batch.sampling_logp[batch.completion_mask == 1].lt(-1e-3).any()  # real log-probs, not zeros
 
 
-def test_load_weights_in_memory_samples_from_the_new_weights(engine, micro_dir):
+def test_sync_in_memory_samples_from_the_new_weights(engine, micro_dir):
     moved = micro_model()
     with torch.no_grad():
         for p in moved.parameters():
@@ -87,11 +87,11 @@ def test_load_weights_in_memory_samples_from_the_new_weights(engine, micro_dir):
     # the old weights' log-probs are far from the moved model's: the check below can tell them apart
     assert ((trainer_logprobs(moved, before) - before.sampling_logp).abs() * before.completion_mask).max() > 1e-2
     files = sorted(p.name for p in micro_dir.iterdir())
-    engine.load_weights(moved.state_dict())
+    engine.sync(moved.state_dict().items())
     after = engine.generate(PROMPTS, 4, SAMPLE, seeds=[5, 6, 7])
     assert ((trainer_logprobs(moved, after) - after.sampling_logp).abs() * after.completion_mask).max() < 1e-5
     assert sorted(p.name for p in micro_dir.iterdir()) == files  # nothing written to disk
-    engine.load_weights(micro_model().state_dict())  # back to the weights the other tests expect
+    engine.sync(micro_model().state_dict().items())  # back to the weights the other tests expect
     again = engine.generate(PROMPTS, 4, SAMPLE, seeds=[5, 6, 7])
     assert again.completion_ids.tolist() == before.completion_ids.tolist()
 

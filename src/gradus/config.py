@@ -234,7 +234,7 @@ class RunConfig:
     threads: int | None = spec(None, ge=1)
     """CPU threads; None: every core while the machine is idle, fewer while other work keeps cores busy."""
     parallel: str = spec("ddp", choices="gradus.parallel.modes:MODES")
-    """Under torchrun: ddp (replicated weights) or fsdp2 (weights, gradients, optimizer state sharded); one process: none."""
+    """Under torchrun: ddp (replicated weights) or fsdp2 (weights, gradients, optimizer state sharded); else none."""
     dist_timeout_s: float = spec(600.0, gt=0)
     """Under torchrun: a collective that waits this long on a dead or stuck rank ends the job."""
 

@@ -14,10 +14,11 @@ import yaml
 from gradus.algorithm import resolve_algo
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
-from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
+from gradus.models import build_char_tokenizer, build_tiny_model, lora, save_pretrained
 from gradus.objectives import ALGORITHMS
 from gradus.train import bootstrap, sft
-from gradus.train.trainer import Trainer, resume_config
+from gradus.train.resume import resume_config
+from gradus.train.trainer import Trainer
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def no_work(monkeypatch):
     def work(*args, **kwargs):
         raise AssertionError("a warm start or model load ran before the config was checked")
 
-    for module, name in ((bootstrap, "tiny_model_dir"), (bootstrap, "run_sft"), (bootstrap, "load_model"),
+    for module, name in ((bootstrap, "tiny_model_dir"), (bootstrap, "run_sft"), (lora, "load_model"),
                          (sft, "run_sft")):
         monkeypatch.setattr(module, name, work)
 

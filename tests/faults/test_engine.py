@@ -14,8 +14,9 @@ from train.conftest import tiny_overrides
 
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
+from gradus.config_checks import validate
 from gradus.rollout import EngineError
-from gradus.train.engines import engine_problem
+from gradus.rollout.registry import engine_class
 from gradus.train.trainer import Trainer
 
 # installed but broken fails these tests rather than skipping them (see tests/test_vllm_engine.py)
@@ -33,13 +34,20 @@ def test_vllm_missing_is_one_line_with_what_to_install(nano_dir, tmp_path, capsy
     assert not any(tmp_path.glob("grpo-*"))  # refused before the run folder exists
 
 
-def test_lora_and_torchrun_with_vllm_are_refused_before_any_work(nano_dir, tmp_path):
-    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm", "model.lora_r": 4}))
-    with pytest.raises(ConfigError, match="model.lora_r > 0"):
-        Trainer(cfg)
-    plain = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm"}))
-    assert "torchrun" in engine_problem(plain, distributed=True)
-    assert engine_problem(plain, distributed=False) is None
+def test_what_vllm_cannot_run_is_refused_before_any_work(nano_dir, tmp_path):
+    """LoRA and torchrun run with vLLM (tests/train/test_vllm_train.py); a local engine's setting does not, and
+    routing replay r3 needs a rollout routing that vLLM does not report: both refused by the config check."""
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm",
+                                                                      "rollout.dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="rollout.dtype is the local engine's"):
+        validate(cfg)
+    cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm",
+                                                                      "algo.routing_replay": "r3"}))
+    with pytest.raises(ConfigError, match="r3 needs the rollout's routing, which rollout.engine=vllm does not"):
+        validate(cfg)
+    plain = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"rollout.engine": "vllm", "model.lora_r": 4}))
+    assert engine_class("vllm").check(plain, 2) is None  # LoRA, and two processes, are no problem
+    validate(plain, world=2)
 
 
 @needs_vllm

@@ -15,7 +15,7 @@ from train.conftest import tiny_overrides
 
 from gradus.cli import main
 from gradus.config import ConfigError, load_config
-from gradus.models import ModelLoadError, load_pretrained, save_pretrained
+from gradus.models import ModelLoadError, load_pretrained, lora, save_pretrained
 from gradus.rollout import LocalEngine, SamplingParams
 from gradus.tasks import DatasetError, FileTask
 from gradus.train import bootstrap

@@ -28,10 +28,12 @@ from gradus.cli import main
 from gradus.config import load_config
 from gradus.models import build_char_tokenizer, build_tiny_model, load_pretrained
 from gradus.rollout import LocalEngine
+from gradus.runtime import hf_writer
 from gradus.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from gradus.train.resume import resume_config
 from gradus.train.runlog import RunLogger, read_metrics, truncate_metrics
 from gradus.train.scoring import Scorer
-from gradus.train.trainer import Trainer, resume_config
+from gradus.train.trainer import Trainer
 
 STEPS = 2
 REWARD = "fault_rewards:digits:0.5,numeric_match"  # an untrained model scores 0 on the task alone
@@ -361,7 +363,7 @@ def test_files_are_fsynced_before_the_rename_that_publishes_them(tmp_path, monke
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "rename", rename)
     tok = build_char_tokenizer()
-    final = save_checkpoint(tmp_path, 1, models={"policy": (build_tiny_model("nano", tokenizer=tok), tok)},
+    final = save_checkpoint(tmp_path, 1, writers={"policy": hf_writer(build_tiny_model("nano", tokenizer=tok), tok)},
                             state={"x": 1})
     monkeypatch.undo()
     publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final))
@@ -429,7 +431,7 @@ def test_resume_takes_steps_and_refuses_flags_that_would_change_the_run(nano_dir
 def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(failure, tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = build_tiny_model("nano", tokenizer=tok)
-    save_checkpoint(tmp_path, 1, models={"policy": (model, tok)}, state={"x": 1})
+    save_checkpoint(tmp_path, 1, writers={"policy": hf_writer(model, tok)}, state={"x": 1})
 
     def full(*args, **kwargs):
         raise failure
@@ -439,7 +441,7 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(failure, tmp_path, mo
         usage = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
     with pytest.raises(Exception) as info:
-        save_checkpoint(tmp_path, 2, models={"policy": (model, tok)}, state={"x": 2})
+        save_checkpoint(tmp_path, 2, writers={"policy": hf_writer(model, tok)}, state={"x": 2})
     monkeypatch.undo()
     assert "disk full" in str(info.value) and str(tmp_path / "checkpoints") in str(info.value)
     assert latest_checkpoint(tmp_path).name == "step-000001" and load_state(latest_checkpoint(tmp_path))["x"] == 1

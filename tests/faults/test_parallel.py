@@ -1,13 +1,17 @@
-"""Data-parallel faults that used to surface late or crash, each refused before any training now. The
-torchrun-level cases (a rank killed or stuck, SIGTERM to torchrun, a bad config on every rank, a killed
-job resumed) launch real jobs and live in tests/train/test_torchrun.py."""
+"""Data-parallel faults that used to surface late or crash: refused before any training now, or (a checkpoint
+resumed under another layout) made to work. The torchrun-level cases (a rank killed or stuck, SIGTERM to
+torchrun, a bad config on every rank, a killed job resumed) launch real jobs and live in
+tests/train/test_torchrun.py."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from train.conftest import tiny_overrides
 
@@ -39,23 +43,58 @@ def test_a_head_that_is_not_w_h_plus_b_is_a_config_error_at_load(tmp_path):
     assert not (tmp_path / "grpo").exists()
 
 
-def test_lora_with_fsdp2_is_refused_on_a_single_rank_too(nano_dir, tmp_path, one_rank_group):
-    # one torchrun rank sharded the PEFT model, trained a step, then crashed writing the checkpoint
-    overrides = tiny_overrides(nano_dir, tmp_path, **{"model.lora_r": 4, "run.parallel": "fsdp2"})
-    with pytest.raises(ConfigError, match="model.lora_r > 0 with run.parallel=fsdp2"):
-        Trainer(load_config(overrides=overrides))
+def test_a_one_process_checkpoint_resumes_under_fsdp2_and_the_reverse(nano_dir, tmp_path, signal_reward, monkeypatch):
+    """A checkpoint carries its optimizer states by parameter name (DCP), so it resumes under another layout:
+    a one-process run's under FSDP2 (it used to crash at the first optimizer step, mixing Tensor and DTensor
+    state), and an FSDP2 run's in one process; each continues as the uninterrupted one-process run."""
+    from gradus.train.resume import resume_config
+    from gradus.train.runlog import read_metrics
+
+    base = {"task.rewards": signal_reward, "run.steps": 4, "run.save_every": 2, "optim.minibatches": 2}
+    straight = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **base, **{"run.name": "straight"})))
+    straight.fit()
+    want = {k: v.detach().clone() for k, v in straight.policy.named_parameters()}
+
+    def stop_after_step_2(layout: str, name: str) -> None:
+        real = Trainer.train_step
+
+        def dies_at_step_3(self, step):
+            if step == 3:
+                raise SystemExit("killed")
+            return real(self, step)
+
+        monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+        with _group_if(layout == "fsdp2", tmp_path / f"pg-{name}"), pytest.raises(SystemExit):
+            Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **base, **{
+                "run.name": name, "run.parallel": layout}))).fit()
+        monkeypatch.setattr(Trainer, "train_step", real)
+
+    for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # "ddp" in one process: no wrapper at all
+        name = f"{first}-then-{then}"
+        stop_after_step_2(first, name)
+        with _group_if(then == "fsdp2", tmp_path / f"pg2-{name}"):
+            resumed = Trainer(resume_config(tmp_path / name, [f"run.parallel={then}"]), run_dir=tmp_path / name,
+                              resume=True)
+            assert resumed.step == 2
+            resumed.fit()
+            got = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                   for k, v in resumed.policy.named_parameters()}
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=f"{name}: {k}")
+        steps = [r["step"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "reward/mean" in r]
+        assert steps == [1, 2, 3, 4], name
 
 
-def test_a_one_process_checkpoint_is_refused_under_fsdp2_before_any_work(nano_dir, tmp_path, signal_reward):
-    # it resumed, sampled, and crashed at the first optimizer step (mixed Tensor and DTensor state)
-    overrides = tiny_overrides(nano_dir, tmp_path, **{"task.rewards": signal_reward, "run.steps": 1,
-                                                      "run.name": "solo"})
-    Trainer(load_config(overrides=overrides)).fit()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+@contextlib.contextmanager
+def _group_if(wanted: bool, init: Path):
+    """A one-rank gloo process group around the block (as under `torchrun --nproc-per-node 1`), if wanted."""
+    if not wanted:
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        cfg = load_config(overrides=[*overrides, "run.parallel=fsdp2", "run.steps=2"])
-        with pytest.raises(ConfigError, match="written by a single process; resume it with run.parallel=ddp"):
-            Trainer(cfg, run_dir=tmp_path / "solo", resume=True)
+        yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

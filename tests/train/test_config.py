@@ -4,8 +4,8 @@ import pytest
 
 from gradus.algorithm import resolve_algo, resolved_config
 from gradus.config import ConfigError, all_keys, field_doc, load_config
+from gradus.config_checks import validate
 from gradus.objectives import ALGORITHMS
-from gradus.train.trainer import validate
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

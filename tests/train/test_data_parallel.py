@@ -15,9 +15,11 @@ import torch.multiprocessing as mp
 from gradus import parallel
 from gradus.config import load_config
 from gradus.objectives import group_advantages, masked_whiten
+from gradus.runtime import Optim
 from gradus.train.generation import collect
+from gradus.train.passes import Passes
 from gradus.train.trainer import Trainer, _mix
-from gradus.train.update import Optim, UpdateInputs, global_count, run_updates
+from gradus.train.update import UpdateInputs, global_count, run_updates
 
 from .conftest import tiny_overrides
 
@@ -29,6 +31,10 @@ def _sgd(model: torch.nn.Module) -> Optim:
     # off by a factor and turn rounding-level differences of near-zero gradients into lr-sized ones
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     return Optim(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), grad_clip=1e9)
+
+
+def _critic(trainer: Trainer) -> torch.nn.Module | None:
+    return trainer.critic.model if trainer.critic is not None else None
 
 
 def _shard(inputs: UpdateInputs, rank: int) -> UpdateInputs:
@@ -47,8 +53,8 @@ def _params(policy: torch.nn.Module, critic: torch.nn.Module | None) -> dict[str
 def _update(inputs: UpdateInputs, payload: dict) -> dict[str, torch.Tensor]:
     actor = _sgd(payload["policy"])
     critic = _sgd(payload["critic"]) if payload["critic"] is not None else None
-    run_updates(inputs, actor, payload["algo"], epochs=2, minibatches=1, token_budget=10_000, temperature=1.0,
-                chunk_size=64, generator=torch.Generator().manual_seed(0), critic=critic, value_clip=0.2)
+    run_updates(inputs, actor, payload["algo"], epochs=2, minibatches=1, passes=Passes(10_000, 1.0, 64),
+                generator=torch.Generator().manual_seed(0), critic=critic, value_clip=0.2)
     return _params(actor.model, critic.model if critic is not None else None)
 
 
@@ -85,7 +91,7 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
     rewards = torch.rand(8, generator=g)
     payload = {"policy": copy.deepcopy(trainer.policy), "algo": trainer.algo, "inputs": inputs, "x": x,
                "mask": mask, "rewards": rewards,
-               "critic": copy.deepcopy(trainer.critic)}  # deepcopy(None) is None
+               "critic": copy.deepcopy(_critic(trainer))}  # deepcopy(None) is None
     torch.save(payload, tmp_path / "payload.pt")
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "payload.pt"), str(tmp_path)), nprocs=WORLD)
@@ -98,9 +104,9 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
     # a local whitening would differ: the two halves have different means
     assert not torch.allclose(ranks[0]["whitened"], masked_whiten(x[:half], mask[:half]))
 
-    start = _params(trainer.policy, trainer.critic)
+    start = _params(trainer.policy, _critic(trainer))
     single = _update(inputs, {"policy": copy.deepcopy(trainer.policy), "algo": trainer.algo,
-                              "critic": copy.deepcopy(trainer.critic)})
+                              "critic": copy.deepcopy(_critic(trainer))})
     assert set(single) == set(ranks[0]["params"]) and (algo != "ppo" or any(k.startswith("critic.") for k in single))
     moved = sum(float((single[k] - start[k]).abs().max()) for k in single)
     assert moved > 1e-2  # the step is real, so agreeing with it means something

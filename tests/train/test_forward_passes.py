@@ -61,7 +61,7 @@ def test_ppo_with_a_monitored_kl_computes_no_pass_of_its_own(nano_dir, tmp_path,
     it computes anyway, as for every other algorithm (was: a no-grad pass only for that metric)."""
     base = {"algo.name": "ppo", "algo.kl_coef": 0.0}
     watched = _trainer(nano_dir, tmp_path / "a", **base, **{"algo.monitor_kl": "true"})
-    assert watched.reference is not None
+    assert watched.actor.has_reference
     seen, metrics = _policy_forwards(watched, monkeypatch)
     assert seen == [True, True]
     # on the first step the policy is the reference: the measured KL is 0 up to rounding
@@ -70,7 +70,7 @@ def test_ppo_with_a_monitored_kl_computes_no_pass_of_its_own(nano_dir, tmp_path,
     plain.train_step(1)
     for a, b in zip(plain.policy.parameters(), watched.policy.parameters(), strict=True):
         assert torch.equal(a, b)  # the same update: measuring the KL changed nothing
-    for a, b in zip(plain.critic.parameters(), watched.critic.parameters(), strict=True):
+    for a, b in zip(plain.critic.model.parameters(), watched.critic.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

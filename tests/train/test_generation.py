@@ -36,7 +36,7 @@ class ScriptedEngine:
         batch = pack(rows_p, rows_c, self.tok.pad_token_id, torch.device("cpu"))
         return RolloutBatch(**{**batch.__dict__, "prompt_index": torch.arange(len(prompts)).repeat_interleave(n)})
 
-    def load_weights(self, state_dict):
+    def sync(self, weights):
         raise AssertionError("not used")
 
 

@@ -83,13 +83,14 @@ def test_router_aux_loss_reaches_the_router(moe_dir, tmp_path, signal_reward):
 def test_bf16_sampling_copy_follows_the_policy(nano_dir, tmp_path, signal_reward):
     trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
         "task.rewards": signal_reward, "run.steps": 2, "rollout.dtype": "bfloat16"})))
-    assert trainer.engine.model is trainer.rollout_model and next(trainer.rollout_model.parameters()).dtype == \
-        torch.bfloat16
+    copy = trainer.engine.model
+    assert trainer.engine.holds_weights and copy is not trainer.policy
+    assert next(copy.parameters()).dtype == torch.bfloat16
     trainer.fit()
-    for p, q in zip(trainer.policy.parameters(), trainer.rollout_model.parameters(), strict=True):
+    for p, q in zip(trainer.policy.parameters(), copy.parameters(), strict=True):
         assert torch.equal(p.detach().to(torch.bfloat16), q)
     # buffers keep their dtype: the rotary frequencies rounded to bf16 would misplace long positions
-    for (name, b), (_, c) in zip(trainer.policy.named_buffers(), trainer.rollout_model.named_buffers(), strict=True):
+    for (name, b), (_, c) in zip(trainer.policy.named_buffers(), copy.named_buffers(), strict=True):
         assert c.dtype == b.dtype and torch.equal(b, c), name
 
 

@@ -230,13 +230,14 @@ def test_sigterm_to_torchrun_finishes_the_step_saves_and_says_so_once(nano_dir, 
     assert f"--standalone -m gradus train --resume {tmp_path / 'term'}" in out
 
 
-def test_lora_under_ddp_trains_the_adapters_as_one_process(nano_dir, reward_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_lora_under_torchrun_trains_the_adapters_as_one_process(parallel, nano_dir, reward_dir, tmp_path):
     lora = {"model.lora_r": 4, "optim.lr": 0.01}
     _run(None, _args(nano_dir, tmp_path, "single", **lora), reward_dir)
-    _run(2, _args(nano_dir, tmp_path, "ddp", **lora), reward_dir)
+    _run(2, _args(nano_dir, tmp_path, parallel, **lora, **{"run.parallel": parallel}), reward_dir)
     final = f"step-{STEPS:06d}"
     adapters = [load_file(tmp_path / name / "checkpoints" / final / "policy" / "adapter_model.safetensors")
-                for name in ("ddp", "single")]
+                for name in (parallel, "single")]
     start = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapters[1].items()}  # B starts at 0
     _assert_same_policy(*adapters, start)
 
@@ -253,13 +254,13 @@ def test_a_config_that_cannot_work_fails_on_every_rank_before_any_work(nano_dir,
 
 
 def test_the_data_position_on_resume_continues_without_repeating_an_example():
-    from gradus.train.trainer import _data_position
+    from gradus.train.resume import data_position
 
     # rank r at position p has used global examples r, r + W, ..., (p - 1) * W + r
-    assert [_data_position({"data_positions": [2, 2]}, r, 2) for r in (0, 1)] == [2, 2]  # same world: its own
-    assert _data_position({"data_positions": [2, 2]}, 0, 1) == 4  # 2 ranks used 0-3: one process takes 4
-    assert [_data_position({"data_position": 4}, r, 2) for r in (0, 1)] == [2, 2]  # 0-3 used: ranks take 4, 5
+    assert [data_position([2, 2], r, 2) for r in (0, 1)] == [2, 2]  # same world: its own
+    assert data_position([2, 2], 0, 1) == 4  # 2 ranks used 0-3: one process takes 4
+    assert [data_position([4], r, 2) for r in (0, 1)] == [2, 2]  # 0-3 used: ranks take 4, 5
     # DAPO: rank 0 drew 3 rounds (0, 2, 4), rank 1 one (1): one process continues at 5, never at 3 or 4
-    assert _data_position({"data_positions": [3, 1]}, 0, 1) == 5
-    assert _data_position({"data_positions": [3, 1]}, 1, 3) == 2  # 3 ranks: index 2 * 3 + 1 = 7 >= 5
-    assert _data_position({}, 0, 2) == 0
+    assert data_position([3, 1], 0, 1) == 5
+    assert data_position([3, 1], 1, 3) == 2  # 3 ranks: index 2 * 3 + 1 = 7 >= 5
+    assert data_position([0], 0, 2) == 0

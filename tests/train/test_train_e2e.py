@@ -9,8 +9,9 @@ from gradus.config import ConfigError, load_config
 from gradus.models import load_pretrained
 from gradus.train import update as update_module
 from gradus.train.checkpoint import latest_checkpoint, load_state
+from gradus.train.resume import resume_config
 from gradus.train.runlog import read_metrics
-from gradus.train.trainer import Trainer, resume_config, train
+from gradus.train.trainer import Trainer, train
 
 from .conftest import tiny_overrides
 
@@ -86,7 +87,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_pat
     initial = _params(load_pretrained(nano_dir)[0])
     assert any(not torch.equal(a, b) for a, b in zip(initial, _params(resumed.policy), strict=True))
     if algo == "ppo":
-        for a, b in zip(_params(straight.critic), _params(resumed.critic), strict=True):
+        for a, b in zip(_params(straight.critic.model), _params(resumed.critic.model), strict=True):
             assert torch.equal(a, b)
     steps = [r["step"] for r in read_metrics(killed.run_dir / "metrics.jsonl") if "reward/mean" in r]
     assert steps == [1, 2, 3, 4]  # no step logged twice
@@ -164,9 +165,9 @@ def test_missing_model_and_empty_dataset_fail_before_any_work(tmp_path, nano_dir
 def test_ppo_critic_warmup_trains_only_the_critic(nano_dir, tmp_path, signal_reward):
     trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
         "algo.name": "ppo", "run.steps": 2, "algo.critic_warmup": 1, "task.rewards": signal_reward})))
-    actor0, critic0 = _params(trainer.policy), _params(trainer.critic)
+    actor0, critic0 = _params(trainer.policy), _params(trainer.critic.model)
     trainer.train_step(1)
     assert all(torch.equal(a, b) for a, b in zip(actor0, _params(trainer.policy), strict=True))
-    assert any(not torch.equal(a, b) for a, b in zip(critic0, _params(trainer.critic), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(critic0, _params(trainer.critic.model), strict=True))
     trainer.train_step(2)
     assert any(not torch.equal(a, b) for a, b in zip(actor0, _params(trainer.policy), strict=True))

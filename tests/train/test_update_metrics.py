@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from gradus.config import load_config
+from gradus.runtime import build_optim
 from gradus.train.generation import collect
-from gradus.train.trainer import Trainer, _mix, _optim
+from gradus.train.passes import Passes
+from gradus.train.trainer import Trainer, _mix
 from gradus.train.update import merge_metric, run_updates
 
 from .conftest import tiny_overrides
@@ -21,11 +23,19 @@ def _one_batch(trainer):
     return trainer.prepare(got, {})
 
 
+def _optim(model, trainer):
+    """The optimizer the trainer builds for its policy, for `model`."""
+    cfg, algo = trainer.cfg, trainer.algo
+    return build_optim(model, cfg.optim.lr, weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
+                       warmup=cfg.optim.warmup_steps, total=algo.steps * algo.epochs * algo.minibatches,
+                       schedule=cfg.optim.schedule)
+
+
 def _updates(trainer, inputs, token_budget):
     # a fresh copy of the model and optimizer: both budgets start from the same weights
-    actor = _optim(copy.deepcopy(trainer.policy), trainer.cfg.optim.lr, trainer.cfg, trainer.algo)
-    return run_updates(inputs, actor, trainer.algo, epochs=1, minibatches=2, token_budget=token_budget,
-                       temperature=1.0, chunk_size=64, generator=torch.Generator().manual_seed(3))[0]
+    actor = _optim(copy.deepcopy(trainer.policy), trainer)
+    return run_updates(inputs, actor, trainer.algo, epochs=1, minibatches=2, passes=Passes(token_budget, 1.0, 64),
+                       generator=torch.Generator().manual_seed(3))[0]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "gspo"])
@@ -63,7 +73,7 @@ def test_monitored_kl_is_logged_but_not_in_the_loss(nano_dir, tmp_path, signal_r
     plain = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "a", **base)))
     watched = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "b", **base,
                                                            **{"algo.monitor_kl": "true"})))
-    assert plain.reference is None and watched.reference is not None
+    assert not plain.actor.has_reference and watched.actor.has_reference
     m_plain, m_watched = plain.train_step(1), watched.train_step(1)
     assert "actor/kl_ref" not in m_plain
     # on the first step the policy is the reference, so the KL is 0 up to rounding
@@ -84,14 +94,13 @@ def test_first_pass_gives_the_old_logprobs_for_later_epochs(nano_dir, tmp_path, 
     inputs = _one_batch(trainer)
     assert inputs.old_logp is None  # one minibatch: the trainer skips the pass
     passed = copy.copy(inputs)
-    passed.old_logp = batch_logprobs(trainer.policy, inputs.batch, token_budget=10_000, temperature=1.0,
-                                     chunk_size=64)
+    passed.old_logp = batch_logprobs(trainer.policy, inputs.batch, Passes(10_000, 1.0, 64))
     results = []
     for given in (inputs, passed):
         model = copy.deepcopy(trainer.policy)
-        actor = _optim(model, trainer.cfg.optim.lr, trainer.cfg, trainer.algo)
-        metrics, _ = run_updates(given, actor, trainer.algo, epochs=3, minibatches=1, token_budget=10_000,
-                                 temperature=1.0, chunk_size=64, generator=torch.Generator().manual_seed(3))
+        actor = _optim(model, trainer)
+        metrics, _ = run_updates(given, actor, trainer.algo, epochs=3, minibatches=1, passes=Passes(10_000, 1.0, 64),
+                                 generator=torch.Generator().manual_seed(3))
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))
     (m_lazy, p_lazy), (m_pass, p_pass) = results
     assert m_lazy["actor/updates"] == 3

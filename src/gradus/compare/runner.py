@@ -132,8 +132,8 @@ def load_plan(out: Path) -> ComparePlan:
 def validate_plan(plan: ComparePlan, out: Path) -> None:
     """Every run's config is checked before any training, so a typo fails at once; so are the device, the
     model folder and the task's data, which every run shares."""
-    from gradus.train.bootstrap import preflight
     from gradus.config_checks import validate
+    from gradus.train.bootstrap import preflight
 
     if not plan.algos:
         raise ConfigError("--algos: give at least one algorithm")

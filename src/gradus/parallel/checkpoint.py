@@ -17,6 +17,7 @@ All ranks must see the same file system (one node, or a shared one).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from gradus.parallel import active, barrier
 
 DCP_DIR = "dcp"
+OBJECTS = "objects"  # the key of the trainer's picklable values in the DCP state
 
 # name -> (model as trained, its optimizer)
 Parts = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
@@ -56,26 +58,33 @@ def save_state(root: Path, step: int, parts: Parts, objects: dict[str, Any], rng
         shutil.rmtree(staging, ignore_errors=True)  # a leftover of a run killed while saving this step
         staging.mkdir(parents=True)
     barrier()
-    state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
-    state["objects"] = dict(objects)
+    state: dict[str, Any] = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
+    blob = io.BytesIO()
+    torch.save(objects, blob)
+    state[OBJECTS] = blob  # one opaque value: DCP keeps a BytesIO as it is (a dict it would flatten into keys)
     dcp.save(state, checkpoint_id=str(staging), no_dist=not active())  # one process: no group (or vLLM's own)
     torch.save(rng, staging / f"rng-rank{_rank()}.pt")
     barrier()  # every shard is on disk before rank 0 moves the folder
     return staging
 
 
-def load_state(ckpt: Path, parts: Parts, objects: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+def load_state(ckpt: Path, parts: Parts, *, objects: bool = True) -> tuple[dict[str, Any], dict | None]:
     """Collective: load the optimizer states saved by `save_state` into `parts` (built as the resuming job builds
-    them, on any world size), and return the saved objects (`objects` gives the keys wanted, with placeholder
-    values) and this rank's RNG state (None when the checkpoint was written by fewer ranks)."""
+    them, on any world size), and return the saved objects ({} with objects=False: a checkpoint written before
+    they were kept here) and this rank's RNG state (None when the checkpoint was written by fewer ranks)."""
     folder = Path(ckpt) / DCP_DIR
-    state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
-    state["objects"] = dict(objects)
+    state: dict[str, Any] = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
+    if objects:
+        state[OBJECTS] = io.BytesIO()
     dcp.load(state, checkpoint_id=str(folder), no_dist=not active())
     for name, (model, opt) in parts.items():
         set_optimizer_state_dict(model, opt, state[name])
+    saved = {}
+    if objects:
+        state[OBJECTS].seek(0)
+        saved = torch.load(state[OBJECTS], weights_only=False)
     rng = folder / f"rng-rank{_rank()}.pt"
-    return state["objects"], torch.load(rng, weights_only=False) if rng.is_file() else None
+    return saved, torch.load(rng, weights_only=False) if rng.is_file() else None
 
 
 def load_legacy_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any],

@@ -144,9 +144,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 def full_tensors(model: nn.Module, *, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) of every parameter of `model` (a DDP wrapper's inner names), one at a time: a sharded
-    parameter is all-gathered when reached, so at most one full weight exists beyond the shards. Under FSDP2
-    a collective: every rank must consume the iterator to its end, in the same order."""
-    for name, param in unwrap_ddp(model).named_parameters():
+    parameter is all-gathered when reached, so at most one full weight exists beyond the shards. A parameter
+    shared by two modules (a head tied to the embedding) comes under both names, as in a state dict: an
+    engine may hold them as two tensors (vLLM's CPU head is its own copy). Under FSDP2 a collective: every
+    rank must consume the iterator to its end, in the same order."""
+    for name, param in unwrap_ddp(model).named_parameters(remove_duplicate=False):
         if trainable_only and not param.requires_grad:
             continue
         value = param.detach()

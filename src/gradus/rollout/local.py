@@ -159,7 +159,7 @@ class LocalEngine:
     def sync(self, weights: Weights) -> None:
         """Copy weights into the engine's model, each into the parameter of its name, in that parameter's dtype
         (buffers, such as a rotary table, keep theirs). Every parameter must be given, and no other name."""
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))  # a tied head under both names
         seen = set()
         with torch.no_grad():
             for name, value in weights:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradus import parallel
 from gradus.config import ConfigError
-from gradus.parallel.checkpoint import DCP_DIR, load_legacy_optimizer, load_state, save_state
+from gradus.parallel.checkpoint import DCP_DIR, load_legacy_optimizer, load_state, save_state, staging_dir
 from gradus.runtime import TrainedModel, parameter_names
 from gradus.train.checkpoint import (
     capture_rng,
@@ -31,6 +32,7 @@ from gradus.train.checkpoint import (
     save_checkpoint,
 )
 from gradus.train.checkpoint import load_state as load_run_state
+from gradus.train.durable import DiskFull, is_disk_full
 from gradus.train.resume import data_position
 
 if TYPE_CHECKING:
@@ -69,12 +71,13 @@ class Checkpointer:
         parts = self._parts()
         rng = None
         if state.get("format", 1) >= FORMAT:
-            optimizers = {name: part.optimizer_part() for name, part in parts.items()}
-            objects, rng = load_state(ckpt, optimizers, {"schedulers": {}, "data_positions": []})
+            optimizers = {name: part.optimizer_part() for name, part in parts.items()
+                          if name in state["optimizers"]}  # the others had not stepped yet: nothing to load
+            objects, rng = load_state(ckpt, optimizers)
             schedulers, positions = objects["schedulers"], objects["data_positions"]
         else:  # written before every checkpoint went through DCP
             if (ckpt / DCP_DIR).is_dir():  # a data-parallel run's: optimizer states by name already
-                _, rng = load_state(ckpt, {name: part.optimizer_part() for name, part in parts.items()}, {})
+                _, rng = load_state(ckpt, {name: part.optimizer_part() for name, part in parts.items()}, objects=False)
             else:
                 for name, part in parts.items():
                     load_legacy_optimizer(part.model, part.optimizer, state[f"{name}_optimizer"],
@@ -96,13 +99,23 @@ class Checkpointer:
         parts = self._parts()
         objects = {"schedulers": {name: part.scheduler.state_dict() for name, part in parts.items()},
                    "data_positions": parallel.gather_ints(t.source.position)}  # every rank's: DAPO's rounds differ
-        staging = save_state(checkpoint_dir(self.run_dir), t.step,
-                             {name: part.optimizer_part() for name, part in parts.items()}, objects, capture_rng())
+        # An optimizer that has not stepped yet (a save before step 1, the actor during a critic warm-up) has no
+        # state, and asking DCP for it would make one: a step at lr 0 that counts in Adam's bias correction.
+        stepped = {name: part.optimizer_part() for name, part in parts.items() if part.optimizer.state}
+        root = checkpoint_dir(self.run_dir)
+        try:
+            staging = save_state(root, t.step, stepped, objects, capture_rng())
+        except (OSError, RuntimeError) as err:
+            full = is_disk_full(err, root)  # before the partial folder is removed and its space freed
+            shutil.rmtree(staging_dir(root, t.step), ignore_errors=True)
+            if full:
+                raise DiskFull(f"checkpoint step-{t.step:06d}", root) from err
+            raise
         writers = {DCP_DIR: functools.partial(os.replace, staging)}
         for name, part, tokenizer in (("policy", t.actor, t.tokenizer), ("critic", t.critic, None)):
             if part is not None and (write := part.writer(tokenizer)) is not None:
                 writers[name] = write
-        state = {"format": FORMAT, "bad_streak": t.bad_streak, "elapsed": t.elapsed,
+        state = {"format": FORMAT, "optimizers": sorted(stepped), "bad_streak": t.bad_streak, "elapsed": t.elapsed,
                  "initial_model_dir": str(t.initial_dir), "eval_before": t.eval_before}
         path = None
         if t.rank == 0:
