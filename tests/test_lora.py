@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -108,18 +109,70 @@ def test_a_target_that_matches_nothing_names_the_models_layers():
     tokenizer = build_char_tokenizer()
     model = build_tiny_model("nano", tokenizer=tokenizer)
     cfg = load_config(overrides=["model.lora_r=4", "model.lora_targets=query,value"]).model
-    with pytest.raises(ConfigError, match=r"model.lora_targets='query,value'.*q_proj"):
+    with pytest.raises(ConfigError, match=r"model.lora_targets: 'query' matches no module .*: down_proj, gate_proj, "
+                                          r"k_proj, o_proj, q_proj, up_proj, v_proj$"):
         lora.apply_lora(model, cfg)
 
 
-@pytest.mark.parametrize(("target", "what"), [("lm_head", "lm head"), ("embed_tokens", "token embedding")])
-def test_apply_lora_refuses_an_adapted_head_or_embedding_whatever_the_config_check_saw(target, what):
-    """A config that skipped `validate` (or a name the check does not know) still cannot adapt them."""
+def _adapted(model) -> set[str]:
+    """The modules PEFT put an adapter on, by their name in the plain model (a fused MoE tensor's nested
+    wrappers, experts.base_layer..., as their module)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {re.sub(r"(\.base_layer)+$", "", name.removeprefix("base_model.model."))
+            for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+PLAN_REFUSED = {  # (arch, targets) -> what the refusal says
+    ("qwen2_moe", "all-linear"): r"width of model.layers.0.mlp.shared_expert_gate \(64 -> 1 features: width 1\)",
+    ("mixtral", "self_attn.o_proj,down_proj"): r"'down_proj' matches no module",  # Mixtral's experts name it w2
+    # PEFT maps all-linear onto the routers too, which routing capture cannot see through (it failed at sampling)
+    ("qwen3_moe", "all-linear"): r"adapts the MoE routers \(mlp.gate\), which gradus' routing record",
+    ("mixtral", "all-linear"): r"adapts the MoE routers \(mlp.gate\), which gradus' routing record",
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("targets", [None, "all-linear", "q_proj,v_proj", "self_attn.o_proj,down_proj"])
+def test_the_plan_is_what_peft_adapts_and_the_config_alone_gives_it(arch, targets):
+    """plan_lora (what the run's log line and the rank check read) names exactly the modules PEFT adapts in the
+    loaded model, and the preflight's plan from the config alone (a meta-device copy) is the same plan."""
+    from gradus.config import ModelConfig
+
+    cfg = ModelConfig(lora_r=2, tiny_size="nano", arch=arch, **({"lora_targets": targets} if targets else {}))
+    model = build_tiny_model("nano", tokenizer=build_char_tokenizer(), arch=arch)
+    if (arch, targets) in PLAN_REFUSED:
+        with pytest.raises(ConfigError, match=PLAN_REFUSED[arch, targets]):
+            lora.plan_from_config(cfg)
+        with pytest.raises(ConfigError, match=PLAN_REFUSED[arch, targets]):
+            lora.apply_lora(model, cfg)
+        return
+    plan = lora.plan_from_config(cfg)
+    assert lora.plan_lora(model, cfg) == plan
+    modules = dict(model.named_modules())
+    planned = {name if name in modules else name.rpartition(".")[0] for name in plan.shapes}
+    assert planned == _adapted(lora.apply_lora(model, cfg))
+    line = plan.describe()
+    assert line.startswith(f"LoRA r=2 adapts {len(plan.shapes)} weight matrices: self_attn.")
+    if arch == "qwen2" or arch == "llama":
+        assert "MoE" not in line
+    elif arch == "mixtral" or (arch == "qwen3_moe" and targets == "q_proj,v_proj") or arch == "qwen2_moe":
+        assert "MoE: the routed experts (4 per MoE layer) get no adapter; the routers (mlp.gate) get none" in line
+    else:  # Qwen3-MoE's experts take the MLP names gate_proj, up_proj, down_proj
+        assert "MoE: the routed experts get adapters on mlp.experts.down_proj" in line
+
+
+def test_apply_lora_refuses_a_rank_at_a_layers_width_before_allocating_it():
+    """The check preflight makes from the config, made again on the loaded model (for a config that skipped it)."""
     from gradus.config import ModelConfig
 
     model = build_tiny_model("nano", tokenizer=build_char_tokenizer())
-    with pytest.raises(ConfigError, match=f"model.lora_targets adapted the {what}"):
-        lora.apply_lora(model, ModelConfig(lora_r=4, lora_targets=f"q_proj,{target}"))
+    before = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match=r"model.lora_r=32 is at or above the width of model.layers.0.self_attn."
+                                          r"k_proj \(64 -> 32 features: width 32\)"):
+        lora.apply_lora(model, ModelConfig(lora_r=32))
+    assert sum(p.numel() for p in model.parameters()) == before  # nothing was injected
+    assert len(_adapted(lora.apply_lora(model, ModelConfig(lora_r=31)))) == 14
 
 
 def test_a_yaml_list_of_targets(tmp_path):

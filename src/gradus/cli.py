@@ -232,7 +232,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"report: {write_report(Path(args.redraw))}")
         return 0
     if args.resume:
-        if args.algos or args.seeds is not None or args.target is not None or args.overrides or args.config:
+        if (args.algos is not None or args.seeds is not None or args.target is not None or args.overrides
+                or args.config):
             raise ConfigError("--resume continues a comparison as it was asked; give no other options")
         out = Path(args.resume)
         plan = load_plan(out)
@@ -244,8 +245,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.no_progress:
             overrides.append("run.progress=false")
         plan = ComparePlan(overrides=overrides, config_file=args.config, target=args.target)
-        if args.algos:
-            plan.algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        if args.algos is not None:  # given empty or blank, it is an error, not the default selection
+            plan.algos = _algo_list(args.algos, f"the default, {','.join(plan.algos)}")
         if args.seeds is not None:
             plan.seeds = args.seeds
         out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -256,6 +257,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"gradus: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'metrics'})", file=sys.stderr)
         return 1
     return 0
+
+
+def _algo_list(text: str, default: str) -> list[str]:
+    """An --algos value as its entries; a ConfigError when it names none (`""`, blanks, commas): a selection
+    given empty is never taken to mean the default, which may be hours of training."""
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos:
+        raise ConfigError(f"--algos {text!r} names no algorithm; give one or more, comma-separated (e.g. "
+                          f"--algos grpo,dapo), or leave --algos out for {default}")
+    return algos
+
+
+# What each command would do under torchrun (it runs whole on every rank), and what to run instead.
+_UNDER_TORCHRUN = {
+    "compare": ("each rank would run the whole comparison into the same folder", "run it without torchrun; "
+                "--jobs N trains N of its runs at once, each in its own process"),
+    "sft": ("each rank would train and save the same model", "run it without torchrun, then train from its "
+            "output under torchrun: torchrun ... -m gradus train --model OUTPUT"),
+    "eval": ("each rank would evaluate the same held-out set", "run it without torchrun"),
+    "export": ("each rank would write the same folder", "run it without torchrun"),
+}
+
+
+def _torchrun_refusal(command: str) -> str | None:
+    """Why `command` must not run under torchrun, or None: only `train` splits its work over the ranks."""
+    from gradus.parallel import launched_by_torchrun
+
+    if command == "train" or not launched_by_torchrun():
+        return None
+    why, instead = _UNDER_TORCHRUN.get(command, ("each rank would do the same work", "run it without torchrun"))
+    return (f"gradus {command} does not run under torchrun ({why}); {instead}. Only gradus train is a "
+            "torchrun job (torchrun ... -m gradus train)")
 
 
 def _unrecognized(parser: argparse.ArgumentParser, stray: list[str]) -> NoReturn:
@@ -338,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from gradus.errors import user_error
 
+    if refusal := _torchrun_refusal(args.command):  # before any work, on every rank; rank 0 says why
+        kind, code = user_error(ConfigError(refusal)) or ("", 2)
+        if os.environ.get("RANK") == "0":
+            print(f"gradus: {kind}: {refusal}", file=sys.stderr)
+        return code
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -355,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         from gradus.demo import main as demo_main
         from gradus.objectives import resolve_objective
 
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        algos = _algo_list(args.algos, "every preset")
         for a in algos:
             try:
                 resolve_objective(a)  # fail fast on a typo, listing the valid names

@@ -6,6 +6,8 @@ and a warm start made before the failure)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import sys
 
 import pytest
@@ -17,6 +19,7 @@ from gradus.config import ConfigError, load_config
 from gradus.config_checks import validate
 from gradus.rollout import EngineError
 from gradus.rollout.registry import engine_class
+from gradus.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from gradus.train.trainer import Trainer
 
 # installed but broken fails these tests rather than skipping them (see tests/test_vllm_engine.py)
@@ -67,3 +70,41 @@ def test_a_kv_cache_larger_than_memory_says_which_setting_to_lower(micro_dir, tm
     with pytest.raises(EngineError, match="not enough memory .*Lower vllm.kv_cache_gb"):
         Trainer(cfg)
     assert not dist.is_initialized()
+
+
+@needs_vllm
+@pytest.mark.parametrize("gb", [1e-6, 5e-4])  # not one block; some blocks, but not one sequence's
+def test_a_kv_cache_too_small_for_one_sequence_says_how_large_it_must_be(gb, micro_dir, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(micro_dir, tmp_path, **{"rollout.engine": "vllm",
+                                                                       "vllm.kv_cache_gb": gb}))
+    with pytest.raises(EngineError) as info:
+        Trainer(cfg)
+    message = str(info.value)
+    assert not dist.is_initialized()
+    # micro: 4 layers x 2 KV heads x head dim 128 / 4 heads = 32 x 2 (K, V) x 4 bytes = 2048 bytes a token;
+    # x 512 positions = 1 MiB = 0.000977 GiB a sequence
+    assert message.startswith(f"vllm.kv_cache_gb={gb:g} cannot hold one sequence of 512 tokens")
+    assert "2048 bytes a token (4 layers x 2 KV heads x head dim 32 x 2 (K and V) x 4 bytes (float32))" in message
+    assert "0.000977 GiB a sequence" in message and "Lower vllm.kv_cache_gb" not in message
+    if gb == 1e-6:  # the size it names is enough: vLLM starts with it
+        enough = float(re.search(r"set vllm.kv_cache_gb to at least ([0-9.e-]+),", message)[1])
+        engine = VLLMEngine(micro_dir, pad_token_id=0, eos_token_ids=[2], device="cpu",
+                            settings=VLLMSettings(kv_cache_gb=enough))
+        engine.close()
+
+
+def test_kv_cache_bytes_per_token_from_the_config(tmp_path):
+    """layers x KV heads x head dim x 2 (K and V) x bytes, worked out by hand for the fields a config may give."""
+    from gradus.rollout.vllm_engine import kv_cache_bytes_per_token
+
+    config = {"num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert kv_cache_bytes_per_token(tmp_path, "bfloat16")[0] == 3 * 2 * (256 // 8) * 2 * 2 == 768
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": 64}))  # Qwen3: its own head dim
+    assert kv_cache_bytes_per_token(tmp_path, "float32")[0] == 3 * 2 * 64 * 2 * 4 == 3072
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": None}))  # MHA: KV = heads
+    assert kv_cache_bytes_per_token(tmp_path, "float16")[0] == 3 * 8 * 32 * 2 * 2 == 3072
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": config}))  # a multimodal model's LM
+    assert kv_cache_bytes_per_token(tmp_path, "float32")[0] == 3 * 2 * 32 * 2 * 4
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 256}))
+    assert kv_cache_bytes_per_token(tmp_path, "float32") is None

@@ -12,6 +12,11 @@
    into a plain HF model (`gradus export`, `gradus eval`, a new run that starts from a LoRA run).
 4. With `model.dtype=bfloat16` the adapters are float32 (PEFT's `autocast_adapter_dtype`), so their
    optimizer steps are not rounded away; the frozen base stays bfloat16.
+5. What the targets adapt is found before any work (`plan_lora`, called from the model's config by
+   `gradus.train.bootstrap.preflight`, and again by `apply_lora`): PEFT itself injects them into a copy of
+   the model on the meta device, where adapters of any rank take no memory. A name that matches nothing, a
+   rank at or above an adapted matrix's width and an adapted MoE router are refused; the run's log gets one
+   line saying what is adapted, and on an MoE model what becomes of its routed experts and routers.
 
 Scope: the policy only. PPO's critic is a full copy of the backbone trained in full (see
 `gradus.models.critic`); LoRA does not shrink it. The adapters are plain `nn.Linear` pairs inside the
@@ -25,13 +30,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from gradus.config import ConfigError, ModelConfig
 from gradus.models.loading import ModelLoadError, check_finite, check_model_dir, load_pretrained
@@ -93,6 +101,7 @@ def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     from peft import LoraConfig, get_peft_model
 
     names = lora_targets(cfg.lora_targets)
+    plan_lora(model, cfg)  # refuses before PEFT allocates anything (preflight did it from the config already)
     targets: str | list[str] = "all-linear" if names == ["all-linear"] else names  # PEFT's keyword
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -107,6 +116,199 @@ def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     return peft_model
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """What a LoRA config adapts in one model, as PEFT does it (found on a copy on the meta device)."""
+
+    rank: int
+    shapes: dict[str, tuple[int, int]]
+    """Adapted module (full name; a fused MoE tensor by its module and parameter, "mlp.experts.down_proj") ->
+    (in, out) features of the matrix it adapts (of each expert's, for fused experts), in the model's order."""
+    missing: str | None
+    """The default targets this model does not have (e.g. an MoE model's MLP names), or None."""
+    moe: str | None
+    """For a mixture-of-experts model: what happens to its routed experts, routers and shared experts."""
+
+    def describe(self) -> str:
+        """One line for the run's log: how many modules, which (by their name within a decoder layer)."""
+        kinds: dict[str, int] = {}
+        for name in self.shapes:
+            kinds[_within_layer(name)] = kinds.get(_within_layer(name), 0) + 1
+        listed = ", ".join(f"{kind} x{count}" if count > 1 else kind for kind, count in kinds.items())
+        line = f"LoRA r={self.rank} adapts {len(self.shapes)} weight matrices: {listed}"
+        return "; ".join(part for part in (line, self.missing, self.moe) if part)
+
+
+def plan_lora(model: nn.Module, cfg: ModelConfig) -> LoraPlan | None:
+    """What `cfg` adapts in `model` (a plain HF model, loaded or on the meta device), found by PEFT itself on a
+    copy on the meta device, where no adapter takes memory whatever the rank; None when the model's config cannot
+    be built there (custom code). PEFT is the judge of what matches: a listed name matches a module whose name is
+    it or ends in "." + it, and on MoE models PEFT maps some names onto fused expert tensors (Qwen3-MoE's
+    gate_proj/up_proj/down_proj; Mixtral's w1/w2/w3) and the router (`gate`); `all-linear` adds those too.
+
+    ConfigError before any real adapter exists: a listed name that adds nothing and matches nothing on its own
+    (a typo, dropped silently by PEFT when another name matched; allowed for the default list, whose MLP names
+    an MoE model may lack), a name PEFT refuses, and a rank at or above the width min(in, out) of the narrowest
+    adapted matrix: a rank-w adapter on it can already make any change, a larger one only costs memory and time
+    (model.lora_r=100000 on the nano model trained 50 s and wrote a 2.8 GB checkpoint)."""
+    meta = model if _on_meta(model) else _meta_model(getattr(model, "config", None))
+    if meta is None:
+        return None
+    names = list(dict.fromkeys(lora_targets(cfg.lora_targets)))  # a name given twice is one name
+    try:
+        shapes = _adapted_shapes(meta, cfg, names)
+        unmatched = [] if names == ["all-linear"] else _unmatched(meta, cfg, names, shapes)
+    except _NoMatch:
+        shapes, unmatched = {}, names
+    default = cfg.lora_targets == ModelConfig().lora_targets
+    if unmatched and not (default and shapes):
+        raise ConfigError(f"model.lora_targets: {unmatched[0]!r} matches no module of the model; name linear layers, "
+                          f"which are here: {', '.join(_linear_names(meta))}")
+    _check_routers(meta, cfg, shapes)
+    narrowest = min(shapes, key=lambda name: min(shapes[name]))
+    width = min(shapes[narrowest])
+    if cfg.lora_r >= width:
+        fan_in, fan_out = shapes[narrowest]
+        raise ConfigError(f"model.lora_r={cfg.lora_r} is at or above the width of {narrowest} ({fan_in} -> {fan_out} "
+                          f"features: width {width}), the narrowest matrix model.lora_targets adapts; a rank-{width} "
+                          f"adapter can already make any change to it, a larger one only costs memory and time: set "
+                          f"model.lora_r below {width}, or leave that layer out of model.lora_targets")
+    missing = f"the default targets {', '.join(unmatched)} are not in this model" if unmatched else None
+    return LoraPlan(cfg.lora_r, shapes, missing, _moe_note(meta, shapes))
+
+
+def _check_routers(model: nn.Module, cfg: ModelConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """ConfigError when the targets adapt an MoE router (`gate`, or `all-linear`, on Mixtral and Qwen3-MoE): PEFT
+    wraps the router in a module of its own, and gradus' routing records (taken at every sampling of an MoE
+    policy) and replays then find the wrapper where the MoE block should be; sampling failed with a traceback."""
+    from gradus.models.routing import moe_layout_or_none
+
+    layout = moe_layout_or_none(model)
+    routers = [name for name in shapes if layout is not None and name in layout.names]
+    if routers:
+        name = _within_layer(routers[0])
+        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r} adapts the MoE routers ({name}), which gradus' "
+                          "routing record and replay cannot see through yet; list the targets without "
+                          f"{name.rsplit('.', 1)[-1]!r} (all-linear includes it)")
+
+
+def plan_from_config(cfg: ModelConfig) -> LoraPlan | None:
+    """`plan_lora` for the model `cfg` names, before it is loaded or warm-started: from its config.json (a LoRA
+    folder's: its base's) or the built-in model's sizes. None when that cannot be built on the meta device
+    (e.g. custom code): `apply_lora` then checks the loaded model."""
+    from transformers import AutoConfig
+
+    from gradus.models.tiny import tiny_config
+    from gradus.models.tokenizer import build_char_tokenizer
+
+    try:
+        if cfg.path:
+            path = Path(cfg.path)
+            while (base := adapter_base(path)) is not None:
+                path = base
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        else:
+            config = tiny_config(cfg.tiny_size, tokenizer=build_char_tokenizer(), arch=cfg.arch)
+    except (OSError, ValueError, KeyError):
+        return None  # the model loader says what is wrong with the folder
+    model = _meta_model(config)
+    return None if model is None else plan_lora(model, cfg)
+
+
+class _NoMatch(Exception):
+    """PEFT found no module for the targets tried (its NoMatchingPeftModuleError)."""
+
+
+def _meta_model(config: Any) -> nn.Module | None:
+    """The causal LM of `config` on the meta device (modules and shapes, no memory); None if it cannot be built."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        return None
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _adapted_shapes(meta: nn.Module, cfg: ModelConfig, names: list[str]) -> dict[str, tuple[int, int]]:
+    """The matrices PEFT adapts in a copy of `meta` with target_modules `names` -> their (in, out) features;
+    ConfigError with PEFT's reason when it refuses the targets."""
+    from peft import LoraConfig, NoMatchingPeftModuleError, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    targets: str | list[str] = "all-linear" if names == ["all-linear"] else names  # PEFT's keyword
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        with torch.device("meta"), _quiet_peft(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. PEFT's notes on the fused experts' rank patterns
+            peft_model = get_peft_model(copy.deepcopy(meta), config)
+    except NoMatchingPeftModuleError as err:
+        raise _NoMatch from err
+    except ValueError as err:  # PEFT's own words: a module type it cannot adapt, half of a fused pair, ...
+        reason = re.sub(r"Target module (\w+)\(.*?\) is not supported", r"Target module \1 is not supported",
+                        " ".join(str(err).split()))  # the module's repr spans lines: its class name is enough
+        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r}: PEFT refuses it: {reason} (the model's linear "
+                          f"layers are named: {', '.join(_linear_names(meta))})") from err
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):  # a fused tensor's adapters nest: experts, experts.base_layer, ...
+            module_name = re.sub(r"(\.base_layer)+$", "", name)
+            parameter = getattr(module, "parameter_name", None)
+            key = f"{module_name}.{parameter}" if parameter and parameter != "weight" else module_name
+            shapes[key] = (int(module.in_features), int(module.out_features))
+    return shapes
+
+
+def _unmatched(meta: nn.Module, cfg: ModelConfig, names: list[str], shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """The names among `names` that PEFT matched nothing with: leaving one out adapts the same matrices, and on
+    its own it matches nothing (a name that only repeats another's modules is kept; a name of a fused pair
+    such as Mixtral's w1 changes what the others adapt)."""
+    found = []
+    for name in names:
+        others = [other for other in names if other != name]
+        try:
+            if others and _adapted_shapes(meta, cfg, others) != shapes:
+                continue
+        except (ConfigError, _NoMatch):
+            continue  # the others alone are refused: this name is part of what makes them work
+        try:
+            _adapted_shapes(meta, cfg, [name])
+        except _NoMatch:
+            found.append(name)
+        except ConfigError:
+            pass  # alone it is half of a fused pair: not a name that matches nothing
+    return found
+
+
+def _within_layer(name: str) -> str:
+    """A module's name within its decoder layer ("model.layers.3.self_attn.q_proj" -> "self_attn.q_proj")."""
+    return re.sub(r"^(.*\.)?layers\.\d+\.", "", name)
+
+
+def _moe_note(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """What LoRA does to a mixture-of-experts model's routed experts, routers and shared experts (None for a dense
+    model). In transformers 5 the routed experts are fused [experts, out, in] tensors and the routers are not
+    linear layers; PEFT adapts them only where it maps the target names onto them (`plan_lora`)."""
+    from gradus.models.routing import moe_layout_or_none
+
+    layout = moe_layout_or_none(model)
+    if layout is None:
+        return None
+    blocks = [name.rpartition(".")[0] for name in layout.names]
+    experts = [n for n in shapes if any(n.startswith(f"{block}.experts") for block in blocks)]
+    shared = [n for n in shapes if ".shared_expert" in n]
+    routed = (f"the routed experts get adapters on {', '.join(sorted({_within_layer(n) for n in experts}))} (one "
+              f"per expert, {layout.num_experts} per MoE layer)" if experts else
+              f"the routed experts ({layout.num_experts} per MoE layer) get no adapter")
+    router = f"the routers ({_within_layer(layout.names[0])}) get none"  # _check_routers refuses them
+    return f"MoE: {routed}; {router}" + (f"; the shared experts' {len(shared)} matrices are adapted" if shared else "")
+
+
 @contextlib.contextmanager
 def _quiet_peft() -> Iterator[None]:
     """PEFT asks transformers 5 a deprecated question (`is_gradient_checkpointing`) on every wrap: a
@@ -116,9 +318,16 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
+# The linear layers PEFT adapts (GPT-2-style models build theirs as transformers' Conv1D).
+_LINEAR = (nn.Linear, Conv1D)
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    """The distinct last parts of the names of `model`'s nn.Linear modules, e.g. ['down_proj', ..., 'v_proj']."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+    """The distinct last parts of the names of `model`'s linear layers but the lm head (which no adapter may
+    take), e.g. ['down_proj', ..., 'v_proj']."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, _LINEAR) and module is not head})
 
 
 def _check_head_and_embeddings(model: nn.Module) -> None:

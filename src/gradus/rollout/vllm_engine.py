@@ -19,6 +19,7 @@ updates. vLLM is an optional dependency: `pip install vllm` on GPU; on CPU the `
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -162,7 +163,8 @@ class VLLMEngine:
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
-            raise EngineError(_start_failure(self.model_dir, err, self.on_gpu)) from err
+            raise EngineError(_start_failure(self.model_dir, err, self.on_gpu, self.settings,
+                                             self.max_model_len)) from err
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
@@ -269,10 +271,21 @@ def _model_positions(model_dir: Path) -> int:
     return positions
 
 
-def _start_failure(model_dir: Path, err: Exception, on_gpu: bool) -> str:
-    """What to tell the user when vLLM does not start on `model_dir`."""
+# vLLM's words when the KV cache it was given cannot hold one sequence of max_model_len tokens (vLLM 0.11-0.32:
+# `_check_enough_kv_cache_memory`, "No available memory..." when not even one block is left)
+_CACHE_TOO_SMALL = ("no available memory for the cache blocks", "to serve at least one request")
+# Tokens of slack in the suggested size: vLLM rounds a sequence up to whole blocks (16 to 256 tokens, by platform
+# and attention backend) and keeps one block back from the pool.
+_BLOCK_SLACK = 512
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _start_failure(model_dir: Path, err: Exception, on_gpu: bool, settings: VLLMSettings, max_model_len: int) -> str:
+    """What to tell the user when vLLM does not start on `model_dir` with `settings`."""
     text = f"{type(err).__name__}: {err}".strip()
     lowered = text.lower()
+    if any(words in lowered for words in _CACHE_TOO_SMALL):
+        return _cache_too_small(model_dir, on_gpu, settings, max_model_len, text)
     if "not supported" in lowered or "unsupported" in lowered or "architecture" in lowered:
         return (f"vLLM cannot run the model in {model_dir}: {text}. Use rollout.engine=local (it runs any "
                 "transformers causal LM), or a model architecture that vLLM supports")
@@ -281,3 +294,45 @@ def _start_failure(model_dir: Path, err: Exception, on_gpu: bool) -> str:
         return (f"vLLM has not enough memory for the model in {model_dir}: {text}. Lower {what} or "
                 "vllm.max_model_len, or free memory")
     return f"vLLM failed to start on the model in {model_dir}: {text}. Or use rollout.engine=local"
+
+
+def _cache_too_small(model_dir: Path, on_gpu: bool, settings: VLLMSettings, max_model_len: int, text: str) -> str:
+    """The KV cache cannot hold one sequence: say so, and how large it must be (from the model's config.json)."""
+    given = (f"vllm.kv_cache_gb={settings.kv_cache_gb:g}" if settings.kv_cache_gb is not None else
+             f"the KV cache left by vllm.memory_fraction={settings.memory_fraction:g}" if on_gpu else
+             "the default 1 GiB KV cache")
+    size = kv_cache_bytes_per_token(model_dir, settings.dtype)
+    if size is None:  # a config that does not say its attention's sizes: vLLM's own words are all there is
+        return (f"{given} cannot hold one sequence of {max_model_len} tokens (vllm.max_model_len, or the model's "
+                f"positions): {text}. Set a larger vllm.kv_cache_gb or a smaller vllm.max_model_len")
+    per_token, how = size
+    need = per_token * max_model_len / 2**30
+    enough = _round_up(per_token * (max_model_len + _BLOCK_SLACK) / 2**30)
+    return (f"{given} cannot hold one sequence of {max_model_len} tokens (vllm.max_model_len, or the model's "
+            f"positions): the model's KV cache takes {per_token} bytes a token ({how}), {need:.3g} GiB a sequence, "
+            f"and vLLM rounds up to whole blocks and keeps one back; set vllm.kv_cache_gb to at least {enough:g}, "
+            f"or lower vllm.max_model_len")
+
+
+def kv_cache_bytes_per_token(model_dir: Path, dtype: str) -> tuple[int, str] | None:
+    """Bytes of KV cache one token takes over all layers, K and V, at `dtype`, and the product in words, from
+    `model_dir`/config.json (layers x KV heads x head dim x 2 x bytes); None when the config does not say them."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = config.get("text_config", config)  # a multimodal model's language part
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        width = _DTYPE_BYTES[dtype]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return (layers * kv_heads * head_dim * 2 * width,
+            f"{layers} layers x {kv_heads} KV heads x head dim {head_dim} x 2 (K and V) x {width} bytes ({dtype})")
+
+
+def _round_up(x: float) -> float:
+    """`x` rounded up to two significant digits (a size to suggest: never below what is needed)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(round(x / step, 9)) * step, 12)  # the inner round: 1.0 / 0.1 is 10.000000000000002

@@ -44,6 +44,10 @@ def preflight(cfg: TrainConfig) -> tuple[torch.device, Task]:
     if cfg.model.path:
         check_model_path(cfg.model.path)
         check_moe_path(cfg)
+    if cfg.model.lora_r > 0:  # targets and rank against the model's layers, from its config; says what is adapted
+        plan = lora.plan_from_config(cfg.model)
+        if plan is not None and _is_rank_zero():
+            print(f"gradus: {plan.describe()}", file=sys.stderr, flush=True)
     task = build_task(cfg)
     check_positions(cfg, task, task.heldout(cfg.task.heldout_size))
     heldout_set(task, cfg.task.heldout_size)  # check_positions may have dropped every held-out row

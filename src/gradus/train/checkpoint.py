@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -94,11 +95,14 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if "state.pt" not in expected:
         return "the manifest lists no state.pt"
     for rel, size in expected.items():
-        path = ckpt / rel
-        if not path.is_file():
+        try:  # one stat: a checkpoint pruned by a running trainer may vanish between two
+            found = (ckpt / rel).stat()
+        except (FileNotFoundError, NotADirectoryError):
             return f"{rel} is missing"
-        if size is not None and path.stat().st_size != size:
-            return f"{rel} has {path.stat().st_size} bytes, the manifest says {size}"
+        if not stat.S_ISREG(found.st_mode):
+            return f"{rel} is missing"
+        if size is not None and found.st_size != size:
+            return f"{rel} has {found.st_size} bytes, the manifest says {size}"
     return None
 
 

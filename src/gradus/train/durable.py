@@ -19,29 +19,40 @@ LOW_SPACE_BYTES = 64 * 2**20
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFull(OSError):
-    """A write failed because the disk (or the user's quota) is full."""
+RESUME = "Everything saved before it is intact: free some space, then resume the run"
 
-    def __init__(self, what: str, where: Path):
-        super().__init__(f"disk full while writing {what} in {where} ({_free(where)} free). Everything saved "
-                         "before it is intact: free some space, then resume the run")
+
+class DiskFull(OSError):
+    """A write failed because the disk (or the user's quota) is full. `after`: what is left and what to do
+    (a run is resumed; a command that is not a run, such as `gradus export`, is run again)."""
+
+    def __init__(self, what: str, where: Path, after: str = RESUME):
+        super().__init__(f"disk full while writing {what} in {where} ({_free(where)} free). {after}")
         self.errno = errno.ENOSPC
         self.run_dir: Path | None = None  # set by the trainer, for the resume hint
 
 
 def is_disk_full(err: BaseException, where: Path) -> bool:
-    """Whether `err` (or an error it wraps) means the disk is full; else whether `where` has almost no space."""
+    """Whether `err` (or an error it wraps) means the disk is full. Only an error that names no cause of its own
+    (torch's zip writer) is judged by the free space of `where`: an errno that is not ENOSPC (no such folder,
+    permission denied) is that failure, whatever the space; and a filesystem of size 0 (/proc, /sys, which
+    report 0 bytes free) holds no data to fill up."""
     seen: BaseException | None = err
+    said = False  # some error of the chain carries an errno: the system said what failed
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _FULL:
             return True
         if "No space left" in str(seen):
             return True
+        said = said or (isinstance(seen, OSError) and seen.errno is not None)
         seen = seen.__cause__ or seen.__context__
+    if said:
+        return False
     try:
-        return shutil.disk_usage(where).free < LOW_SPACE_BYTES
+        usage = shutil.disk_usage(where)
     except OSError:
         return False
+    return usage.total > 0 and usage.free < LOW_SPACE_BYTES
 
 
 def fsync_file(path: Path) -> None:
