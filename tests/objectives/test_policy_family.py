@@ -106,6 +106,10 @@ def test_dppo_kl_uses_the_binary_kl():
     assert _dppo("dppo_kl", 0.3, 0.5, 1.0)[1].item() == pytest.approx(-0.6)
     # p = 1 is finite: the eps in the second logarithm (as verl)
     assert torch.isfinite(binary_kl(torch.tensor([-0.1], dtype=F64), torch.tensor([0.0], dtype=F64))).all()
+    # a log-prob above 0 (not a probability) gives a NaN divergence: the token is masked, not kept
+    _, g, m = _grad("dppo_kl", torch.tensor([[0.1]], dtype=F64), torch.tensor([[-0.2]], dtype=F64),
+                    torch.ones(1, dtype=F64), torch.ones(1, 1))
+    assert g.item() == 0.0 and m["clip_frac_high"] == 1.0
 
 
 # --- Clip-Cov and KL-Cov -----------------------------------------------------------------------------------

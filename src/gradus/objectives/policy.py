@@ -287,8 +287,9 @@ def _dppo(
             moved_down = (p - p_old) < -obj.clip_low  # [B, T]
         else:
             div = binary_kl(old_logp, lp)  # [B, T]
-            moved_up = (div > obj.clip_high) & (p > p_old)  # [B, T]
-            moved_down = (div > obj.clip_low) & (p < p_old)  # [B, T]
+            # `not <=` so that a NaN divergence (a log-prob above 0 on input) masks the token, as in verl
+            moved_up = ~(div <= obj.clip_high) & (p > p_old)  # [B, T]
+            moved_down = ~(div <= obj.clip_low) & (p < p_old)  # [B, T]
         # A > 0 pushes p up, A <= 0 down (A = 0 contributes nothing either way)
         outside = torch.where(adv > 0, moved_up, moved_down)  # [B, T]
         valid = (~outside).to(logp.dtype)  # [B, T]
