@@ -19,15 +19,18 @@ from gradus.objectives import (
     KNOBS_BY_TRUST,
     Estimator,
     PolicyObjective,
+    Rejection,
     estimator,
     resolve_bounds,
     resolve_objective,
+    resolve_rejection,
     valid_knobs,
 )
 
 # The loss knobs, as named in both the objective and the config's algo section.
 LOSS_KNOBS = tuple(dict.fromkeys(k for knobs in KNOBS_BY_TRUST.values() for k in knobs))
-PPO_ONLY = ("gamma", "lam", "value_clip", "critic_lr", "critic_warmup")
+ESTIMATOR_KNOBS = ("gamma", "lam")  # advantage settings that only some estimators read (Estimator.knobs)
+CRITIC_ONLY = ("value_clip", "critic_lr", "critic_warmup")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ResolvedAlgo:
     correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
     correction_bounds: tuple[float | None, float | None] = (None, None)  # its (low, high), defaults filled in
     advantage: str = "group"  # the advantage estimator (gradus.objectives.estimators)
+    rejection: tuple[Rejection, ...] = ()  # rollout/training rejection criteria (gradus.objectives.correction)
 
     @property
     def estimator(self) -> Estimator:
@@ -86,8 +90,14 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(
             f"algo.{bad[0]} is not used by algo {a.name!r} (its loss knobs: {', '.join(valid_knobs(a.name))})"
         )
+    for knob in ESTIMATOR_KNOBS:
+        if knob not in est.knobs and getattr(a, knob) != getattr(defaults, knob):
+            readers = ", ".join(name for name, e in ESTIMATORS.items() if knob in e.knobs)
+            raise ConfigError(f"algo.{knob} is not used by the {advantage} advantage estimator"
+                              + (f" ({a.name}'s)" if a.advantage is None else "")
+                              + f"; the estimators that read it: {readers} (algo.advantage)")
     if not is_ppo:
-        changed = [k for k in PPO_ONLY if getattr(a, k) != getattr(defaults, k)]
+        changed = [k for k in CRITIC_ONLY if getattr(a, k) != getattr(defaults, k)]
         if changed:
             raise ConfigError(f"algo.{changed[0]} is only used with a critic (algo.advantage=gae, as ppo), not by "
                               f"{a.name!r} with the {advantage} estimator")
@@ -95,7 +105,8 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError(f"algo.adv_scale is not used by the {advantage} advantage estimator"
                           + (f" ({a.name}'s)" if a.advantage is None else "")
                           + (": its advantages come from GAE with a critic" if est.uses_critic else ""))
-    if a.name == "dr_grpo" and set_knobs.get("agg", "seq-mean-token-sum-norm") == "seq-mean-token-sum-norm":
+    # a constant norm (Dr. GRPO's point): the generation budget, not the padded length of each micro-batch
+    if set_knobs.get("agg", ALGORITHMS[a.name].objective.agg) == "seq-mean-token-sum-norm":
         set_knobs.setdefault("agg_norm", float(cfg.rollout.max_new_tokens))
     try:
         objective = resolve_objective(a.name, **set_knobs)
@@ -119,6 +130,10 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
     except ValueError as err:  # e.g. a lower bound for tis, which only caps
         raise ConfigError(f"algo.rollout_correction={a.rollout_correction}: {err} (algo.correction_low / "
                           "algo.correction_high)") from err
+    try:
+        rejection = resolve_rejection(a.rollout_rejection, a.rejection_thresholds)
+    except ValueError as err:
+        raise ConfigError(f"algo.rollout_rejection={a.rollout_rejection}: {err} (algo.rejection_thresholds)") from err
     # ranges (kl_coef >= 0, the estimator's name, ...) are checked on these resolved values by
     # gradus.config_checks.validate, with the rules declared next to each field
     return ResolvedAlgo(
@@ -142,6 +157,7 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         correction=a.rollout_correction,
         correction_bounds=bounds,
         advantage=advantage,
+        rejection=rejection,
     )
 
 
@@ -161,7 +177,8 @@ def resolved_config(cfg: TrainConfig, algo: ResolvedAlgo | None = None) -> Train
     out.algo.dynamic_sampling, out.algo.overlong_shaping = algo.dynamic_sampling, algo.overlong_shaping
     out.optim.epochs, out.optim.minibatches = algo.epochs, algo.minibatches
     out.run.steps = algo.steps
-    # the correction's bounds stay as given (None: the mode's), so that a resume may change the mode
+    # the correction's bounds and the rejection thresholds stay as given (None: the defaults), so that a
+    # resume may change the mode
     return out
 
 

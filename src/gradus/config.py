@@ -23,6 +23,12 @@ import yaml
 
 from gradus.config_spec import Allowed, spec
 
+# algo.rollout_rejection: names only here; gradus.objectives.resolve_rejection checks them against REJECTIONS
+_REJECTION_PATTERN = r"[\w\s,]*"
+_REJECTION_TEXT = "comma-separated names of gradus.objectives.REJECTIONS (token_k1, seq_mean_k3, ...)"
+_NUMBER = r"\s*[0-9.eE+-]+\s*"
+_THRESHOLD_PATTERN = rf"{_NUMBER}(_{_NUMBER})?(,{_NUMBER}(_{_NUMBER})?)*"
+
 # The attention and MLP projections of Llama and Qwen2 (and most decoders that copy their names).
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -134,9 +140,9 @@ class AlgoConfig:
     name: str = spec("dapo", choices="gradus.objectives.presets:ALGORITHMS")
     """Algorithm: a key of gradus.objectives.ALGORITHMS (`gradus algos` shows their settings)."""
     clip_low: float | None = spec(None, gt=0, le=1)
-    """Lower clip epsilon; None: the preset's."""
+    """Lower clip epsilon (gmpo: of the log-ratio; dppo_tv, dppo_kl: the divergence bound); None: the preset's."""
     clip_high: float | None = spec(None, gt=0)
-    """Upper clip epsilon; None: the preset's."""
+    """Upper clip epsilon (gmpo: of the log-ratio; dppo_tv, dppo_kl: the divergence bound); None: the preset's."""
     dual_clip: float | None = spec(None, gt=1)
     """Dual-clip constant c > 1 (token-ratio clip algos only)."""
     tau_pos: float | None = spec(None, gt=0)
@@ -184,7 +190,22 @@ class AlgoConfig:
     correction_low: float | None = spec(None, gt=0)
     """Lower bound of the ratio pi_train/pi_rollout kept by mis, seq_mis, icepop; None: the mode's (0.5)."""
     correction_high: float | None = spec(None, gt=0)
-    """Cap (tis, seq_tis) or upper bound (mis, seq_mis, icepop) of that ratio; None: the mode's (2; icepop 5)."""
+    """Cap (the tis modes) or upper bound (the mis modes, icepop) of that ratio; None: the mode's (2; icepop 5)."""
+    rollout_rejection: str | None = spec(None, pattern=_REJECTION_PATTERN, text=_REJECTION_TEXT)
+    """Drop tokens or sequences too far between pi_train and pi_rollout (verl's rollout_rs); None: none."""
+    rejection_thresholds: str | None = spec(None, pattern=_THRESHOLD_PATTERN,
+                                            text="comma-separated numbers, or low_high for a k1 criterion")
+    """One bound per rollout_rejection criterion, or one for all (k1: low_high ratio bounds); None: the defaults."""
+    ratio_cap: float | None = spec(None, ge=1)
+    """DPPO: cap on its detached importance weight r (verl's clip_ratio_c); None: the preset's (no cap)."""
+    cov_frac: float | None = spec(None, gt=0, le=1)
+    """Clip-Cov, KL-Cov: share of a batch's tokens they act on; None: the preset's (2e-4, 2e-3)."""
+    cov_low: float | None = spec(None, text="a number")
+    """Clip-Cov: tokens whose covariance lies in (cov_low, cov_high) are its candidates; None: the preset's (1)."""
+    cov_high: float | None = spec(None, text="a number")
+    """Clip-Cov: the upper end of that band; None: the preset's (5)."""
+    cov_coef: float | None = spec(None, gt=0)
+    """KL-Cov: weight beta of its |log r| penalty on the chosen tokens; None: the preset's (1)."""
 
 
 @dataclass
@@ -450,7 +471,10 @@ ALIASES: dict[str, str] = {
     "enable_sleep_mode": "vllm.sleep", "enforce_eager": "vllm.eager", "free_cache_engine": "vllm.sleep",
     "vllm_importance_sampling_correction": "algo.rollout_correction", "rollout_is": "algo.rollout_correction",
     "vllm_importance_sampling_cap": "algo.correction_high", "tis_imp_ratio_cap": "algo.correction_high",
-    "rollout_is_threshold": "algo.correction_high",
+    "rollout_is_threshold": "algo.correction_high", "rollout_rs": "algo.rollout_rejection",
+    "rollout_rs_threshold": "algo.rejection_thresholds", "clip_cov_ratio": "algo.cov_frac",
+    "kl_cov_ratio": "algo.cov_frac", "clip_cov_lb": "algo.cov_low", "clip_cov_ub": "algo.cov_high",
+    "ppo_kl_coef": "algo.cov_coef",
     # run, task, model
     "steps": "run.steps", "max_steps": "run.steps", "total_steps": "run.steps", "num_steps": "run.steps",
     "total_training_steps": "run.steps", "num_train_epochs": "run.steps", "total_epochs": "run.steps",

@@ -58,7 +58,36 @@ HARMFUL = [  # (override, field, what the message must show of the value)
     ("algo.name=ppo algo.gamma=2", "algo.gamma", "2"),
     ("algo.name=ppo algo.lam=-1", "algo.lam", "-1"),
     ("algo.name=ppo algo.critic_lr=-1", "algo.critic_lr", "-1"),
+    # a correction band without ratio 1 zeroes every on-policy token: the run would learn nothing
+    ("algo.rollout_correction=icepop algo.correction_low=1.5 algo.correction_high=1.5", "algo.correction_low",
+     "[1.5, 1.5]"),
+    ("algo.rollout_correction=mis algo.correction_high=0.9", "algo.correction_high", "0.9"),
+    ("algo.rollout_correction=tis algo.correction_high=0.5", "algo.correction_high", "0.5"),  # shrinks every token
+    ("algo.name=dppo_tv algo.ratio_cap=0.5", "algo.ratio_cap", "0.5"),  # would shrink every on-policy token too
 ]
+
+
+REJECTION_FAULTS = [  # (overrides, words the message must hold): each would drop every token, or is ambiguous
+    ("algo.rollout_rejection=token_k1 algo.rejection_thresholds=1.5_2",
+     ("algo.rollout_rejection=token_k1", "low <= 1 <= high", "on-policy token", "algo.rejection_thresholds")),
+    ("algo.rollout_rejection=seq_mean_k3 algo.rejection_thresholds=0",
+     ("algo.rollout_rejection", "upper bound must be positive")),
+    ("algo.rollout_rejection=token_k2", ("token_k2 has no default threshold", "algo.rejection_thresholds")),
+    ("algo.rollout_rejection=seq_max_k1", ("unknown rejection criterion 'seq_max_k1'", "valid: token_k1")),
+    ("algo.rollout_rejection=token_k1,token_k2 algo.rejection_thresholds=2,0.1,0.2",
+     ("3 thresholds for 2 rejection criteria",)),
+    ("algo.rejection_thresholds=0.1", ("algo.rollout_rejection", "without a rejection criterion")),
+    ("algo.name=clip_cov algo.cov_low=5 algo.cov_high=1", ("cov_low (5.0) must be below cov_high (1.0)",)),
+    ("algo.name=grpo algo.cov_frac=0.1", ("algo.cov_frac is not used by algo 'grpo'",)),
+    ("algo.name=reinforce_pp algo.lam=0.5", ("algo.lam is not used by the reinforce_pp advantage estimator", "gae")),
+]
+
+
+@pytest.mark.parametrize(("overrides", "words"), REJECTION_FAULTS)
+def test_rejection_and_new_knobs_that_cannot_work_are_refused_before_any_work(overrides, words, tmp_path, capsys,
+                                                                               no_work):
+    _refused(["train", *overrides.split(), f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"], capsys, *words)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(("overrides", "field", "value"), HARMFUL)

@@ -9,6 +9,7 @@ import torch
 from gradus.objectives import (
     CORRECTIONS,
     DEFAULT_BOUNDS,
+    PRESETS,
     correction_weights,
     mismatch_metrics,
     objective_loss,
@@ -31,26 +32,32 @@ def _logs(ratios):
 
 
 @pytest.mark.parametrize("mode", CORRECTIONS)
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("algo", list(PRESETS))
 def test_no_mismatch_weights_are_one_and_loss_unchanged(mode, algo, batch):
     logp, old, adv, mask = batch
     w, stats = correction_weights(old, old.clone(), mask, mode)
     assert torch.equal(w, mask)  # exactly 1 on counted tokens, 0 on padding
     assert stats["weight_mean"].item() == 1.0
     assert stats["masked_frac"].item() == 0.0 and stats["truncated_frac"].item() == 0.0
+    assert stats["ess"].item() == 1.0
 
     obj = resolve_objective(algo)
     results = []
     for weight in (None, w):
         x = logp.clone().requires_grad_(True)
-        loss, _ = objective_loss(obj, x, old, adv, mask, token_weight=weight)
+        loss, _ = objective_loss(obj, x, old, adv, mask, token_weight=weight, generator=_draw(algo))
         results.append((loss, torch.autograd.grad(loss, x)[0]))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     # policy_loss passes the weight through
     x = logp.clone().requires_grad_(True)
-    loss, _ = policy_loss(x, old, adv, mask, algo=algo, token_weight=w)
+    loss, _ = policy_loss(x, old, adv, mask, algo=algo, token_weight=w, generator=_draw(algo))
     assert torch.equal(loss, results[0][0])
+
+
+def _draw(algo):
+    """Clip-Cov's random draw, the same for every call of a test (the other objectives draw nothing)."""
+    return torch.Generator().manual_seed(7) if algo == "clip_cov" else None
 
 
 # --- 2. hand-worked cases ---------------------------------------------------------------------
@@ -65,6 +72,8 @@ def test_token_modes_by_hand():
     assert s["truncated_frac"].item() == pytest.approx(1 / 3)
     assert s["masked_frac"].item() == 0.0
     assert s["weight_mean"].item() == pytest.approx(3.25 / 3)
+    # ess = (sum w)^2 / (n sum w^2) = 3.25^2 / (3 * (0.0625 + 1 + 4)) = 10.5625 / 15.1875
+    assert s["ess"].item() == pytest.approx(10.5625 / 15.1875)
     # mis, [0.5, 2]: 0.25 and 3 are outside -> [0, 1, 0]; two of three masked
     w, s = correction_weights(train, rollout, mask, "mis")
     assert w.tolist() == [[0.0, 1.0, 0.0]]
@@ -77,10 +86,12 @@ def test_token_modes_by_hand():
     # none: all 1
     w, _ = correction_weights(train, rollout, mask, "none")
     assert w.tolist() == [[1.0, 1.0, 1.0]]
-    # tis with a cap of 0.5: [0.25, 0.5, 0.5]; overriding high
-    w, s = correction_weights(train, rollout, mask, "tis", high=0.5)
-    torch.testing.assert_close(w, torch.tensor([[0.25, 0.5, 0.5]], dtype=F64), rtol=1e-14, atol=0)
-    assert s["truncated_frac"].item() == pytest.approx(2 / 3)
+    # tis with a cap of 1.5: [0.25, 1, 1.5]; overriding high
+    w, s = correction_weights(train, rollout, mask, "tis", high=1.5)
+    torch.testing.assert_close(w, torch.tensor([[0.25, 1.0, 1.5]], dtype=F64), rtol=1e-14, atol=0)
+    assert s["truncated_frac"].item() == pytest.approx(1 / 3)
+    # mis keeps 1 of 3 at weight 1: ess = 1^2 / (3 * 1) = 1/3 (the zeros count as lost samples)
+    assert correction_weights(train, rollout, mask, "mis")[1]["ess"].item() == pytest.approx(1 / 3)
 
 
 def test_bounds_are_inclusive():
@@ -95,8 +106,8 @@ def test_bounds_are_inclusive():
 
 
 def _seq_example():
-    # row 0: rho = (0.5, 2, 4): log-mean = (-log 2 + log 2 + 2 log 2) / 3 -> rho_0 = 2^(2/3) = 1.5874
-    # row 1: rho = (0.25) then padding (rollout -inf there: must not leak) -> rho_1 = 0.25
+    # row 0: rho = (0.5, 2, 4): product 4; log-mean (-log 2 + log 2 + 2 log 2) / 3 -> g_0 = 2^(2/3) = 1.5874
+    # row 1: rho = (0.25) then padding (rollout -inf there: must not leak) -> product = g_1 = 0.25
     # row 2: empty
     train, rollout = _logs([[0.5, 2.0, 4.0], [0.25, 1.0, 1.0], [1.0, 1.0, 1.0]])
     rollout[1, 1:] = -math.inf
@@ -105,33 +116,63 @@ def _seq_example():
 
 
 def test_sequence_modes_by_hand():
+    """seq_tis and seq_mis weight a row by its likelihood ratio prod_t rho_t (Liu et al. 2025, Yao et al.
+    2025, verl's rollout_is=sequence)."""
     train, rollout, mask = _seq_example()
-    rho0 = 2.0 ** (2 / 3)
-    # seq_tis, C = 2: rho_0 = 1.5874 < 2 is kept on all three tokens; rho_1 = 0.25 on its one token
+    # seq_tis, C = 2: row 0's product 4 is capped to 2 on its 3 tokens; row 1 keeps 0.25 -> 3 of 4 truncated
     w, s = correction_weights(train, rollout, mask, "seq_tis")
-    expected = torch.tensor([[rho0] * 3, [0.25, 0, 0], [0, 0, 0]], dtype=F64)
+    expected = torch.tensor([[2.0] * 3, [0.25, 0, 0], [0, 0, 0]], dtype=F64)
     torch.testing.assert_close(w, expected, rtol=1e-14, atol=0)
-    assert s["truncated_frac"].item() == 0.0
-    assert s["weight_mean"].item() == pytest.approx((3 * rho0 + 0.25) / 4)
-    # seq_tis, C = 1.5: row 0 capped to 1.5 on its 3 tokens -> 3 of 4 counted tokens truncated
-    w, s = correction_weights(train, rollout, mask, "seq_tis", high=1.5)
-    assert w[0].tolist() == [1.5] * 3
     assert s["truncated_frac"].item() == pytest.approx(3 / 4)
-    # seq_mis, [0.5, 2]: row 0 kept at 1.5874, row 1 (0.25) masked whole: 1 of 4 tokens
+    assert s["weight_mean"].item() == pytest.approx(6.25 / 4)
+    # ess = 6.25^2 / (4 * (3 * 4 + 0.0625))
+    assert s["ess"].item() == pytest.approx(6.25 ** 2 / (4 * 12.0625))
+    # seq_tis, C = 5: nothing capped, row 0 at 4
+    w, s = correction_weights(train, rollout, mask, "seq_tis", high=5.0)
+    assert w[0].tolist() == pytest.approx([4.0] * 3) and s["truncated_frac"].item() == 0.0
+    # seq_mis, [0.5, 2]: 4 and 0.25 are both outside: every row masked whole
     w, s = correction_weights(train, rollout, mask, "seq_mis")
-    expected = torch.tensor([[rho0] * 3, [0, 0, 0], [0, 0, 0]], dtype=F64)
-    torch.testing.assert_close(w, expected, rtol=1e-14, atol=0)
-    assert s["masked_frac"].item() == pytest.approx(1 / 4)
-    assert s["weight_mean"].item() == pytest.approx(3 * rho0 / 4)
-    # seq_mis, [0.2, 1.5]: now row 0 is masked and row 1 kept
-    w, s = correction_weights(train, rollout, mask, "seq_mis", low=0.2, high=1.5)
-    assert w.tolist() == [[0, 0, 0], [0.25, 0, 0], [0, 0, 0]]
-    assert s["masked_frac"].item() == pytest.approx(3 / 4)
+    assert w.tolist() == [[0.0] * 3] * 3
+    assert s["masked_frac"].item() == 1.0 and s["ess"].item() == 0.0
+    # seq_mis, [0.2, 4]: both kept at their products (edges inclusive: 4 is exact in fp64)
+    w, s = correction_weights(train, rollout, mask, "seq_mis", low=0.2, high=4.0)
+    torch.testing.assert_close(w, torch.tensor([[4.0] * 3, [0.25, 0, 0], [0, 0, 0]], dtype=F64), rtol=1e-14, atol=0)
+    assert s["masked_frac"].item() == 0.0
+    # seq_mis, [0.5, 5]: row 1 (0.25) masked: 1 of 4 tokens
+    w, s = correction_weights(train, rollout, mask, "seq_mis", high=5.0)
+    assert w[1].tolist() == [0.0, 0.0, 0.0] and s["masked_frac"].item() == pytest.approx(1 / 4)
     # token-level modes on the same rows: padding with -inf stays 0 and finite
     for mode in CORRECTIONS:
         w, s = correction_weights(train, rollout, mask, mode)
         assert torch.isfinite(w).all() and torch.all(w[mask == 0] == 0)
         assert all(math.isfinite(v.item()) for v in s.values())
+
+
+def test_geometric_mean_modes_by_hand():
+    """seq_mean_tis and seq_mean_mis: the geometric mean g_i = exp(mean_t log rho_t) (gradus' seq modes
+    before 2026; the statistic of verl's seq_mean_k1 rejection)."""
+    train, rollout, mask = _seq_example()
+    g0 = 2.0 ** (2 / 3)
+    # seq_mean_tis, C = 2: g_0 = 1.5874 < 2 is kept on all three tokens; g_1 = 0.25 on its one token
+    w, s = correction_weights(train, rollout, mask, "seq_mean_tis")
+    expected = torch.tensor([[g0] * 3, [0.25, 0, 0], [0, 0, 0]], dtype=F64)
+    torch.testing.assert_close(w, expected, rtol=1e-14, atol=0)
+    assert s["truncated_frac"].item() == 0.0
+    assert s["weight_mean"].item() == pytest.approx((3 * g0 + 0.25) / 4)
+    # seq_mean_tis, C = 1.5: row 0 capped to 1.5 on its 3 tokens -> 3 of 4 counted tokens truncated
+    w, s = correction_weights(train, rollout, mask, "seq_mean_tis", high=1.5)
+    assert w[0].tolist() == [1.5] * 3
+    assert s["truncated_frac"].item() == pytest.approx(3 / 4)
+    # seq_mean_mis, [0.5, 2]: row 0 kept at 1.5874, row 1 (0.25) masked whole: 1 of 4 tokens
+    w, s = correction_weights(train, rollout, mask, "seq_mean_mis")
+    expected = torch.tensor([[g0] * 3, [0, 0, 0], [0, 0, 0]], dtype=F64)
+    torch.testing.assert_close(w, expected, rtol=1e-14, atol=0)
+    assert s["masked_frac"].item() == pytest.approx(1 / 4)
+    assert s["weight_mean"].item() == pytest.approx(3 * g0 / 4)
+    # seq_mean_mis, [0.2, 1.5]: now row 0 is masked and row 1 kept
+    w, s = correction_weights(train, rollout, mask, "seq_mean_mis", low=0.2, high=1.5)
+    assert w.tolist() == [[0, 0, 0], [0.25, 0, 0], [0, 0, 0]]
+    assert s["masked_frac"].item() == pytest.approx(3 / 4)
 
 
 def test_metrics_by_hand():
@@ -181,13 +222,15 @@ def _weights_loop(train, rollout, mask, mode, low, high):
     for i in range(B):
         toks = [t for t in range(T) if mask[i, t] > 0]
         logs = [float(train[i, t]) - float(rollout[i, t]) for t in toks]
-        rho_seq = math.exp(sum(logs) / len(logs)) if logs else 1.0
+        rho_product = math.exp(sum(logs)) if logs else 1.0
+        rho_geometric = math.exp(sum(logs) / len(logs)) if logs else 1.0
         for t, lr in zip(toks, logs, strict=True):
-            rho = rho_seq if mode.startswith("seq_") else math.exp(lr)
+            rho = {"seq_tis": rho_product, "seq_mis": rho_product, "seq_mean_tis": rho_geometric,
+                   "seq_mean_mis": rho_geometric}.get(mode, math.exp(lr))
             counted += 1
             if mode == "none":
                 w[i][t] = 1.0
-            elif mode in ("tis", "seq_tis"):
+            elif mode in ("tis", "seq_tis", "seq_mean_tis"):
                 w[i][t] = min(rho, high)
                 truncated += rho > high
             elif low <= rho <= high:
@@ -195,9 +238,11 @@ def _weights_loop(train, rollout, mask, mode, low, high):
             else:
                 masked += 1
     total = sum(sum(row) for row in w)
+    squares = sum(x * x for row in w for x in row)
     n = max(counted, 1)
+    ess = total * total / (counted * squares) if squares > 0 else 0.0
     return torch.tensor(w, dtype=F64), {"weight_mean": total / n, "masked_frac": masked / n,
-                                        "truncated_frac": truncated / n}
+                                        "truncated_frac": truncated / n, "ess": ess}
 
 
 @pytest.mark.parametrize("mode", CORRECTIONS)
@@ -215,7 +260,7 @@ def test_weights_against_loop(mode, bounds, seed):
     mask[1, 0] = 1  # a row with at least one token
     kwargs = {}
     if bounds == "custom" and mode != "none":
-        kwargs = {"high": 1.3} if mode in ("tis", "seq_tis") else {"low": 0.8, "high": 1.3}
+        kwargs = {"high": 1.3} if mode.endswith("tis") else {"low": 0.8, "high": 1.3}
     low, high = DEFAULT_BOUNDS[mode]
     low, high = kwargs.get("low", low), kwargs.get("high", high)
     w, stats = correction_weights(train, rollout, mask, mode, **kwargs)
@@ -272,7 +317,7 @@ def test_metrics_against_loop(seed):
 # --- 4. token_weight in objective_loss ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("algo", list(PRESETS))
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_token_weight_against_loop(algo, per_token_adv, batch, monkeypatch):
     """Weighted loss = the oracle's per-token losses times w, aggregated with unchanged denominators.
@@ -285,19 +330,19 @@ def test_token_weight_against_loop(algo, per_token_adv, batch, monkeypatch):
     w = torch.rand(logp.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 2
     obj = resolve_objective(algo)
     x = logp.clone().requires_grad_(True)
-    fast, _ = objective_loss(obj, x, old, adv, mask, token_weight=w)
+    fast, _ = objective_loss(obj, x, old, adv, mask, token_weight=w, generator=_draw(algo))
     (g_fast,) = torch.autograd.grad(fast, x)
     # the oracle builds its per-token loss matrix, then calls agg_loop: weight the matrix there
     real_agg = oracle.agg_loop
     monkeypatch.setattr(oracle, "agg_loop", lambda loss, m, mode, norm=None: real_agg(loss * w, m, mode, norm))
     y = logp.clone().requires_grad_(True)
-    slow = oracle.policy_loop(obj, y, old, adv, mask)
+    slow = oracle.policy_loop(obj, y, old, adv, mask, seed=7)
     (g_slow,) = torch.autograd.grad(slow, y)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("algo", list(PRESETS))
 def test_constant_token_weight_scales_loss_exactly(algo, batch):
     # c = 0.25 is a power of two, so c * l rounds exactly like l: value and gradient scale by c, bit for bit
     logp, old, adv, mask = batch
@@ -305,7 +350,7 @@ def test_constant_token_weight_scales_loss_exactly(algo, batch):
     out = []
     for weight in (None, torch.full_like(logp, 0.25)):
         x = logp.clone().requires_grad_(True)
-        loss, _ = objective_loss(obj, x, old, adv, mask, token_weight=weight)
+        loss, _ = objective_loss(obj, x, old, adv, mask, token_weight=weight, generator=_draw(algo))
         out.append((loss, torch.autograd.grad(loss, x)[0]))
     assert torch.equal(out[1][0], 0.25 * out[0][0])
     assert torch.equal(out[1][1], 0.25 * out[0][1])
@@ -339,9 +384,10 @@ def test_token_weight_shape_is_checked(batch):
 @pytest.mark.parametrize(
     ("mode", "kwargs", "match"),
     [
-        ("is", {}, r"mode 'is'; valid modes: none, tis, mis, seq_tis, seq_mis, icepop"),
+        ("is", {}, r"mode 'is'; valid modes: none, tis, mis, icepop, seq_tis, seq_mis, seq_mean_tis, seq_mean_mis"),
         ("tis", {"low": 0.5}, r"^low is not used"),
         ("seq_tis", {"low": 0.5}, r"^low is not used"),
+        ("seq_mean_tis", {"low": 0.5}, r"^low is not used"),
         ("none", {"high": 2.0}, r"low and high are not used"),
         ("tis", {"high": 0.0}, r"^high must be positive"),
         ("mis", {"high": -1.0}, r"^high must be positive"),
@@ -350,6 +396,13 @@ def test_token_weight_shape_is_checked(batch):
         ("mis", {"low": 3.0}, r"^low \(3.0\) must not exceed high \(2.0\)"),
         ("seq_mis", {"low": 1.5, "high": 1.2}, r"^low \(1.5\) must not exceed high"),
         ("mis", {"high": float("nan")}, r"^high must be positive"),
+        # a band without 1 would reject every on-policy token; a cap below 1 would shrink each one
+        ("icepop", {"low": 1.5, "high": 1.5}, r"^the band must be such that low <= 1 <= high, got \[1.5, 1.5\]: an"),
+        ("mis", {"low": 0.2, "high": 0.8}, r"low <= 1 <= high, got"),
+        ("seq_mis", {"low": 1.1}, r"low <= 1 <= high, got"),
+        ("seq_mean_mis", {"high": 0.9}, r"low <= 1 <= high, got"),
+        ("tis", {"high": 0.5}, r"^high must be >= 1, got 0.5: tis would cap an on-policy token"),
+        ("seq_tis", {"high": 0.99}, r"must be >= 1"),
     ],
 )
 def test_bad_arguments_are_named(mode, kwargs, match):

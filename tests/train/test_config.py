@@ -5,7 +5,7 @@ import pytest
 from gradus.algorithm import resolve_algo, resolved_config
 from gradus.config import ConfigError, all_keys, field_doc, load_config
 from gradus.config_checks import validate
-from gradus.objectives import ALGORITHMS
+from gradus.objectives import ALGORITHMS, ESTIMATORS
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -79,7 +79,9 @@ def test_presets_papers_defaults():
     assert resolve_algo(load_config(overrides=["algo.name=ppo", "algo.kl_estimator=k3"])).kl_estimator == "k3"
     dr = resolve_algo(load_config(overrides=["algo.name=dr_grpo", "rollout.max_new_tokens=32"]))
     assert dr.adv_scale == "none" and dr.objective.agg_norm == 32.0
-    assert set(ALGORITHMS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"}
+    assert set(ALGORITHMS) == {"ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo", "gmpo",
+                               "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "gdpo", "rloo", "reinforce_pp",
+                               "reinforce_pp_baseline", "grpo_passk"}
 
 
 def test_every_field_declares_its_valid_values():
@@ -111,14 +113,15 @@ def test_every_registry_entry_resolves_to_its_objective_and_trainer_defaults(nam
     entry = ALGORITHMS[name]
     algo = resolve_algo(load_config(overrides=[f"algo.name={name}", "rollout.max_new_tokens=12"]))
     expected = entry.objective
-    if name == "dr_grpo":  # its constant norm is the trainer's: rollout.max_new_tokens
+    if expected.agg == "seq-mean-token-sum-norm":  # its constant norm is the trainer's: rollout.max_new_tokens
         expected = dataclasses.replace(expected, agg_norm=12.0)
     assert algo.objective == expected
     t = entry.trainer
     assert (algo.kl_coef, algo.kl_estimator, algo.adv_scale) == (t.kl_coef, t.kl_estimator, t.adv_scale)
     assert (algo.dynamic_sampling, algo.overlong_shaping) == (t.dynamic_sampling, t.overlong_shaping)
     assert (algo.epochs, algo.minibatches) == (t.epochs, t.minibatches)
-    assert algo.uses_critic == algo.kl_in_reward == entry.uses_critic
+    assert algo.uses_critic == entry.uses_critic
+    assert algo.kl_in_reward == ESTIMATORS[t.advantage].kl_in_reward  # PPO's GAE, RLOO, REINFORCE++
 
 
 def test_the_algorithm_names_everywhere_are_the_registrys(capsys):

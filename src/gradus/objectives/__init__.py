@@ -1,5 +1,6 @@
-"""gradus.objectives: the pure tensor math of PPO, GRPO, DAPO, GSPO and SAPO, and of the
-rollout/training mismatch correction (TIS, MIS, IcePop).
+"""gradus.objectives: the pure tensor math of PPO, GRPO, DAPO, GSPO and SAPO, of the members adopted
+after them (GMPO, DPPO, Clip-Cov, KL-Cov; RLOO, REINFORCE++, pass@k and GDPO advantages), of the
+entropy diagnostics, and of the rollout/training mismatch correction (TIS, MIS, IcePop, rejection).
 
 Every function takes tensors (log-probs, rewards, values, masks), never models, so it plugs into
 any training loop. Shapes: [B, T] per token, `loss_mask` 1 where a token counts. See
@@ -9,18 +10,30 @@ docs/objectives.md for the formulas, defaults and references.
 from gradus.objectives.advantages import (
     ADV_SCALES,
     gae,
+    gdpo_advantages,
     group_advantages,
     masked_whiten,
     outcome_token_rewards,
+    passk_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    sequence_rewards,
 )
 from gradus.objectives.aggregation import AGG_MODES, agg_loss
 from gradus.objectives.correction import (
     CORRECTIONS,
     DEFAULT_BOUNDS,
+    REJECTIONS,
+    Rejection,
     correction_weights,
+    effective_sample_size,
     mismatch_metrics,
+    rejection_mask,
     resolve_bounds,
+    resolve_rejection,
 )
+from gradus.objectives.covariance import covariance_metrics, token_covariance
 from gradus.objectives.estimators import (
     ESTIMATORS,
     AdvantageInputs,
@@ -56,19 +69,24 @@ __all__ = [
     "KL_ESTIMATORS",
     "KNOBS_BY_TRUST",
     "PRESETS",
+    "REJECTIONS",
     "AdvantageInputs",
     "AdvantageSettings",
     "Advantages",
     "Algorithm",
     "Estimator",
     "PolicyObjective",
+    "Rejection",
     "TrainerDefaults",
     "agg_loss",
     "correction_weights",
+    "covariance_metrics",
     "dynamic_sampling_keep",
+    "effective_sample_size",
     "estimate",
     "estimator",
     "gae",
+    "gdpo_advantages",
     "group_advantages",
     "kl_penalty",
     "masked_whiten",
@@ -76,11 +94,19 @@ __all__ = [
     "objective_loss",
     "outcome_token_rewards",
     "overlong_penalty",
+    "passk_advantages",
     "perplexity",
     "policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rejection_mask",
     "resolve_bounds",
     "resolve_objective",
+    "resolve_rejection",
+    "rloo_advantages",
     "sequence_log_ratio",
+    "sequence_rewards",
+    "token_covariance",
     "valid_knobs",
     "value_loss",
 ]

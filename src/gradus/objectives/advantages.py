@@ -1,4 +1,5 @@
-"""Advantage estimators: group-normalised outcome rewards (GRPO family) and GAE (PPO).
+"""Advantage estimators: group-normalised outcome rewards (GRPO family), GAE (PPO), and the group
+estimators adopted after them (RLOO, REINFORCE++, pass@k, GDPO).
 
 group_advantages (DeepSeekMath, Shao et al. 2024, section 4.1.2: outcome supervision):
     A_i = (r_i - mean(group)) / (std(group) + eps)      scale="group"   (GRPO)
@@ -19,6 +20,29 @@ the end; after the last counted token V = 0). It is computed without a loop over
 block: A_t = sum_{t' >= t} (gamma lam)^(c_t' - c_t) delta_t' with c the running count of counted
 tokens, as a [K, K] matrix product per block of K tokens, blocks chained from the end by carrying
 the advantage of the first counted token after the block.
+
+rloo_advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+Learning from Human Feedback in LLMs", arXiv 2402.14740): the leave-one-out baseline,
+    A_i = r_i - 1/(G-1) sum_{j != i} r_j  =  G/(G-1) (r_i - mean(group))
+
+reinforce_pp_advantages (Hu et al. 2025, "REINFORCE++", arXiv 2501.03262): per-token returns
+of the per-token reward (PPO's: -beta KL_t on every token, the outcome on the last), whitened over the
+batch's tokens:  G_t = sum_{s >= t} gamma^(s-t) r_s,   A_t = (G_t - mean) / std   (= gae with V = 0, lam = 1)
+
+reinforce_pp_baseline_advantages (the same paper's "REINFORCE++ w/ Baseline", as verl 0.9 computes it):
+the sequence's reward minus its group's mean, on every token, whitened over the batch's tokens:
+    A_it = whiten(R_i - mean(group of R)),   R_i = r_i - beta sum_t KL_it   (the KL in the reward)
+
+passk_advantages (Tang et al. 2025, "Optimizing Language Models for Inference Time Objectives using
+Reinforcement Learning", arXiv 2503.19595; verl's grpo_passk): only the best completion of each group
+gets a signal, its margin over the runner-up, scaled like group_advantages:
+    A_i = (r_max - r_second) / scale  for i = argmax (the first on a tie: then the margin is 0),  else 0
+
+gdpo_advantages (S.-Y. Liu et al. 2026, "GDPO: Group reward-Decoupled Normalization Policy Optimization",
+arXiv 2601.05242): each of the K rewards normalised in its group on its own, then the weighted sum
+normalised over the batch's completions:
+    A_i = whiten_i( sum_k w_k group_advantages(r_k)_i )
+so a reward with a small spread is not drowned by one with a large spread, as in GRPO on the sum.
 """
 
 from __future__ import annotations
@@ -155,3 +179,95 @@ def _next_counted(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     nxt = after.flip(-1).cummin(dim=-1).values.flip(-1)  # [B, T] first counted t' > t
     padded = torch.cat([values, values.new_zeros(B, 1)], dim=1)  # [B, T + 1] index T reads 0
     return padded.gather(1, nxt)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the others in its group; exactly 0 for an all-equal group.
+    rewards [N] laid out group by group -> [N]"""
+    if group_size < 2:
+        raise ValueError(f"RLOO's leave-one-out baseline needs groups of at least 2, got {group_size}")
+    groups = _grouped(at_least_fp32(rewards), group_size)  # [N/G, G]
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)  # [N/G, G] mean of the others
+    flat = (groups.amax(dim=1) == groups.amin(dim=1))[:, None]  # [N/G, 1]
+    return torch.where(flat, torch.zeros_like(groups), groups - others).reshape(-1)  # [N]
+
+
+def sequence_rewards(
+    rewards: torch.Tensor, loss_mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+) -> torch.Tensor:
+    """A completion's reward with the KL in it, R_i = r_i - kl_coef sum_t kl_it over its counted tokens
+    (RLOO's and REINFORCE++-baseline's shaping). rewards [N], loss_mask [N, T], kl [N, T] -> [N]"""
+    out = at_least_fp32(rewards)  # [N]
+    if kl is not None and kl_coef != 0.0:
+        check_shapes("loss_mask", loss_mask, kl=kl)
+        kl = at_least_fp32(kl).detach().to(out.dtype)  # [N, T]
+        out = out - kl_coef * torch.where(loss_mask > 0, kl, torch.zeros_like(kl)).sum(-1)  # [N]
+    return out
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, loss_mask: torch.Tensor, *, gamma: float = 1.0, total: Total | None = None
+) -> torch.Tensor:
+    """REINFORCE++: discounted per-token returns, whitened over the counted tokens of the batch (of every
+    shard with `total`). token_rewards [N, T] (see outcome_token_rewards), loss_mask [N, T] -> [N, T]"""
+    advantages, _ = gae(token_rewards, torch.zeros_like(at_least_fp32(token_rewards)), loss_mask, gamma=gamma,
+                        lam=1.0, whiten=True, total=total)
+    return advantages
+
+
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(
+    rewards: torch.Tensor, loss_mask: torch.Tensor, group_size: int, *, total: Total | None = None
+) -> torch.Tensor:
+    """REINFORCE++-baseline: reward minus its group's mean, on every counted token, whitened over the batch's
+    counted tokens. rewards [N] (see sequence_rewards), loss_mask [N, T] -> [N, T]"""
+    centered = group_advantages(rewards, group_size, scale="none")  # [N] exactly 0 for an all-equal group
+    mask = loss_mask.to(centered.dtype)  # [N, T]
+    return masked_whiten(centered[:, None] * mask, mask, total=total)  # [N, T]
+
+
+def passk_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6, total: Total | None = None
+) -> torch.Tensor:
+    """pass@k: the margin of each group's best completion over the runner-up, on the best alone.
+    rewards [N] laid out group by group -> [N]"""
+    if group_size < 2:
+        raise ValueError(f"the pass@k advantage compares a group's best two completions: groups of at least 2, "
+                         f"got {group_size}")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid: {', '.join(ADV_SCALES)}")
+    groups = _grouped(at_least_fp32(rewards), group_size)  # [N/G, G]
+    top = torch.topk(groups, 2, dim=1).values  # [N/G, 2]
+    margin = top[:, 0] - top[:, 1]  # [N/G]
+    if scale == "group":
+        margin = margin / (groups.std(dim=1) + eps)
+    elif scale == "batch":
+        _, var = masked_moments(groups, torch.ones_like(groups), total)
+        margin = margin / (var.sqrt() + eps)
+    best = groups.argmax(dim=1)  # [N/G] the first maximum
+    out = torch.zeros_like(groups)  # [N/G, G]
+    out[torch.arange(groups.shape[0]), best] = margin
+    return out.reshape(-1)  # [N]
+
+
+def gdpo_advantages(
+    reward_parts: torch.Tensor,
+    weights: tuple[float, ...] | list[float] | torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+    total: Total | None = None,
+) -> torch.Tensor:
+    """GDPO: each reward normalised in its group, weighted, summed, then whitened over the batch's completions
+    (of every shard with `total`). reward_parts [N, K], weights [K] -> [N]"""
+    parts = at_least_fp32(reward_parts)  # [N, K]
+    if parts.dim() != 2:
+        raise ValueError(f"reward_parts must be [N, K], got shape {tuple(parts.shape)}")
+    w = torch.as_tensor(weights, dtype=parts.dtype, device=parts.device)  # [K]
+    if w.shape != parts.shape[1:]:
+        raise ValueError(f"{w.numel()} reward weights for {parts.shape[1]} rewards")
+    summed = sum(w[k] * group_advantages(parts[:, k], group_size, scale=scale, eps=eps, total=total)
+                 for k in range(parts.shape[1]))  # [N]
+    return masked_whiten(summed, torch.ones_like(summed), total=total)  # [N]
