@@ -7,6 +7,7 @@ import torch
 
 from gradus.config import ConfigError, load_config
 from gradus.models import load_pretrained
+from gradus.objectives import ALGORITHMS
 from gradus.train import update as update_module
 from gradus.train.checkpoint import latest_checkpoint, load_state
 from gradus.train.resume import resume_config
@@ -16,7 +17,7 @@ from gradus.train.trainer import Trainer, train
 from .conftest import tiny_overrides
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dapo", "gspo", "gspo_token", "sapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_every_algo_runs_end_to_end(algo, nano_dir, tmp_path, signal_reward):
     cfg = load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{
         "algo.name": algo, "optim.minibatches": 2, "task.rewards": signal_reward}))

@@ -17,9 +17,12 @@ All ranks must see the same file system (one node, or a shared one).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,8 @@ def save_state(root: Path, step: int, parts: Parts, objects: dict[str, Any], rng
     blob = io.BytesIO()
     torch.save(objects, blob)
     state[OBJECTS] = blob  # one opaque value: DCP keeps a BytesIO as it is (a dict it would flatten into keys)
-    dcp.save(state, checkpoint_id=str(staging), no_dist=not active())  # one process: no group (or vLLM's own)
+    with _one_process_is_meant():
+        dcp.save(state, checkpoint_id=str(staging), no_dist=not active())  # one process: no group (or vLLM's own)
     torch.save(rng, staging / f"rng-rank{_rank()}.pt")
     barrier()  # every shard is on disk before rank 0 moves the folder
     return staging
@@ -76,7 +80,8 @@ def load_state(ckpt: Path, parts: Parts, *, objects: bool = True) -> tuple[dict[
     state: dict[str, Any] = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in parts.items()}
     if objects:
         state[OBJECTS] = io.BytesIO()
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not active())
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not active())
     for name, (model, opt) in parts.items():
         set_optimizer_state_dict(model, opt, state[name])
     saved = {}
@@ -85,6 +90,15 @@ def load_state(ckpt: Path, parts: Parts, *, objects: bool = True) -> tuple[dict[
         saved = torch.load(state[OBJECTS], weights_only=False)
     rng = folder / f"rng-rank{_rank()}.pt"
     return saved, torch.load(rng, weights_only=False) if rng.is_file() else None
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns on every save and load of one process that it assumes one process was meant: it was."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to (save|load) in a "
+                                "single process", category=UserWarning)
+        yield
 
 
 def load_legacy_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any],

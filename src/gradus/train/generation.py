@@ -32,6 +32,8 @@ class Collected:
     rewards: torch.Tensor  # [N] float32
     correct: torch.Tensor  # [N] bool
     metrics: dict[str, float]
+    reward_parts: torch.Tensor | None = None  # [N, K] each reward's own score (Scores.parts)
+    reward_weights: tuple[float, ...] = ()  # [K]
 
 
 def collect(
@@ -86,7 +88,7 @@ def collect(
             idx = keep_groups.repeat_interleave(group_size).nonzero().squeeze(1)  # [kept rows]
             batch = batch.select(idx.to(batch.device))
             examples = [examples[i] for i in idx.tolist()]
-            scores = Scores(scores.rewards[idx], scores.correct[idx], scores.metrics)
+            scores = scores.select(idx)
         kept.append((batch, examples, scores))
         have += batch.batch_size // group_size
 
@@ -107,6 +109,8 @@ def collect(
         rewards=torch.cat([s.rewards for _, _, s in kept]),
         correct=torch.cat([s.correct for _, _, s in kept]),
         metrics=metrics,
+        reward_parts=torch.cat([s.parts for _, _, s in kept]),
+        reward_weights=kept[0][2].weights,
     )
 
 

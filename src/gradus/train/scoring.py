@@ -15,9 +15,14 @@ from gradus.tasks import Example, Task, reward_fields
 
 @dataclass
 class Scores:
-    rewards: torch.Tensor  # [N] float32, what advantages are computed from
+    rewards: torch.Tensor  # [N] float32, what advantages are computed from: parts @ weights
     correct: torch.Tensor  # [N] bool, the task's own verifier says right
     metrics: dict[str, float]
+    parts: torch.Tensor  # [N, K] float32, each reward's own score (task.rewards' order; then DAPO's length penalty)
+    weights: tuple[float, ...]  # [K] the weight of each part in `rewards`
+
+    def select(self, rows: torch.Tensor) -> Scores:
+        return Scores(self.rewards[rows], self.correct[rows], self.metrics, self.parts[rows], self.weights)
 
 
 class Scorer:
@@ -50,7 +55,11 @@ class Scorer:
         correct = torch.tensor([v >= 1.0 for v in verdict])
         metrics = result.metrics("reward/")
         metrics["reward/accuracy"] = correct.float().mean().item() if len(verdict) else 0.0
-        return Scores(torch.tensor(result.total, dtype=torch.float32), correct, metrics)
+        configured = [(label, spec.weight) for label, spec in zip(self.reward.labels, self.reward.specs, strict=True)
+                      if label in result.parts]  # the verifier scored only for correctness is not a part
+        parts = torch.tensor([result.parts[label] for label, _ in configured], dtype=torch.float32).T  # [N, K]
+        return Scores(torch.tensor(result.total, dtype=torch.float32), correct, metrics,
+                      parts.reshape(len(result.total), len(configured)), tuple(w for _, w in configured))
 
     def verify(self, prompts: list[str], completions: list[str], examples: list[Example]) -> list[bool]:
         """The task's verdict per completion (held-out evaluation), under the same limits as training."""
@@ -63,5 +72,6 @@ def add_overlong_penalty(scores: Scores, lengths: torch.Tensor, *, max_len: int,
     """DAPO's soft overlong punishment added to the rewards (its mean is logged)."""
     total, penalty = with_overlong_penalty(scores.rewards, lengths, max_len=max_len, cache_len=cache_len)
     metrics = dict(scores.metrics, **{"reward/overlong_penalty": penalty.mean().item()})
-    return Scores(total, scores.correct, metrics)
+    parts = torch.cat([scores.parts, penalty.to(scores.parts.dtype).reshape(-1, 1)], dim=1)  # [N, K + 1]
+    return Scores(total, scores.correct, metrics, parts, (*scores.weights, 1.0))
 

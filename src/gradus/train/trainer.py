@@ -30,7 +30,7 @@ from gradus.config import ConfigError, TrainConfig
 from gradus.config_checks import validate
 from gradus.logprobs import check_plain_lm_head
 from gradus.models import lora
-from gradus.objectives import AdvantageInputs, AdvantageSettings, estimate, kl_penalty
+from gradus.objectives import AdvantageInputs, AdvantageSettings, estimate, kl_penalty, rejection_mask
 from gradus.rewards import parse_reward_specs
 from gradus.rollout import SamplingParams
 from gradus.rollout.registry import engine_class
@@ -264,9 +264,14 @@ class Trainer:
         # One minibatch: the update's first pass runs before any optimizer step, so it gives the old
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         old_logp = ref_logp = None
-        if (minibatches or self._minibatches(batch.batch_size)) > 1:
+        # rejection compares the old policy's log-probs with the rollout's before the update: they need the pass
+        if (minibatches or self._minibatches(batch.batch_size)) > 1 or algo.rejection:
             with timer("old_logprobs"):  # MoE r2: this pass records the old policy's routing
                 old_logp = batch_logprobs(self.actor.model, batch, self.passes, moe=self.moe, record=True)
+        if algo.rejection:  # rejected tokens leave the loss and its denominators, as in verl
+            keep, stats = rejection_mask(old_logp, batch.sampling_logp, loss_mask, algo.rejection)  # [N, T]
+            loss_mask = loss_mask * keep
+            metrics.update({f"rejection/{k}": float(v) for k, v in stats.items()})
         if self.actor.has_reference:
             with timer("ref_logprobs"), self.actor.reference() as reference:
                 ref_logp = batch_logprobs(reference, batch, self.passes)
@@ -283,6 +288,7 @@ class Trainer:
                 kl = kl_penalty(old, ref_logp, algo.kl_estimator)  # [N, T]
             found = estimate(algo.advantage, AdvantageInputs(
                 got.rewards.to(self.device), loss_mask, cfg.rollout.group_size, values=values, kl=kl,
+                reward_parts=got.reward_parts.to(self.device), reward_weights=got.reward_weights,
                 total=global_count), AdvantageSettings(adv_scale=algo.adv_scale or "group", gamma=cfg.algo.gamma,
                                                        lam=cfg.algo.lam, kl_coef=algo.kl_coef))
         metrics.update(found.metrics)

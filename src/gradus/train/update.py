@@ -26,6 +26,7 @@ from gradus.models import completion_values
 from gradus.objectives import (
     agg_loss,
     correction_weights,
+    covariance_metrics,
     kl_penalty,
     mismatch_metrics,
     objective_loss,
@@ -112,7 +113,7 @@ def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
 # means weighted by each piece's share of the loss tokens (for per-sequence metrics, such as GSPO's
 # clip fractions, that weight is approximate when a minibatch spans several micro-batches).
 SUMMED = ("pg_loss", "kl_ref")
-EXTREMES = {"ratio_min": min, "ratio_max": max, "p_abs_diff_max": max, "seq_log_ratio_abs_max": max}
+EXTREMES = {"ratio_min": min, "ratio_max": max, "p_abs_diff_max": max, "seq_log_ratio_abs_max": max, "cov_max": max}
 
 
 def merge_metric(acc: dict[str, float], key: str, value: float, weight: float) -> None:
@@ -165,7 +166,7 @@ def run_updates(
         for rows in order.tensor_split(minibatches):
             metrics = _minibatch_step(inputs, rows.sort().values, actor, algo, passes, critic=critic,
                                       value_clip=value_clip, train_actor=train_actor, capture=captured,
-                                      record=recording)
+                                      record=recording, generator=generator)
             steps += 1
             if metrics is None:
                 skipped += 1
@@ -194,6 +195,7 @@ def _minibatch_step(
     train_actor: bool = True,
     capture: torch.Tensor | None = None,
     record: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float] | None:
     """Accumulate gradients over the micro-batches of `rows`, then one optimizer step per model.
     Returns None (and applies nothing) when a loss or gradient is not finite."""
@@ -210,7 +212,7 @@ def _minibatch_step(
     # must make the same calls, and the agreement below skips the step everywhere.
     pieces = equal_pieces(micro_batches(rows, inputs.batch, passes.token_budget), device)
     step = _MicroStep(inputs, mask_mb, actor, algo, passes, counts, value_counts, critic, value_clip, capture, record,
-                      sums)
+                      sums, generator)
     for i, (micro, real) in enumerate(pieces):
         with gradient_sync([o.model for o in models], enabled=i == len(pieces) - 1):
             finite &= (step.actor if train_actor else step.critic_only)(micro.to(device), real)
@@ -247,6 +249,7 @@ class _MicroStep:
     capture: torch.Tensor | None  # [N, T] one minibatch, epochs > 1: the first pass's log-probs are kept here
     record: bool  # MoE r2: this forward runs the old policy: keep its routing
     sums: dict[str, float]
+    generator: torch.Generator  # the step's: an objective's random draws (Clip-Cov) repeat on resume
 
     def _sub(self, idx: torch.Tensor, real: bool) -> tuple[RolloutBatch, torch.Tensor, float]:
         sub = self.inputs.batch.select(idx).trim()
@@ -281,9 +284,12 @@ class _MicroStep:
             old = inputs.old_logp[idx, :T]
         weight, mismatch = rollout_correction(algo, old, sub.sampling_logp, mask)
         mismatch.update(perplexity_view(logp.detach(), old, sub.sampling_logp, mask))
-        loss, m = objective_loss(obj, logp, old, inputs.advantages[idx] if inputs.advantages.dim() == 1
-                                 else inputs.advantages[idx, :T], mask, token_weight=weight, **self.counts)
+        adv = inputs.advantages[idx] if inputs.advantages.dim() == 1 else inputs.advantages[idx, :T]  # [m] / [m, T]
+        loss, m = objective_loss(obj, logp, old, adv, mask, token_weight=weight, generator=self.generator,
+                                 **self.counts)
         m["pg_loss"] = loss.item()
+        # entropy's driver, for every algorithm: the covariance of log-prob and advantage (Cui et al. 2025)
+        m.update({k: float(v) for k, v in covariance_metrics(logp.detach(), adv, mask).items()})
         if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
             m["router_aux_loss"] = aux[0].item()
             loss = loss + moe.aux_coef * aux[0] * (mask.sum() / self.value_counts["num_tokens"].clamp(min=1))
