@@ -15,6 +15,7 @@ from gradus.rewards.pool import RewardError, RewardTimeout
 from gradus.rollout.engine import EngineError
 from gradus.tasks.files import DatasetError
 from gradus.train.export import ExportError
+from gradus.train.tally import NothingLearned
 from gradus.train.update import NonFiniteUpdate
 
 # (class, kind as printed, exit code): 2 = refused before or while reading the inputs; 1 = the run stopped
@@ -25,6 +26,7 @@ USER_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (ExportError, "export error", 2),
     (EngineError, "rollout engine error", 2),
     (NonFiniteUpdate, "run stopped", 1),
+    (NothingLearned, "run stopped", 1),
     (CollectiveFailed, "data-parallel job stopped", 1),
     (RewardTimeout, "reward timed out (task.strict_rewards)", 1),
     (RewardError, "reward failed (task.strict_rewards)", 1),

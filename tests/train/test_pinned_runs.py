@@ -24,7 +24,7 @@ REL = 1e-4
 ABS = 1e-6
 THRESHOLD_SHARES = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "value_clip_frac")
 # diagnostics added since the recording, logged beside the pinned ones (they change no result)
-ADDED = ("actor/cov_",)
+ADDED = ("actor/cov_", "actor/tokens_trained")
 ROUNDING_CASES = ("gspo_bf16_rollout",)
 
 

@@ -166,6 +166,18 @@ def from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def broadcast_trainable(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's values of `model`'s trainable parameters (freshly drawn weights, such as LoRA's
+    A matrices, differ by rank: each rank seeds its own RNG). Before wrapping: DDP would broadcast them itself,
+    FSDP2 would keep each rank's shard of its own draw."""
+    if not active():
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
+
+
 def gather_ints(value: int) -> list[int]:
     """Every rank's `value`, in rank order ([value] in one process)."""
     if not active():
@@ -224,6 +236,7 @@ __all__ = [
     "active",
     "any_rank",
     "barrier",
+    "broadcast_trainable",
     "clip_grad_norm",
     "collective_failure",
     "combine_over_ranks",

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from gradus import parallel
+from gradus.config import ConfigError
+from gradus.logprobs import check_plain_lm_head
 from gradus.models import build_critic, load_critic, lora
 from gradus.rollout.engine import PolicySource, Weights
 from gradus.runtime.trained import Optim, TrainedModel, build_optim
@@ -83,8 +85,9 @@ class PolicyRuntime(TrainedModel):
 def new_plain(plain_class: type[nn.Module], config: Any, dtype: torch.dtype, *, device: torch.device) -> nn.Module:
     """A new plain model of an architecture on `device`, frozen, parameters in `dtype` (their values are an
     engine's to fill with `sync`). Buffers keep their dtype: a rotary embedding's fp32 frequency table rounded
-    to bf16 would put positions off by radians at 2k tokens."""
-    model = plain_class._from_config(copy.deepcopy(config), dtype=torch.float32)
+    to bf16 would put positions off by radians at 2k tokens. Built on the CPU's RNG, which is left as it was."""
+    with torch.random.fork_rng(devices=[]):  # its random init must not move the run's RNG
+        model = plain_class._from_config(copy.deepcopy(config), dtype=torch.float32)
     model.requires_grad_(False).eval()
     for param in model.parameters():
         param.data = param.data.to(dtype)
@@ -99,6 +102,18 @@ def plain_source(model: nn.Module, model_dir: Path) -> PolicySource:
                         blueprint=functools.partial(new_plain, type(model), model.config, device=device),
                         model_dir=lora.plain_model_dir(model_dir),
                         export=lambda: ((n, p.detach()) for n, p in model.named_parameters()))
+
+
+def load_plain(cfg: TrainConfig, device: torch.device, *, initial_dir: Path, ckpt: Path | None) -> tuple[Any, Any]:
+    """The policy as a plain HF model, and its tokenizer: from a checkpoint's full weights, or from `initial_dir`
+    (a fresh run; and a LoRA run, whose checkpoint holds an adapter that `build_models` puts on it)."""
+    folder = ckpt / "policy" if ckpt is not None and cfg.model.lora_r == 0 else initial_dir
+    model, tokenizer = lora.load_model(folder, cfg.model.dtype, device)
+    try:
+        check_plain_lm_head(model)  # the log-probs' head hooks need logits = W h + b
+    except ValueError as err:
+        raise ConfigError(f"model.path: {err}") from err
+    return model, tokenizer
 
 
 @dataclass
@@ -130,6 +145,7 @@ def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, mode: M
     policy = plain
     if cfg.model.lora_r > 0:
         policy = lora.load_lora(plain, ckpt / "policy") if ckpt else lora.apply_lora(plain, cfg.model)
+        parallel.broadcast_trainable(policy)  # new adapters are drawn from each rank's RNG: take rank 0's
     reference = None
     if algo.needs_reference and not lora.is_lora(policy):
         reference, _ = lora.load_model(initial_dir, cfg.model.dtype, device)

@@ -115,7 +115,7 @@ class Checkpointer:
         for name, part, tokenizer in (("policy", t.actor, t.tokenizer), ("critic", t.critic, None)):
             if part is not None and (write := part.writer(tokenizer)) is not None:
                 writers[name] = write
-        state = {"format": FORMAT, "optimizers": sorted(stepped), "bad_streak": t.bad_streak, "elapsed": t.elapsed,
+        state = {"format": FORMAT, "optimizers": sorted(stepped), "tally": t.tally.state(), "elapsed": t.elapsed,
                  "initial_model_dir": str(t.initial_dir), "eval_before": t.eval_before}
         path = None
         if t.rank == 0:

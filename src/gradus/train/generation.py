@@ -20,7 +20,7 @@ from gradus.train.stages import StageTimer
 # Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
 # the others are averaged.
 SUMMED_OVER_RANKS = ("rollout/tokens", "rollout/tokens_per_s", "dapo/groups_kept", "dapo/groups_dropped",
-                     "dapo/batch_short")
+                     "dapo/batch_short", "actor/tokens_trained")
 
 
 @dataclass

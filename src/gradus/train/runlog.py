@@ -99,6 +99,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def write_summary(run_dir: Path, fields: dict[str, Any], *, title: str) -> dict[str, Any]:
+    """summary.json: `fields` with the mean reward of the last 10 steps; and curves.png of metrics.jsonl."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rewards = [r["reward/mean"] for r in records if isinstance(r.get("reward/mean"), int | float)]
+    tail = rewards[-10:]
+    summary = {**fields, "final_reward": sum(tail) / len(tail) if tail else None, "run_dir": str(run_dir)}
+    replace_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    from gradus.train.plots import plot_run  # matplotlib costs ~25 MiB: only imported when a run ends
+
+    plot_run(records, run_dir / "curves.png", title=title)
+    return summary
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Cut the file back to what a run resumed at `last_step` has already logged: the lines up to that
     step, less a final evaluation logged there (the resumed run logs its own). -1: remove every line."""

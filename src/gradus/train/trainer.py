@@ -16,7 +16,6 @@ nothing assumes one process: data and seeds are rank-aware and the loss denomina
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,28 +27,27 @@ from gradus import parallel
 from gradus.algorithm import resolved_config
 from gradus.config import ConfigError, TrainConfig
 from gradus.config_checks import validate
-from gradus.logprobs import check_plain_lm_head
-from gradus.models import lora
 from gradus.objectives import AdvantageInputs, AdvantageSettings, estimate, kl_penalty, rejection_mask
 from gradus.rewards import parse_reward_specs
 from gradus.rollout import SamplingParams
 from gradus.rollout.registry import engine_class
-from gradus.runtime import build_models
+from gradus.runtime import build_models, load_plain
 from gradus.threads import governor_for
 from gradus.train import bootstrap
 from gradus.train.checkpointing import Checkpointer
 from gradus.train.data import PromptSource
-from gradus.train.durable import DiskFull, replace_text
+from gradus.train.durable import DiskFull
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
 from gradus.train.moe import MoeRouting
 from gradus.train.passes import Passes, batch_logprobs, batch_values
 from gradus.train.resume import save_config_atomically
-from gradus.train.runlog import NullLogger, RunLogger, read_metrics
+from gradus.train.runlog import NullLogger, RunLogger, write_summary
 from gradus.train.scoring import Scorer
 from gradus.train.stages import StageTimer
-from gradus.train.update import NonFiniteUpdate, UpdateInputs, global_count, run_updates
+from gradus.train.tally import Tally
+from gradus.train.update import UpdateInputs, global_count, run_updates
 
 
 @dataclass
@@ -101,13 +99,7 @@ class Trainer:
         self.run_dir = self.checkpoints.run_dir
         torch.manual_seed(cfg.run.seed * 1009 + self.rank)
         self.initial_dir = Path(state.get("initial_model_dir") or self._initial_dir())
-        # a checkpoint's policy/ holds the full weights, or under LoRA an adapter on initial_dir (loaded later)
-        plain, self.tokenizer = lora.load_model(
-            ckpt / "policy" if ckpt and cfg.model.lora_r == 0 else self.initial_dir, cfg.model.dtype, self.device)
-        try:
-            check_plain_lm_head(plain)  # the log-probs' head hooks need logits = W h + b
-        except ValueError as err:
-            raise ConfigError(f"model.path: {err}") from err
+        plain, self.tokenizer = load_plain(cfg, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, plain, cfg)  # may drop rows of a file
         self.moe = MoeRouting.for_model(plain, self.algo.routing_replay, cfg.model.router_aux_coef)
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
@@ -121,7 +113,7 @@ class Trainer:
         self.passes = Passes(cfg.optim.token_budget, cfg.rollout.temperature, cfg.model.chunk_size)
         self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world)
         self.step = state.get("step", 0)
-        self.bad_streak = state.get("bad_streak", 0)
+        self.tally = Tally.from_state(state)  # what the run learned from so far
         self.elapsed = state.get("elapsed", 0.0)
         self.eval_before = state.get("eval_before")
         self.checkpoints.restore()  # optimizer, schedulers, RNG and data position of the checkpoint resumed
@@ -181,6 +173,7 @@ class Trainer:
                 log.log(self.step, {f"eval/{k}": v for k, v in final.items()})
                 self.save()
                 summary = self.write_summary(final) if self.rank == 0 else {}
+                self.tally.check_end()  # a run that learned from no token does not end as a success
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -206,10 +199,12 @@ class Trainer:
         gathered = time.perf_counter()
         metrics = parallel.combine_over_ranks(metrics, summed=SUMMED_OVER_RANKS)
         metrics["time/log_s"] = time.perf_counter() - gathered  # the metrics gathered over ranks
+        self.tally.add(metrics)
         if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.algo.steps:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
         log.log(self.step, metrics)
         log.advance()
+        self.tally.check_streak(cfg.optim.max_bad_steps)  # every rank: the metrics are combined
         if cfg.run.save_every and self.step % cfg.run.save_every == 0:
             self.save()
 
@@ -235,14 +230,13 @@ class Trainer:
             self.critic.train()
         gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
         with timer("update"):
-            update_metrics, skipped = run_updates(
+            update_metrics, _ = run_updates(
                 inputs, self.actor, self.algo, epochs=self.algo.epochs, minibatches=minibatches, passes=self.passes,
                 generator=gen, critic=self.critic, value_clip=cfg.algo.value_clip,
                 train_actor=not (self.critic is not None and step <= cfg.algo.critic_warmup))
         metrics.update(update_metrics)
         with timer("sync"):
             self.sync_engine()
-        self._check_finite(skipped, int(update_metrics["actor/updates"]) + skipped)
         return {**metrics, **timer.metrics()}
 
     def sync_engine(self) -> None:
@@ -319,37 +313,18 @@ class Trainer:
         return self.checkpoints.save()
 
     def write_summary(self, final: dict[str, float]) -> dict[str, Any]:
-        records = read_metrics(self.run_dir / "metrics.jsonl")
-        rewards = [r["reward/mean"] for r in records if isinstance(r.get("reward/mean"), int | float)]
-        tail = rewards[-10:]
-        summary = {
-            "algo": self.algo.name,
-            "task": self.cfg.task.name,
-            "steps": self.step,
-            "wall_time_s": round(self.elapsed, 2),
-            "heldout_accuracy_before": self.eval_before["accuracy"],
-            "heldout_accuracy_after": final["accuracy"],
-            "heldout_n": final["n"],
-            "final_reward": sum(tail) / len(tail) if tail else None,
-            "run_dir": str(self.run_dir),
-        }
-        replace_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        from gradus.train.plots import plot_run  # matplotlib costs ~25 MiB: only imported when a run ends
-
-        plot_run(records, self.run_dir / "curves.png", title=f"{self.algo.name} on {self.cfg.task.name}")
-        return summary
+        t = self.tally
+        return write_summary(self.run_dir, {
+            "algo": self.algo.name, "task": self.cfg.task.name, "steps": self.step,
+            "wall_time_s": round(self.elapsed, 2), "heldout_accuracy_before": self.eval_before["accuracy"],
+            "heldout_accuracy_after": final["accuracy"], "heldout_n": final["n"], "updates": t.updates,
+            "skipped_updates": t.skipped, "tokens_trained": t.tokens, "learned": t.learned,
+        }, title=f"{self.algo.name} on {self.cfg.task.name}")
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _minibatches(self, batch_size: int) -> int:
         """Configured minibatches, fewer when dynamic sampling came back short (never an empty one)."""
         return max(1, min(self.algo.minibatches, batch_size // self.cfg.rollout.group_size))
-
-    def _check_finite(self, skipped: int, total: int) -> None:
-        self.bad_streak = self.bad_streak + 1 if total and skipped == total else 0
-        if self.bad_streak >= self.cfg.optim.max_bad_steps:
-            raise NonFiniteUpdate(
-                f"{self.bad_streak} steps in a row had only NaN/inf losses or gradients; stopping. "
-                "Try a lower optim.lr, optim.grad_clip, or model.dtype=float32.")
 
 
 def train(cfg: TrainConfig, *, run_dir: Path | None = None, resume: bool = False) -> RunResult:

@@ -112,8 +112,13 @@ def agg_counts(mode: str, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
 # partial sums of a globally normalised loss add up, extremes take the extreme, the rest are
 # means weighted by each piece's share of the loss tokens (for per-sequence metrics, such as GSPO's
 # clip fractions, that weight is approximate when a minibatch spans several micro-batches).
-SUMMED = ("pg_loss", "kl_ref")
+SUMMED = ("pg_loss", "kl_ref", "tokens_trained")
+TOTALS = ("tokens_trained",)  # over a batch's optimizer steps too: a count, not a mean
 EXTREMES = {"ratio_min": min, "ratio_max": max, "p_abs_diff_max": max, "seq_log_ratio_abs_max": max, "cov_max": max}
+
+
+def _name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
 
 
 def merge_metric(acc: dict[str, float], key: str, value: float, weight: float) -> None:
@@ -177,7 +182,7 @@ def run_updates(
                 else:
                     sums[k] += v
     done = max(steps - skipped, 1)
-    out = {k: v if k.rsplit("/", 1)[-1] in EXTREMES else v / done for k, v in sums.items()}
+    out = {k: v if _name(k) in EXTREMES or _name(k) in TOTALS else v / done for k, v in sums.items()}
     out["actor/updates"] = float(steps - skipped)
     out["actor/skipped_updates"] = float(skipped)
     return out, skipped
@@ -288,6 +293,8 @@ class _MicroStep:
         loss, m = objective_loss(obj, logp, old, adv, mask, token_weight=weight, generator=self.generator,
                                  **self.counts)
         m["pg_loss"] = loss.item()
+        live = mask > 0 if weight is None else (mask > 0) & (weight != 0)  # [m, T] tokens with a gradient
+        m["tokens_trained"] = float(live.sum())
         # entropy's driver, for every algorithm: the covariance of log-prob and advantage (Cui et al. 2025)
         m.update({k: float(v) for k, v in covariance_metrics(logp.detach(), adv, mask).items()})
         if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
