@@ -6,6 +6,7 @@ checked, not assumed.
 """
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -247,6 +248,32 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(device, cuda_dev
         monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
     _refused(["train", f"run.device={device}", f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"],
              capsys, "run.device", words)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("algo.routing_replay=r3", ("algo.routing_replay=r3 needs a mixture-of-experts policy", "model.arch=qwen2")),
+    ("model.router_aux_coef=0.1", ("model.router_aux_coef=0.1", "model.arch=qwen2 has no router")),
+])
+def test_moe_settings_on_the_dense_built_in_model_are_refused_before_the_warm_start(setting, words, tmp_path, capsys,
+                                                                                    no_work):
+    # was: refused only once the model was loaded, after a warm start (47 s with an empty cache)
+    _refused(["train", setting, f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}"], capsys, *words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_moe_settings_on_a_dense_model_folder_are_refused_before_loading_it(nano_dir, tmp_path, capsys, no_work):
+    _refused(["train", "--model", str(nano_dir), "algo.routing_replay=r3", f"run.out_dir={tmp_path}"], capsys,
+             "algo.routing_replay=r3 needs a mixture-of-experts policy", "config.json")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (the README's test command installs it)")
+def test_vllm_positions_too_short_for_prompt_and_completion_are_refused_before_any_work(tmp_path, capsys, no_work):
+    # was: a ValueError traceback from the engine at the first evaluation, after the warm start
+    err = _refused(["train", "rollout.engine=vllm", "vllm.max_model_len=20", f"run.out_dir={tmp_path}",
+                    f"run.cache_dir={tmp_path}"], capsys, "rollout.max_new_tokens=16", "vllm.max_model_len=20")
+    assert "rollout.max_new_tokens must be <=" in err
     assert not any(tmp_path.iterdir())
 
 

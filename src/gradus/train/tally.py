@@ -1,9 +1,10 @@
 """What a run learned from, counted step by step, so that it never ends as a success having learned nothing.
 
-A step learns from the loss tokens that carried a gradient in an optimizer step that was applied
-(`actor/tokens_trained`, summed over ranks). A step learns nothing when every one of its optimizer steps was
-skipped for a NaN or inf loss or gradient, when a mismatch correction or rejection gave every token weight 0,
-or when dynamic sampling found no group whose rewards differ. `optim.max_bad_steps` broken steps in a row
+A step learns from the loss tokens that can move the policy in an optimizer step that was applied: counted in
+the loss, with a nonzero advantage, not weighted to 0 by a mismatch correction (`actor/tokens_trained`, summed
+over ranks). A step learns nothing when every one of its optimizer steps was skipped for a NaN or inf loss or
+gradient, when every token's advantage was 0 (each group's completions equally right or wrong) or weight was
+0, or when dynamic sampling found no group whose rewards differ. `optim.max_bad_steps` broken steps in a row
 (skipped or masked) stop the run with the cause; a run that reaches its end without one token learned from
 fails there, after its final evaluation, checkpoint and summary are written, with the counts by cause.
 """
@@ -35,8 +36,8 @@ class Tally:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Tally:
-        if "tally" in state:
-            return cls(**state["tally"])
+        if "tally" in state or "step" not in state:  # a checkpoint's tally, or a fresh run
+            return cls(**state.get("tally", {}))
         # a checkpoint written before the tally: its streak of skipped steps; nothing else is known, so the
         # end-of-run check cannot fail for what came before it
         return cls(streak=state.get("bad_streak", 0), last_cause="skipped", since_start=False)
@@ -58,6 +59,8 @@ class Tally:
         if updates + skipped == 0:
             self.empty_steps += 1  # not broken: the sampler found nothing to learn from this time
             return
+        if metrics.get("critic/warmup_step") and updates:
+            return  # not broken: only the critic learns in its warm-up (algo.critic_warmup)
         tokens = float(metrics.get("actor/tokens_trained", 0.0)) if updates else 0.0
         self.tokens += tokens
         cause = "skipped" if updates == 0 else "masked" if tokens == 0 else ""

@@ -192,19 +192,20 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         metrics = self.train_step(self.step + 1)
-        self.step += 1
-        self.elapsed += time.perf_counter() - start
         metrics["time/step_seconds"] = time.perf_counter() - start
-        metrics["time/elapsed"] = self.elapsed
+        metrics["time/elapsed"] = self.elapsed + metrics["time/step_seconds"]
         gathered = time.perf_counter()
         metrics = parallel.combine_over_ranks(metrics, summed=SUMMED_OVER_RANKS)
         metrics["time/log_s"] = time.perf_counter() - gathered  # the metrics gathered over ranks
         self.tally.add(metrics)
+        # every rank (the metrics are combined); the step that makes a broken streak long enough is not counted
+        self.tally.check_streak(cfg.optim.max_bad_steps)
+        self.step += 1
+        self.elapsed += time.perf_counter() - start
         if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.algo.steps:
             metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
         log.log(self.step, metrics)
         log.advance()
-        self.tally.check_streak(cfg.optim.max_bad_steps)  # every rank: the metrics are combined
         if cfg.run.save_every and self.step % cfg.run.save_every == 0:
             self.save()
 
@@ -229,12 +230,12 @@ class Trainer:
         if self.critic is not None:
             self.critic.train()
         gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
+        warmup = self.critic is not None and step <= cfg.algo.critic_warmup  # only the critic learns
         with timer("update"):
             update_metrics, _ = run_updates(
                 inputs, self.actor, self.algo, epochs=self.algo.epochs, minibatches=minibatches, passes=self.passes,
-                generator=gen, critic=self.critic, value_clip=cfg.algo.value_clip,
-                train_actor=not (self.critic is not None and step <= cfg.algo.critic_warmup))
-        metrics.update(update_metrics)
+                generator=gen, critic=self.critic, value_clip=cfg.algo.value_clip, train_actor=not warmup)
+        metrics.update(update_metrics, **({"critic/warmup_step": 1.0} if warmup else {}))
         with timer("sync"):
             self.sync_engine()
         return {**metrics, **timer.metrics()}

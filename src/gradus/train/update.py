@@ -293,8 +293,12 @@ class _MicroStep:
         loss, m = objective_loss(obj, logp, old, adv, mask, token_weight=weight, generator=self.generator,
                                  **self.counts)
         m["pg_loss"] = loss.item()
-        live = mask > 0 if weight is None else (mask > 0) & (weight != 0)  # [m, T] tokens with a gradient
-        m["tokens_trained"] = float(live.sum())
+        # tokens that can move the policy: counted, with an advantage, not weighted away by a correction
+        per_token = adv if adv.dim() == 2 else adv[:, None].expand_as(mask)  # [m, T]
+        live = (mask > 0) & (per_token != 0)  # [m, T]
+        if weight is not None:
+            live &= weight != 0
+        m["tokens_trained"] = float(live.sum())  # [m, T] summed
         # entropy's driver, for every algorithm: the covariance of log-prob and advantage (Cui et al. 2025)
         m.update({k: float(v) for k, v in covariance_metrics(logp.detach(), adv, mask).items()})
         if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
