@@ -4,8 +4,10 @@ mid-step ends the whole job at once, named. Each launch is a real torchrun of th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +242,45 @@ def test_lora_under_torchrun_trains_the_adapters_as_one_process(parallel, nano_d
                 for name in (parallel, "single")]
     start = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapters[1].items()}  # B starts at 0
     _assert_same_policy(*adapters, start)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (the README's test command installs it)")
+def test_vllm_under_torchrun_samples_each_ranks_share_as_one_process(micro_dir, reward_dir, tmp_path):
+    """Each rank builds its own vLLM engine (an outer data-parallel group of vLLM) and samples its share of the
+    global batch: the completions are those one process draws with vLLM, and the policies end the same."""
+    engine = {"rollout.engine": "vllm", "vllm.kv_cache_gb": 0.05}
+    _run(None, _args(micro_dir, tmp_path, "one", **engine), reward_dir)
+    out = _run(2, _args(micro_dir, tmp_path, "two", **engine), reward_dir)
+    assert out.count("run folder:") == 1
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()[1:-1]]
+               for name in ("two", "one")]
+    for a, b in zip(*records, strict=True):
+        assert a["rollout/tokens"] == b["rollout/tokens"] and a["rollout/length_mean"] == b["rollout/length_mean"]
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+        assert a["mismatch/kl_k3"] < 1e-8  # each rank's engine got the weights of every update
+    # the whole policy, relative 1e-5 (what the DDP equivalence asks); per tensor, the micro model's attention
+    # biases get gradients near Adam's eps in these steps, where a rounding apart becomes an lr-sized move, so
+    # only the sampling above (exactly equal) and the whole policy are compared
+    got, want = _policy(tmp_path / "two"), _policy(tmp_path / "one")
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(want)])  # noqa: E731
+    assert set(got) == set(want) and float((flat(got) - flat(want)).norm() / flat(want).norm()) < 1e-5
+
+
+def test_a_two_rank_fsdp2_checkpoint_resumes_in_one_process(nano_dir, reward_dir, single_runs, tmp_path):
+    """A checkpoint resumes under another world size and layout: a 2-rank FSDP2 job killed after a checkpoint,
+    resumed by one process, ends where one process that was never interrupted ends."""
+    long = {"run.parallel": "fsdp2", "run.steps": STEPS, "run.keep_checkpoints": 10}
+    proc = _launch(2, _args(nano_dir, tmp_path, "killed", **long), reward_dir)
+    saved = tmp_path / "killed" / "checkpoints"
+    _wait_for(lambda: any(saved.glob("step-*/COMPLETE")), proc, 240, every=0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if (saved / f"step-{STEPS:06d}").exists():
+        shutil.rmtree(saved / f"step-{STEPS:06d}")  # killed too late: resume from the one before
+    _run(None, ["--resume", str(tmp_path / "killed"), "run.parallel=ddp"], reward_dir)  # one process: no wrapper
+    _assert_same_policy(_policy(tmp_path / "killed"), _policy(single_runs("grpo")),
+                        load_file(nano_dir / "model.safetensors"))
 
 
 def test_a_config_that_cannot_work_fails_on_every_rank_before_any_work(nano_dir, reward_dir, tmp_path):

@@ -78,3 +78,26 @@ def test_gradus_eval_samples_with_the_configured_engine(micro_dir, tmp_path, cap
     out = capsys.readouterr()
     assert json.loads(out.out.strip().splitlines()[-1]) == local  # greedy: the same completions, the same score
     assert calls  # and vLLM sampled them
+
+
+def test_lora_with_vllm_samples_from_the_merged_adapters_at_every_step(micro_dir, tmp_path, signal_reward, capsys):
+    """vLLM runs the base architecture; the policy's adapters reach it merged after every update, so its fp32
+    log-probs are the trainer's step after step; and `gradus eval` of the LoRA run with vLLM scores what the
+    local engine scores (it used to say the adapter folder had no config.json)."""
+    from gradus.cli import main
+
+    trainer = Trainer(load_config(overrides=vllm_overrides(micro_dir, tmp_path, signal_reward, **{
+        "model.lora_r": 4, "optim.lr": 0.01, "run.name": "lora"})))
+    assert trainer.engine.holds_weights
+    trainer.fit()
+    for record in steps_of(trainer.run_dir):
+        # without the merged sync, steps 2-3 sample from the base (or stale) weights: a gap of ~1e-3 at lr 0.01
+        assert record["mismatch/kl_k3"] < 1e-8 and record["mismatch/p_abs_diff_max"] < 1e-4
+    policy = trainer.run_dir / "checkpoints" / "step-000003" / "policy"
+    assert (policy / "adapter_config.json").is_file()
+    args = ["eval", "--model", str(trainer.run_dir), "--n", "16", "--k", "0", "--json", "task.heldout_size=8",
+            "rollout.max_new_tokens=6", "run.progress=false"]
+    assert main([*args, "rollout.engine=local"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "rollout.engine=vllm", "vllm.kv_cache_gb=0.05"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == local
