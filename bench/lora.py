@@ -13,8 +13,8 @@ How: for each (model size, rank) a fresh process (this file with `--child`) buil
    LoRA: `model.lora_r` = r, alpha 32, adapters on q, k, v, o, gate, up, down (gradus' defaults).
 3. Memory, three ways:
    - `state MiB`: the training state's tensors, counted exactly from the trainer after the steps: the
-     policy's weights, the reference copy, a gradient for every trainable weight, AdamW's two moments
-     (`of which AdamW`). This is what LoRA shrinks.
+     policy's weights, the reference copy, the engine's sampling copy (LoRA), a gradient for every trainable
+     weight, AdamW's two moments (`of which AdamW`). This is what LoRA shrinks.
    - `peak RSS MiB`: the process's resident-memory high-water mark during the timed steps. It is reset
      (/proc/self/clear_refs, 5) once the trainer is built, so start-up transients are not in it;
      `step MiB` = peak - RSS before the first step. RSS is what the machine must have, but it includes
@@ -34,8 +34,9 @@ How: for each (model size, rank) a fresh process (this file with `--child`) buil
 4. Time: the median of `train_step` wall time over the steps after the first (the first warms up lazy
    initialisation and creates the optimizer state), split into sampling (`rollout/gen_seconds`) and the
    rest (scoring, the log-prob passes, the update); then the median over `--repeats` processes per case,
-   run interleaved (0 8 32, 32 8 0), never two at once. Under LoRA sampling runs the model's own forward
-   (the rollout's fast decoder refuses adapters, see gradus.rollout.decoders): the `fast decoder` column.
+   run interleaved (0 8 32, 32 8 0), never two at once. Under LoRA the local engine samples from a merged
+   copy of the policy (a plain model, refreshed after every update), so the fast decoder runs it (`fast
+   decoder` column); the copy's weights are in `state MiB`.
 5. Load: before each process the bench waits (up to `--max-wait` s) until other work uses < 0.3 cores; the
    child reads the kernel's CPU accounting around every step (gradus.threads.read_sample: idle time, its
    own and its reward workers' CPU time), and the step medians are over the steps during which other work
@@ -94,16 +95,18 @@ def tensor_mib(tensors) -> float:
 
 
 def state_mib(trainer) -> dict[str, float]:
-    """The training state's tensors, by part (MiB): weights, reference copy, gradients, optimizer state."""
+    """The training state's tensors, by part (MiB): weights, reference copy, the engine's sampling copy,
+    gradients, optimizer state."""
     import torch
 
     params = list(trainer.policy.parameters())
     trainable = [p for p in params if p.requires_grad]
-    reference = trainer.reference
-    separate_ref = reference is not None and reference is not trainer.policy
-    opt_state = [v for s in trainer.actor_opt.optimizer.state.values() for v in s.values()
+    reference = trainer.actor.reference_copy
+    copy = trainer.engine.model if trainer.engine.holds_weights else None  # LoRA: the merged copy it samples from
+    opt_state = [v for s in trainer.actor.optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor)]
-    return {"weights": tensor_mib(params), "reference": tensor_mib(reference.parameters()) if separate_ref else 0.0,
+    return {"weights": tensor_mib(params), "reference": tensor_mib(reference.parameters()) if reference else 0.0,
+            "sampling_copy": tensor_mib(copy.parameters()) if copy is not None else 0.0,
             "grads": tensor_mib(trainable), "optimizer": tensor_mib(opt_state),
             "params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable)}
 
@@ -209,7 +212,8 @@ def summarize(result: dict) -> dict[str, float]:
         "peak_rss_mib": result["peak_rss_mib"], "rss_built_mib": result["rss_built_mib"],
         "step_mib": result["step_mib"], "torch_step_mib": result["torch_step_mib"],
         "fast_decoder": float(result["fast_decoder"]),
-        "state_mib": state["weights"] + state["reference"] + state["grads"] + state["optimizer"],
+        "state_mib": state["weights"] + state["reference"] + state.get("sampling_copy", 0.0) + state["grads"]
+        + state["optimizer"],
         "optimizer_mib": state["optimizer"], "params": state["params"], "trainable": state["trainable"],
     }
 

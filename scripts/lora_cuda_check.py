@@ -1,4 +1,4 @@
-"""LoRA on CUDA (issue 12, section 3), for a machine with a GPU: in float32 and bfloat16, a PEFT nano model's
+"""LoRA on CUDA, for a machine with a GPU: in float32 and bfloat16, a PEFT nano model's
 log-probs against its merged copy's, their greedy samples, a 2-step LoRA run against 1 step + resume 1 step,
 and `gradus export`. Prints one line per check and writes $OUT/gpu_lora.json (default /tmp/out).
 

@@ -226,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from gradus.compare import ComparePlan, load_plan, run_compare, write_report
-    from gradus.compare.runner import echo_err
+    from gradus.compare.jobs import echo_err
 
     if args.redraw:
         print(f"report: {write_report(Path(args.redraw))}")

@@ -425,7 +425,7 @@ def test_warm_start_cache_changes_with_the_data_files_content(tmp_path, monkeypa
                                      progress=False)
     assert third not in (first, second)
     # the default task's key did not change form, so users' existing warm starts still hit (this digest is
-    # the one of the default config made with the 300 SFT steps of gradus before issue 11)
+    # the one of the default config made with the 300 SFT steps of gradus before its warm start was shortened to 250)
     cached = tmp_path / "tiny-micro-countdown-5aa697940e4743c0"
     cached.mkdir()
     (cached / "gradus_sft.json").write_text("{}")

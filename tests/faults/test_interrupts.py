@@ -1,4 +1,4 @@
-"""Ctrl-C, SIGTERM and kills at any point of a run, a full disk, and --resume's flags (issue 10, part 2).
+"""Ctrl-C, SIGTERM and kills at any point of a run, a full disk, and --resume's flags .
 
 Each case checks what a user relies on afterwards: the run resumes, and ends with exactly the
 parameters of a run that was never interrupted (torch.equal), its metrics logged once. The tests use

@@ -7,7 +7,7 @@ def tiny_overrides(nano_dir, tmp_path, **extra):
         "run.steps": "2", "run.eval_every": "0", "run.save_every": "0", "task.heldout_size": "8",
         "rollout.prompts_per_step": "4", "rollout.group_size": "4", "rollout.max_new_tokens": "6",
         "run.cache_dir": str(tmp_path / "cache"),
-        "algo.name": "grpo",  # what these tests were written for (the default algorithm is DAPO since issue 11)
+        "algo.name": "grpo",  # what these tests were written for (the default algorithm is DAPO since 2026-11)
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

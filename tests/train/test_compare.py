@@ -6,8 +6,9 @@ import pytest
 
 from gradus.cli import main
 from gradus.compare import ComparePlan, run_compare
+from gradus.compare.data import RunData, load_runs
 from gradus.compare.plots import smooth, stack_by_step
-from gradus.compare.report import RunData, load_runs, run_row
+from gradus.compare.report import run_row
 from gradus.config import ConfigError
 from gradus.train.trainer import Trainer
 
@@ -154,7 +155,8 @@ def test_smoothing_and_stacking():
 
 
 def test_an_algos_entry_can_be_a_variant_with_its_own_settings(tmp_path):
-    from gradus.compare.runner import ComparePlan, run_name
+    from gradus.compare.jobs import run_name
+    from gradus.compare.runner import ComparePlan
 
     plan = ComparePlan(algos=["grpo", "grpo:algo.kl_coef=0:optim.lr=1e-4"], seeds=1, overrides=["run.steps=3"])
     names = [name for _, _, name in plan.run_names()]
@@ -218,8 +220,8 @@ def test_jobs_2_trains_the_same_runs_as_one_at_a_time(nano_dir, tmp_path, signal
 
 
 def test_a_worker_killed_from_outside_is_a_failed_run_that_says_so(tmp_path):
+    from gradus.compare.jobs import RunJob
     from gradus.compare.parallel import _ended, _last_step, progress_line
-    from gradus.compare.runner import RunJob
 
     (tmp_path / "metrics").mkdir()
     job = RunJob("grpo-seed0", "grpo", 0, "[1/2] grpo-seed0", None, tmp_path / "runs" / "grpo-seed0", False)

@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from gradus.algorithm import resolve_algo
-from gradus.compare.runner import RunJob, RunStatus, start_message, train_one
+from gradus.compare.jobs import RunJob, RunStatus, start_message, train_one
 from gradus.train.interrupts import StopSignals
 from gradus.train.runlog import read_metrics
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from gradus.train.plots import SMOOTH, smooth  # noqa: E402  (one smoothing for a run's plot and these)
 
 if TYPE_CHECKING:
-    from gradus.compare.report import RunData
+    from gradus.compare.data import RunData
 
 
 def stack_by_step(runs: list[RunData], key: str, window: int = SMOOTH) -> tuple[np.ndarray, np.ndarray] | None:

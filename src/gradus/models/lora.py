@@ -21,8 +21,9 @@
 Scope: the policy only. PPO's critic is a full copy of the backbone trained in full (see
 `gradus.models.critic`); LoRA does not shrink it. The adapters are plain `nn.Linear` pairs inside the
 decoder, so everything that calls the module (log-probs, the rollout engine's HF forward) computes the
-adapted model; a fast path that reads `q_proj.weight` itself would compute the base model, which is why
-`gradus.models.lean` and the rollout's `DirectDecoder` refuse anything but a plain `nn.Linear`.
+adapted model; a fast path that reads `q_proj.weight` itself would compute the base model, which is why the
+rollout's `DirectDecoder` refuses anything but a plain `nn.Linear`: the local engine samples a LoRA policy from
+a merged copy instead (`merged_tensors`).
 """
 
 from __future__ import annotations

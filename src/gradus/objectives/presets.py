@@ -2,7 +2,8 @@
 the trainer's defaults around that loss, so adding an algorithm is one entry here.
 
 The loss preset fixes three structural choices (which importance ratio, which trust region, which
-aggregation) and the defaults of its knobs, taken from the papers (see ../shared/seed/NOTES.md) and,
+aggregation) and the defaults of its knobs, taken from the papers (each cited in gradus.objectives.policy and
+docs/objectives.md) and,
 for the members adopted after SAPO, from each paper and verl 0.9's recipes (docs/objectives.md):
 
 | algo                  | ratio             | trust region         | default agg             | defaults

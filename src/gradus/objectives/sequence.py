@@ -2,8 +2,8 @@
 
 GSPO (Zheng et al. 2025): s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|)
                               = exp(1/|y_i| sum_t log r_it) = PPL_old(y_i) / PPL_theta(y_i),
-with PPL(y) = exp(-1/|y| sum_t log P(y_t | y_<t)). (The seed writes PPL without the log; that is
-its erratum, see ../shared/seed/NOTES.md. With the log the identity is exact.)
+with PPL(y) = exp(-1/|y| sum_t log P(y_t | y_<t)). (Written without the log, as in some derivations of GSPO,
+the identity fails; with the log it is exact.)
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
-"""Rollout: sampling G completions per prompt, the most expensive stage of RL post-training."""
+"""Rollout: sampling G completions per prompt, the most expensive stage of RL post-training. The engines are
+found by name in `gradus.rollout.registry`; `gradus.rollout.engine` is the interface they implement."""
 
 from gradus.rollout.engine import EngineError, RolloutEngine
 from gradus.rollout.local import LocalEngine, model_positions
 from gradus.rollout.sampling import (
     apply_temperature,
-    filter_logits,
     next_tokens,
     sample_from_probs,
-    sample_tokens,
     top_k_filter,
     top_p_filter,
 )
@@ -20,11 +19,9 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "apply_temperature",
-    "filter_logits",
     "model_positions",
     "next_tokens",
     "sample_from_probs",
-    "sample_tokens",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -43,12 +43,6 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))  # [B, V]
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p, in that order (for a sampling, not greedy, step)."""
-    scaled = apply_temperature(logits, params.temperature)
-    return top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
-
-
 def _signed(x: int) -> int:
     """A 64-bit constant as the int64 with the same bits."""
     return x - (1 << 64) if x >= 1 << 63 else x
@@ -100,11 +94,6 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     u = uniforms.reshape(total.shape).to(cdf.dtype) * total  # [B, 1]
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # [B, 1] guard u*total rounding up
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # [B]
-
-
-def sample_tokens(filtered_logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from softmax(filtered_logits); returns [B] long."""
-    return sample_from_probs(filtered_logits.softmax(dim=-1), generator)  # [B]
 
 
 def next_tokens(

@@ -54,6 +54,12 @@ class PolicyRuntime(TrainedModel):
         self.sharded = sharded
 
     @property
+    def reference_copy(self) -> nn.Module | None:
+        """The frozen copy of the initial model the reference is computed with; None under LoRA (the policy with
+        its adapter off) and without a reference."""
+        return self._reference
+
+    @property
     def adapted(self) -> bool:
         """Whether the policy trains LoRA adapters (a PEFT model) rather than its own weights."""
         return lora.is_lora(self.bare)

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gradus import parallel
 from gradus.config import ConfigError
@@ -36,7 +36,30 @@ from gradus.train.durable import DiskFull, is_disk_full
 from gradus.train.resume import data_position
 
 if TYPE_CHECKING:
-    from gradus.train.trainer import Trainer
+    from gradus.algorithm import ResolvedAlgo
+    from gradus.config import TrainConfig
+    from gradus.runtime import PolicyRuntime
+    from gradus.train.data import PromptSource
+    from gradus.train.tally import Tally
+
+
+class Checkpointed(Protocol):
+    """What a checkpoint saves of a run, and restores into it (the trainer)."""
+
+    cfg: TrainConfig
+    algo: ResolvedAlgo
+    rank: int
+    world: int
+    actor: PolicyRuntime
+    critic: TrainedModel | None
+    tokenizer: Any
+    source: PromptSource
+    step: int
+    tally: Tally
+    elapsed: float
+    initial_dir: Path
+    eval_before: dict[str, float] | None
+
 
 FORMAT = 2  # state.pt's "format": optimizer states, schedulers and data positions in DCP (1: before)
 
@@ -44,7 +67,7 @@ FORMAT = 2  # state.pt's "format": optimizer states, schedulers and data positio
 class Checkpointer:
     """The run folder of a trainer and its checkpoints: the one resumed, saving a step, restoring."""
 
-    def __init__(self, trainer: Trainer, run_dir: Path | None, resume: bool) -> None:
+    def __init__(self, trainer: Checkpointed, run_dir: Path | None, resume: bool) -> None:
         self.trainer = trainer
         cfg = trainer.cfg
         # one folder for the job: rank 0's clock names it (ranks start seconds apart, machines' clocks differ)
