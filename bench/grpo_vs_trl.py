@@ -132,13 +132,9 @@ def make_data_file(root: Path, n: int, prompt_len: int) -> Path:
 # ---- gradus worker --------------------------------------------------------------------------------
 class GradusRunner:
     def __init__(self, wl: Workload):
-        import torch
-
-        import gradus.train.trainer as trainer_module
         from gradus.config import load_config
-        from gradus.train.update import micro_batches
+        from gradus.train.trainer import Trainer
 
-        self.record: dict[str, float] = {}
         overrides = {
             "model.path": wl.model_dir, "task.name": "file", "task.data_file": wl.data_file,
             "task.prompt_field": "prompt", "task.answer_field": "answer", "task.heldout_size": 1,
@@ -150,43 +146,47 @@ class GradusRunner:
             "optim.grad_clip": 1.0, "run.device": wl.device, "run.progress": False, "run.seed": wl.seed,
             "run.threads": wl.threads, "run.steps": 10**6, "model.dtype": "float32",
         }
-        cfg = load_config(overrides=overrides)
-        original = trainer_module.run_updates
-        record = self.record
-
-        def timed_run_updates(inputs: Any, actor: Any, algo: Any, **kw: Any) -> Any:
-            start = time.perf_counter()
-            out = original(inputs, actor, algo, **kw)
-            record["update_s"] = time.perf_counter() - start
-            batch = inputs.batch
-            # The same micro-batches run_updates makes (one minibatch: every epoch splits rows alike),
-            # each trimmed to its own longest prompt and completion.
-            rows = torch.arange(batch.batch_size)
-            body = head = 0
-            for micro in micro_batches(rows, batch, kw["token_budget"]):
-                sub = batch.select(micro.to(batch.device)).trim()
-                body += sub.input_ids.numel()
-                head += sub.completion_ids.numel()
-            prompt_tokens = int(batch.prompt_mask.sum())
-            completion_tokens = int(batch.completion_mask.sum())
-            record.update(body_tokens=body * kw["epochs"], head_tokens=head * kw["epochs"],
-                          body_real=(prompt_tokens + completion_tokens) * kw["epochs"],
-                          head_real=completion_tokens * kw["epochs"])
-            return out
-
-        trainer_module.run_updates = timed_run_updates
-        self.trainer = trainer_module.Trainer(cfg, run_dir=Path(wl.work_dir) / "gradus-run")
+        self.cfg = load_config(overrides=overrides)
+        self.trainer = Trainer(self.cfg, run_dir=Path(wl.work_dir) / "gradus-run")
         self.params = sum(p.numel() for p in self.trainer.policy.parameters())
         self.step_index = 0
+        self.epochs = wl.updates
+        self.batch: Any = None
+        prepare = self.trainer.prepare
+
+        def keep_batch(*args: Any, **kwargs: Any) -> Any:  # the batch the update trains on, for the token counts
+            inputs = prepare(*args, **kwargs)
+            self.batch = inputs.batch
+            return inputs
+
+        self.trainer.prepare = keep_batch
+
+    def tokens(self) -> dict[str, float]:
+        """Tokens the update's forwards process: padded (the micro-batches run_updates makes, each trimmed to its
+        own longest prompt and completion) and real; the body sees prompt and completion, the head completions."""
+        import torch
+
+        from gradus.train.passes import micro_batches
+
+        batch = self.batch
+        body = head = 0
+        for micro in micro_batches(torch.arange(batch.batch_size), batch, self.cfg.optim.token_budget):
+            sub = batch.select(micro.to(batch.device)).trim()
+            body += sub.input_ids.numel()
+            head += sub.completion_ids.numel()
+        prompt_tokens, completion_tokens = int(batch.prompt_mask.sum()), int(batch.completion_mask.sum())
+        return {"body_tokens": body * self.epochs, "head_tokens": head * self.epochs,
+                "body_real": (prompt_tokens + completion_tokens) * self.epochs,
+                "head_real": completion_tokens * self.epochs}
 
     def step(self) -> dict[str, float]:
         self.step_index += 1
-        self.record.clear()
         start = time.perf_counter()
         metrics = self.trainer.train_step(self.step_index)
         seconds = time.perf_counter() - start
+        # the stage times the trainer logs (gradus.train.stages): the update's own, as a run logs it
         return {"seconds": seconds, "completion_tokens": metrics["rollout/tokens"],
-                "gen_s": metrics["rollout/gen_seconds"], **self.record}
+                "gen_s": metrics["rollout/gen_seconds"], "update_s": metrics["time/update_s"], **self.tokens()}
 
 
 def _gradus_worker(wl: Workload, conn: Any) -> None:
