@@ -52,7 +52,6 @@ class ResolvedAlgo:
     minibatches: int = 1
     steps: int = 1000  # RL steps of the run
     monitor_kl: bool = False  # reference log-probs for the KL metric only, when kl_coef is 0
-    routing_replay: str = "none"  # MoE: none | r2 | r3 (gradus.train.moe)
     correction: str = "none"  # rollout/training mismatch correction (gradus.objectives.correction)
     correction_bounds: tuple[float | None, float | None] = (None, None)  # its (low, high), defaults filled in
     advantage: str = "group"  # the advantage estimator (gradus.objectives.estimators)
@@ -121,10 +120,6 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         raise ConfigError("algo.overlong_cache only applies with algo.overlong_shaping=true")
     epochs = d.epochs if cfg.optim.epochs is None else cfg.optim.epochs
     minibatches = d.minibatches if cfg.optim.minibatches is None else cfg.optim.minibatches
-    if a.routing_replay == "r2" and epochs * minibatches == 1:
-        raise ConfigError(f"algo.routing_replay=r2 replays the old policy's routing in the later updates of a batch; "
-                          f"{a.name} makes one (optim.epochs=1, optim.minibatches=1), so r2 would change nothing: "
-                          "set optim.minibatches or optim.epochs above 1, or use r3")
     try:
         bounds = resolve_bounds(a.rollout_correction, a.correction_low, a.correction_high)
     except ValueError as err:  # e.g. a lower bound for tis, which only caps
@@ -153,7 +148,6 @@ def resolve_algo(cfg: TrainConfig) -> ResolvedAlgo:
         minibatches=minibatches,
         steps=d.steps if cfg.run.steps is None else cfg.run.steps,
         monitor_kl=a.monitor_kl,
-        routing_replay=a.routing_replay,
         correction=a.rollout_correction,
         correction_bounds=bounds,
         advantage=advantage,

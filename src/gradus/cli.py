@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from gradus.models import lora, save_pretrained
+    from gradus.models import load_model, save_pretrained
     from gradus.train import bootstrap
     from gradus.train.sft import run_sft
 
@@ -152,7 +152,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     device = bootstrap.resolve_device(cfg.run.device)
     task = bootstrap.build_task(cfg)
     if cfg.model.path:
-        model, tokenizer = lora.load_model(Path(cfg.model.path), cfg.model.dtype, device)
+        model, tokenizer = load_model(Path(cfg.model.path), cfg.model.dtype, device)
         bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # the rows training would refuse
         metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress,
                           threads=cfg.run.threads)
@@ -171,7 +171,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gradus.models import lora
+    from gradus.models import load_model
     from gradus.rollout.registry import engine_class
     from gradus.runtime import plain_source
     from gradus.train import bootstrap
@@ -187,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n = args.n or cfg.task.heldout_size
     bootstrap.check_positions(cfg, task, task.heldout(n))
     bootstrap.heldout_set(task, n)  # before loading the model: the check above may have dropped every row
-    model, tokenizer = lora.load_model(Path(cfg.model.path), cfg.model.dtype, device)
+    model, tokenizer = load_model(Path(cfg.model.path), cfg.model.dtype, device)
     bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # may drop rows of a file
     heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()

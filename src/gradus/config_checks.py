@@ -56,9 +56,14 @@ def _check_runtime_rules(cfg: TrainConfig, algo: ResolvedAlgo, world: int) -> No
     for problem in (engine.check(cfg, world), MODES[cfg.run.parallel].check(cfg, world) if world > 1 else None):
         if problem:
             raise ConfigError(problem)
-    if algo.routing_replay == "r3" and not engine.records_routing:
+    replay = cfg.algo.routing_replay
+    if replay == "r3" and not engine.records_routing:
         raise ConfigError(f"algo.routing_replay=r3 needs the rollout's routing, which rollout.engine={engine.name} "
                           f"does not record (rollout.engine=local does); with {engine.name} use r2 or none")
+    if replay == "r2" and algo.epochs * algo.minibatches == 1:
+        raise ConfigError(f"algo.routing_replay=r2 replays the old policy's routing in the later updates of a batch; "
+                          f"{algo.name} makes one (optim.epochs=1, optim.minibatches=1), so r2 would change nothing: "
+                          "set optim.minibatches or optim.epochs above 1, or use r3")
     if cfg.model.path is None:  # the built-in model's architecture is the config's own
         from gradus.models.tiny import MOE_ARCHS
 

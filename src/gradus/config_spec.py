@@ -71,6 +71,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def spec(default: Any, **allowed: Any) -> Any:
-    """A dataclass field with a default and its valid values (see `Allowed`)."""
-    return field(default=default, metadata={"allowed": Allowed(**allowed)})
+def spec(default: Any, *, fixed: bool = False, **allowed: Any) -> Any:
+    """A dataclass field with a default and its valid values (see `Allowed`). `fixed`: the value is part of what a
+    run is, so `--resume` may not change it (`gradus.config.fixed_on_resume`)."""
+    return field(default=default, metadata={"allowed": Allowed(**allowed), "fixed": fixed})

@@ -14,6 +14,7 @@ from gradus.models.loading import (
     save_pretrained,
     stop_token_ids,
 )
+from gradus.models.lora import load_model
 from gradus.models.routing import (
     ROUTERS,
     MoeLayout,
@@ -49,6 +50,7 @@ __all__ = [
     "completion_values",
     "critic_values",
     "load_critic",
+    "load_model",
     "load_pretrained",
     "moe_layout",
     "moe_layout_or_none",

@@ -347,10 +347,11 @@ def reference_mode(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-def save_adapter(model: PeftModel, path: Path) -> None:
-    """Write the adapter (adapter_config.json, adapter_model.safetensors) to `path`. save_embedding_layers=False:
-    embeddings are never adapted (config_checks), and PEFT's "auto" would look the base model up, perhaps online."""
-    model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+def save_adapter(model: PeftModel, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter (adapter_config.json, adapter_model.safetensors) to `path`; `state_dict`: the model's
+    gathered weights when it is sharded. save_embedding_layers=False: embeddings are never adapted
+    (check_lora_config), and PEFT's "auto" would look the base model up, perhaps online."""
+    model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
 
 
 def adapter_base(path: str | Path) -> Path | None:

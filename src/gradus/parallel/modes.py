@@ -44,6 +44,17 @@ class Mode:
     def wrap(self, model: nn.Module, device: torch.device, *, trainable: bool = True) -> nn.Module:
         return model
 
+    def bare(self, model: nn.Module) -> nn.Module:
+        """The module inside the wrapper (the same parameters); a sharded model is its own module."""
+        return unwrap_ddp(model)
+
+    def full_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        return full_tensors(model)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective (sharded modes): the whole weights on CPU on rank 0, {} on the others."""
+        return full_state_dict(model)
+
 
 class DDP(Mode):
     name = "ddp"

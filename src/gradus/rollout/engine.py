@@ -104,3 +104,33 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release the engine (its memory, its processes); it samples no more."""
         ...
+
+
+class Engine:
+    """What every engine has unless it says otherwise: no config it cannot run, nothing to install, the model's
+    positions, no routing recorded, no weights of its own, nothing to free between rollouts."""
+
+    name: ClassVar[str]
+    records_routing: ClassVar[bool] = False
+    holds_weights: bool = False
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, world: int) -> str | None:
+        return None
+
+    @classmethod
+    def check_machine(cls, cfg: TrainConfig, device: torch.device) -> None:
+        return None
+
+    @classmethod
+    def max_positions(cls, cfg: TrainConfig) -> int | None:
+        return None
+
+    def sleep(self) -> None:
+        """Nothing to free."""
+
+    def wake_up(self) -> None:
+        """Nothing to take back."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from gradus.models.routing import moe_layout_or_none
 from gradus.rollout.decoders import DirectDecoder, HFDecoder, direct_unsupported_reason
-from gradus.rollout.engine import PolicySource, Weights
+from gradus.rollout.engine import Engine, PolicySource, Weights
 from gradus.rollout.routing_record import RolloutRouting, record_routing
 from gradus.rollout.sampling import next_tokens, row_keys, row_uniforms
 from gradus.rollout.types import RolloutBatch, SamplingParams
@@ -92,7 +92,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
     return ids.to(device), mask.to(device)
 
 
-class LocalEngine:
+class LocalEngine(Engine):
     """Samples completions with `model` (a HF causal LM) in this process; implements `RolloutEngine`.
 
     Built for a run (`build`), it samples with the policy's own module when it can, and else keeps a copy of
@@ -102,19 +102,6 @@ class LocalEngine:
 
     name: ClassVar[str] = "local"
     records_routing: ClassVar[bool] = True  # MoE models known to models/routing.py
-    holds_weights = False  # True for a copy (see above)
-
-    @classmethod
-    def check(cls, cfg: TrainConfig, world: int) -> str | None:
-        return None
-
-    @classmethod
-    def check_machine(cls, cfg: TrainConfig, device: torch.device) -> None:
-        return None
-
-    @classmethod
-    def max_positions(cls, cfg: TrainConfig) -> int | None:
-        return None
 
     @classmethod
     def build(cls, cfg: TrainConfig, source: PolicySource, tokenizer: Any, device: torch.device) -> LocalEngine:
@@ -170,15 +157,6 @@ class LocalEngine:
         if missing := sorted(set(params) - seen):
             raise ValueError(f"sync: no weights given for {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-
-    def sleep(self) -> None:
-        """Nothing to free: the engine holds no memory of its own between rollouts."""
-
-    def wake_up(self) -> None:
-        """Nothing to take back (see `sleep`)."""
-
-    def close(self) -> None:
-        """Nothing to shut down: the model belongs to the caller."""
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, *,
                  seed: int | None = None, seeds: Sequence[int] | None = None) -> RolloutBatch:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from gradus import parallel
-from gradus.rollout.engine import EngineError, PolicySource, Weights
+from gradus.rollout.engine import Engine, EngineError, PolicySource, Weights
 from gradus.rollout.local import completion_keys, config_positions, left_pad, prompt_seeds
 from gradus.rollout.types import RolloutBatch, SamplingParams
 
@@ -75,7 +75,7 @@ def import_vllm(on_gpu: bool) -> Any:
     return vllm
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Samples with vLLM; implements `RolloutEngine`. Build it once per run (it takes seconds to start).
 
     Under torchrun every rank builds its own engine, which samples that rank's share of the batch: vLLM joins
@@ -83,7 +83,6 @@ class VLLMEngine:
     parallel 1). A LoRA policy reaches it merged (`sync`), so vLLM runs the plain base architecture."""
 
     name: ClassVar[str] = "vllm"
-    records_routing: ClassVar[bool] = False  # vLLM does not report the experts it routed to
     holds_weights = True
 
     @classmethod

@@ -33,7 +33,7 @@ from gradus.config import ConfigError
 from gradus.logprobs import check_plain_lm_head
 from gradus.models import build_critic, load_critic, lora
 from gradus.rollout.engine import PolicySource, Weights
-from gradus.runtime.trained import Optim, TrainedModel, build_optim
+from gradus.runtime.trained import Optim, TrainedModel, Writer, build_optim, with_tokenizer
 
 if TYPE_CHECKING:
     from gradus.algorithm import ResolvedAlgo
@@ -44,14 +44,13 @@ if TYPE_CHECKING:
 class PolicyRuntime(TrainedModel):
     """The policy (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, optim: Optim, *, reference: nn.Module | None, needs_reference: bool,
-                 plain: type[nn.Module], config: Any, model_dir: Path, sharded: bool) -> None:
-        super().__init__(model, optim)
+    def __init__(self, model: nn.Module, optim: Optim, mode: Mode, *, reference: nn.Module | None,
+                 needs_reference: bool, plain: type[nn.Module], config: Any, model_dir: Path) -> None:
+        super().__init__(model, optim, mode)
         self._reference = reference
         self.has_reference = needs_reference
         self._plain_class, self._config = plain, config
         self.model_dir = model_dir
-        self.sharded = sharded
 
     @property
     def reference_copy(self) -> nn.Module | None:
@@ -75,6 +74,18 @@ class PolicyRuntime(TrainedModel):
         with self.bare.disable_adapter():  # LoRA: the base weights, which never change
             yield self.model
 
+    def writer(self, tokenizer: Any = None) -> Writer | None:
+        """As `TrainedModel.writer`; a LoRA policy writes its adapter alone (its config names the base folder)."""
+        if not self.adapted:
+            return super().writer(tokenizer)
+        full = None
+        if self.mode.shards:
+            full = self.mode.full_state_dict(self.model)  # {} on ranks other than 0
+            if not full:
+                return None
+        return functools.partial(with_tokenizer, functools.partial(lora.save_adapter, self.bare, state_dict=full),
+                                 tokenizer)
+
     def export_weights(self) -> Weights:
         """(HF name, full tensor) of the policy as one plain model (see the module docstring)."""
         named = self.full_tensors()
@@ -82,7 +93,7 @@ class PolicyRuntime(TrainedModel):
 
     def source(self) -> PolicySource:
         device = next(self.model.parameters()).device
-        return PolicySource(module=self.bare, sharded=self.sharded, adapted=self.adapted,
+        return PolicySource(module=self.bare, sharded=self.mode.shards, adapted=self.adapted,
                             dtype=next(self.bare.parameters()).dtype,
                             blueprint=functools.partial(new_plain, self._plain_class, self._config, device=device),
                             model_dir=self.model_dir, export=self.export_weights)
@@ -130,11 +141,13 @@ class Models:
     critic: TrainedModel | None  # estimators with a critic (PPO's GAE)
 
 
-def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, mode: Mode, device: torch.device, *,
+def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, device: torch.device, *,
                  initial_dir: Path, ckpt: Path | None) -> Models:
     """The policy runtime (and critic) from `plain`, the policy loaded as a plain HF model (from `initial_dir`,
-    or from a checkpoint's full weights; under LoRA always the base). `ckpt`: the checkpoint resumed, whose
-    adapter and critic are loaded here; its optimizer states are loaded later (`gradus.parallel.checkpoint`)."""
+    or from a checkpoint's full weights; under LoRA always the base), held as `run.parallel` says in this job.
+    `ckpt`: the checkpoint resumed, whose adapter and critic are loaded here; its optimizer states are loaded
+    later (`gradus.parallel.checkpoint`)."""
+    mode = parallel.mode_for(cfg.run.parallel, parallel.active())
     total = algo.steps * algo.epochs * algo.minibatches  # optimizer steps in the run
     o = cfg.optim
 
@@ -146,7 +159,7 @@ def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, mode: M
     if algo.uses_critic:  # full, also under LoRA; built from the plain policy, before any adapter
         module = load_critic(ckpt / "critic", device=device) if ckpt else build_critic(plain)
         wrapped = mode.wrap(module, device)
-        critic = TrainedModel(wrapped, optimizer(wrapped, cfg.algo.critic_lr))
+        critic = TrainedModel(wrapped, optimizer(wrapped, cfg.algo.critic_lr), mode)
     plain_class, config = type(plain), plain.config
     policy = plain
     if cfg.model.lora_r > 0:
@@ -157,14 +170,14 @@ def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, mode: M
         reference, _ = lora.load_model(initial_dir, cfg.model.dtype, device)
         reference = mode.wrap(reference.eval().requires_grad_(False), device, trainable=False)
     wrapped = mode.wrap(policy, device)
-    runtime = PolicyRuntime(wrapped, optimizer(wrapped, cfg.optim.lr), reference=reference,
+    runtime = PolicyRuntime(wrapped, optimizer(wrapped, cfg.optim.lr), mode, reference=reference,
                             needs_reference=algo.needs_reference, plain=plain_class, config=config,
                             model_dir=lora.plain_model_dir(initial_dir if cfg.model.lora_r > 0 or ckpt is None
-                                                           else ckpt / "policy"),
-                            sharded=mode.shards)
+                                                           else ckpt / "policy"))
     return Models(runtime, critic)
 
 
-def parameter_names(model: nn.Module) -> list[str]:
-    """The names of `model`'s trainable parameters, in order (what a pre-DCP optimizer state's positions meant)."""
-    return [name for name, p in parallel.unwrap_ddp(model).named_parameters() if p.requires_grad]
+def parameter_names(part: TrainedModel) -> list[str]:
+    """The names of a trained model's trainable parameters, in order (what a pre-DCP optimizer state's positions
+    meant)."""
+    return [name for name, p in part.bare.named_parameters() if p.requires_grad]

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradus import parallel
 from gradus.parallel.checkpoint import save_hf_full
+from gradus.parallel.modes import Mode
 
 # fills a checkpoint's folder for this model (rank 0), or None on ranks that write nothing
 Writer = Callable[[Path], None]
@@ -56,15 +56,17 @@ def build_optim(model: nn.Module, lr: float, *, weight_decay: float, grad_clip: 
 
 
 class TrainedModel(Optim):
-    """A model of the run with its optimizer; `model` is it as trained (wrapped), `bare` the module inside."""
+    """A model of the run with its optimizer; `model` is it as trained (wrapped by `mode`), `bare` the module
+    inside."""
 
-    def __init__(self, model: nn.Module, optim: Optim) -> None:
+    def __init__(self, model: nn.Module, optim: Optim, mode: Mode) -> None:
         super().__init__(model, optim.optimizer, optim.scheduler, optim.grad_clip)
+        self.mode = mode
 
     @property
     def bare(self) -> nn.Module:
-        """The module itself (inside a DDP wrapper; an FSDP2 model is its own module, its weights sharded)."""
-        return parallel.unwrap_ddp(self.model)
+        """The module itself (inside a replica's wrapper; a sharded model is its own module)."""
+        return self.mode.bare(self.model)
 
     def train(self) -> None:
         self.model.train()
@@ -74,16 +76,16 @@ class TrainedModel(Optim):
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of every parameter, gathered one at a time where sharded (a collective then)."""
-        return parallel.full_tensors(self.model)
+        return self.mode.full_tensors(self.model)
 
     def writer(self, tokenizer: Any = None) -> Writer | None:
         """Collective under FSDP2 (the weights are gathered now, onto rank 0): a function that writes this model
         in HF format into a folder (a PEFT model: its adapter), with `tokenizer`; None on ranks that write nothing."""
-        if parallel.is_sharded(self.model):
-            full = parallel.full_state_dict(self.model)  # {} on ranks other than 0
+        if self.mode.shards:
+            full = self.mode.full_state_dict(self.model)  # {} on ranks other than 0
             if not full:
                 return None
-            return functools.partial(_write, lambda folder: save_hf_full(self.model, full, folder), tokenizer)
+            return functools.partial(with_tokenizer, lambda folder: save_hf_full(self.model, full, folder), tokenizer)
         return hf_writer(self.bare, tokenizer)
 
     def optimizer_part(self) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -93,20 +95,16 @@ class TrainedModel(Optim):
 
 def hf_writer(model: nn.Module, tokenizer: Any = None) -> Writer:
     """A writer of a whole (not sharded) model in HF format, with `tokenizer`."""
-    return functools.partial(_write, functools.partial(save_model, model), tokenizer)
+    return functools.partial(with_tokenizer, functools.partial(save_model, model), tokenizer)
 
 
 def save_model(model: nn.Module, folder: Path) -> None:
-    """HF format; a LoRA policy (a PEFT model) as its adapter alone, whose config names the base model folder."""
-    from gradus.models.lora import is_lora, save_adapter
-
-    if is_lora(model):
-        save_adapter(model, folder)
-    else:
-        model.save_pretrained(folder, safe_serialization=True)
+    """HF format (safetensors)."""
+    model.save_pretrained(folder, safe_serialization=True)
 
 
-def _write(save: Callable[[Path], None], tokenizer: Any, folder: Path) -> None:
+def with_tokenizer(save: Callable[[Path], None], tokenizer: Any, folder: Path) -> None:
+    """`save(folder)`, then the tokenizer (if any) beside it."""
     save(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -104,7 +104,7 @@ class Checkpointer:
             else:
                 for name, part in parts.items():
                     load_legacy_optimizer(part.model, part.optimizer, state[f"{name}_optimizer"],
-                                          parameter_names(part.model))
+                                          parameter_names(part))
             schedulers = {name: state[f"{name}_scheduler"] for name in parts}
             positions = state.get("data_positions") or [state.get("data_position", 0)]
         for name, part in parts.items():

@@ -8,24 +8,20 @@ from typing import Any
 
 import yaml
 
-from gradus.config import ConfigError, TrainConfig, get_key, load_config, to_dict
+from gradus.config import ConfigError, TrainConfig, fixed_on_resume, get_key, load_config, to_dict
 from gradus.config_checks import validate
 from gradus.parallel import planned_world
 from gradus.train.durable import replace_text
 
-# What a run is: changing one of these on --resume would continue another run's checkpoint.
-FIXED_ON_RESUME = ("algo.name", "model.path", "task.name", "task.data_file", "run.seed", "run.out_dir", "run.name",
-                   "model.lora_r", "model.lora_alpha", "model.lora_dropout", "model.lora_targets")
-
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     """The saved config of a run, with `overrides` (e.g. a larger run.steps). Overrides that would change
-    what the run is (FIXED_ON_RESUME) are refused."""
+    what the run is (`gradus.config.fixed_on_resume`) are refused."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist (is {run_dir} a gradus run folder?)")
     saved, cfg = load_config(path), load_config(path, overrides)
-    changed = [f"{key} (saved {get_key(saved, key)!r}, given {get_key(cfg, key)!r})" for key in FIXED_ON_RESUME
+    changed = [f"{key} (saved {get_key(saved, key)!r}, given {get_key(cfg, key)!r})" for key in fixed_on_resume()
                if _comparable(key, get_key(saved, key)) != _comparable(key, get_key(cfg, key))]
     if changed:
         raise ConfigError(f"--resume: {'; '.join(changed)} cannot change when a run is resumed; start a new run "

@@ -101,10 +101,9 @@ class Trainer:
         self.initial_dir = Path(state.get("initial_model_dir") or self._initial_dir())
         plain, self.tokenizer = load_plain(cfg, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, plain, cfg)  # may drop rows of a file
-        self.moe = MoeRouting.for_model(plain, self.algo.routing_replay, cfg.model.router_aux_coef)
+        self.moe = MoeRouting.for_model(plain, cfg.algo.routing_replay, cfg.model.router_aux_coef)
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
-        mode = parallel.mode_for(cfg.run.parallel, self.layout.distributed)
-        models = build_models(plain, cfg, self.algo, mode, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
+        models = build_models(plain, cfg, self.algo, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
         self.actor, self.critic = models.policy, models.critic
         self.engine = engine_class(cfg.rollout.engine).build(cfg, self.actor.source(), self.tokenizer, self.device)
         self.sync_engine()
