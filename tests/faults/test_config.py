@@ -392,12 +392,13 @@ def test_a_resumed_run_may_change_its_rollout_correction(tmp_path):
     assert icepop.correction_bounds == (0.5, 5.0)
 
 
-def test_run_saves_the_resolved_config_and_resumes_from_it(tmp_path):
+def test_run_saves_the_resolved_config_and_resumes_from_it(tmp_path, signal_reward):
     tokenizer = build_char_tokenizer()
     model = save_pretrained(build_tiny_model("nano", tokenizer=tokenizer), tokenizer, tmp_path / "nano")
     overrides = [f"model.path={model}", f"run.out_dir={tmp_path}", "run.name=r", "run.progress=false",
                  "run.steps=1", "run.eval_every=0", "run.save_every=1", "task.heldout_size=4", "task.name=arithmetic",
-                 "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "algo.name=dapo"]
+                 "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "algo.name=dapo",
+                 f"task.rewards={signal_reward}"]  # groups that differ: the run learns
     trainer = Trainer(load_config(overrides=overrides))
     trainer.fit()
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 
 import pytest
 import torch
+from conftest import write_digits_reward
 from train.conftest import tiny_overrides
 
 from gradus.cli import main
@@ -38,7 +40,12 @@ def _file_cfg(path, *extra: str):
 
 
 def _train(nano, tmp_path, data, **extra) -> int:
-    args = tiny_overrides(nano, tmp_path, **{"task.heldout_size": 500, "task.rewards": "exact_match", **extra})
+    # a reward that pays for digits: an untrained model's groups differ, so a run that gets to train learns (one
+    # that learned from no token exits 1)
+    write_digits_reward(tmp_path, "input_rewards")
+    sys.path.insert(0, str(tmp_path))
+    args = tiny_overrides(nano, tmp_path, **{"task.heldout_size": 500, "task.rewards": "input_rewards:digits:0.5,"
+                                             "exact_match", **extra})
     return main(["train", "--data", str(data), "--name", "run", *args])
 
 

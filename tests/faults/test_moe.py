@@ -8,6 +8,7 @@ from train.conftest import tiny_overrides
 from gradus.compare.runner import ComparePlan, validate_plan
 from gradus.config import ConfigError, load_config
 from gradus.train.runlog import read_metrics
+from gradus.train.tally import NothingLearned
 from gradus.train.trainer import Trainer
 
 
@@ -21,7 +22,8 @@ def test_a_minibatch_with_no_counted_token_is_not_a_nan_step(moe_dir, tmp_path, 
     # loss's share (0 / 0) made the step NaN, skipped, and five in a row stopped the run
     trainer = Trainer(load_config(overrides=tiny_overrides(moe_dir, tmp_path, **{
         "task.rewards": signal_reward, "run.steps": 1, "rollout.max_new_tokens": 2, "algo.overlong_filter": "true"})))
-    trainer.fit()
+    with pytest.raises(NothingLearned, match="every token at weight 0"):  # nothing counted: nothing learned
+        trainer.fit()
     record = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "reward/mean" in r][0]
     assert record["rollout/truncated_frac"] == 1.0 and record["actor/skipped_updates"] == 0.0
 

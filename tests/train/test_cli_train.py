@@ -32,12 +32,12 @@ def test_sft_saves_a_loadable_model(nano_dir, tmp_path, capsys):
     assert any(changed) and "sft/loss" in capsys.readouterr().out
 
 
-def test_train_on_a_user_data_file(nano_dir, tmp_path, capsys):
+def test_train_on_a_user_data_file(nano_dir, tmp_path, capsys, signal_reward):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"q": f"{i}+{i}=", "a": str(2 * i)}) + "\n" for i in range(40)))
     args = [a for a in tiny_overrides(nano_dir, tmp_path, **{"task.heldout_size": 4})]
     assert main(["train", "--data", str(data), "task.prompt_field=q", "task.answer_field=a",
-                 "task.rewards=exact_match", "--name", "userdata", *args]) == 0
+                 f"task.rewards={signal_reward}", "--name", "userdata", *args]) == 0
     summary = json.loads((tmp_path / "userdata" / "summary.json").read_text())
     assert summary["task"] == "file" and summary["steps"] == 2
 

@@ -76,9 +76,11 @@ class Tally:
             raise NonFiniteUpdate(f"{self.streak} steps in a row had only NaN/inf losses or gradients; stopping. Try "
                                   "a lower optim.lr, optim.grad_clip, or model.dtype=float32 (an MoE model: a smaller "
                                   "model.router_aux_coef)")
-        raise NothingLearned(f"{self.streak} steps in a row trained no token: the mismatch correction or rejection "
-                             "(algo.rollout_correction, algo.rollout_rejection) gave every token weight 0; stopping. "
-                             "Widen its band or thresholds, or sample closer to the trainer (vllm.dtype=float32)")
+        raise NothingLearned(f"{self.streak} steps in a row trained no token: every token was masked (algo.overlong_filter"
+                             " with every completion cut at rollout.max_new_tokens) or weighted 0 by the mismatch "
+                             "correction or rejection (algo.rollout_correction, algo.rollout_rejection); stopping. "
+                             "Allow longer completions, widen the band or thresholds, or sample closer to the trainer "
+                             "(vllm.dtype=float32)")
 
     def check_end(self) -> None:
         """NothingLearned when the run learned from no token at all."""
@@ -88,8 +90,8 @@ class Tally:
         if self.skipped:
             causes.append(f"{self.skipped} optimizer step(s) skipped for NaN/inf losses or gradients")
         if self.masked_steps:
-            causes.append(f"{self.masked_steps} step(s) with every token at weight 0 (mismatch correction or "
-                          "rejection)")
+            causes.append(f"{self.masked_steps} step(s) with every token at weight 0 (masked by algo.overlong_filter, "
+                          "or weighted away by a mismatch correction or rejection)")
         if self.empty_steps:
             causes.append(f"{self.empty_steps} step(s) with no group whose rewards differ (every completion of a "
                           "prompt equally right or wrong: nothing to compare)")
