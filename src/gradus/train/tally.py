@@ -76,8 +76,9 @@ class Tally:
             raise NonFiniteUpdate(f"{self.streak} steps in a row had only NaN/inf losses or gradients; stopping. Try "
                                   "a lower optim.lr, optim.grad_clip, or model.dtype=float32 (an MoE model: a smaller "
                                   "model.router_aux_coef)")
-        raise NothingLearned(f"{self.streak} steps in a row trained no token: every token was masked (algo.overlong_filter"
-                             " with every completion cut at rollout.max_new_tokens) or weighted 0 by the mismatch "
+        raise NothingLearned(f"{self.streak} steps in a row trained no token: every token was masked "
+                             "(algo.overlong_filter with every completion cut at rollout.max_new_tokens) or weighted 0 "
+                             "by the mismatch "
                              "correction or rejection (algo.rollout_correction, algo.rollout_rejection); stopping. "
                              "Allow longer completions, widen the band or thresholds, or sample closer to the trainer "
                              "(vllm.dtype=float32)")
