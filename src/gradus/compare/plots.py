@@ -94,11 +94,23 @@ def plot_all(runs: list[RunData], algos: list[str], out: Path, target: float | N
         ("clip_fractions.png", "Clip fractions (GSPO: of sequences)",
          [("actor/clip_frac_low", "low (A < 0, r < 1 - eps_low)"),
           ("actor/clip_frac_high", "high (A > 0, r > 1 + eps_high)")]),
-        ("entropy.png", "Policy entropy", [("actor/entropy", "entropy (nats / token)")]),
+        ("entropy.png", "Policy entropy, and what drives it down",
+         [("actor/entropy", "entropy (nats / token)"),
+          ("actor/cov_mean", "cov(log-prob, advantage) per token")]),
         ("length.png", "Completion length", [("rollout/length_mean", "mean completion length (tokens)")]),
         ("kl_gate.png", "KL to the reference; SAPO's gate weight",
          [("actor/kl_ref", "KL to reference (per token)"), ("actor/gate_weight_mean", "SAPO mean gate weight f'(r)")]),
     ]
+    # entropy against reward: collapse shows as entropy falling while the reward stops rising
+    fig, axes = plt.subplots(1, 1, figsize=(5.5, 4), squeeze=False)
+    for algo, rs in by_algo.items():
+        reward, entropy = stack_by_step(rs, "reward/mean"), stack_by_step(rs, "actor/entropy")
+        if reward and entropy and len(reward[0]) == len(entropy[0]):
+            axes[0][0].plot(reward[1].mean(0), entropy[1].mean(0), color=colors[algo], label=algo, lw=1.2)
+            axes[0][0].plot(reward[1].mean(0)[-1:], entropy[1].mean(0)[-1:], "o", color=colors[algo])
+    axes[0][0].set(xlabel=f"mean reward ({SMOOTH}-step average)", ylabel="entropy (nats / token)")
+    paths.append(_save(fig, axes[0], out / "entropy_reward.png", "Entropy against reward (dot: the end)"))
+
     for filename, title, keys in panels:
         fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
         for ax, (key, ylabel) in zip(axes[0], keys, strict=True):

@@ -16,7 +16,8 @@ Per-run quantities:
 - the rollout/training gap: the mean KL estimate (k3) between the engine's and the trainer's token
   probabilities, and for mixture-of-experts policies the share of (token, layer) pairs whose experts
   differ between the rollout and the training forward (0 under routing replay R3);
-- KL to the reference and policy entropy, both means over the last tenth of the steps;
+- KL to the reference, policy entropy and the covariance of token log-probability and advantage that drives
+  entropy down (Cui et al. 2025), each a mean over the last tenth of the steps; tokens sampled per step;
 - DAPO's dropped groups, total over the run.
 """
 
@@ -67,6 +68,8 @@ def run_row(run: RunData, target: float | None) -> dict[str, float | None]:
         "routing": _mean(run.series("routing/layer_mismatch_frac")),
         "kl": _mean((run.series("actor/kl_ref") or run.series("actor/kl_ref_reward"))[-last:]),
         "entropy": _mean(run.series("actor/entropy")[-last:]),
+        "cov": _mean(run.series("actor/cov_mean")[-last:]),
+        "tokens_step": _mean(run.series("rollout/tokens")),
         "dropped": sum(v for _, v in run.series("dapo/groups_dropped")) if run.series("dapo/groups_dropped")
         else None,
     }
@@ -88,6 +91,8 @@ COLUMNS = [  # key, header, format
     ("routing", "routing mismatch", "{:.4f}"),
     ("kl", "KL to ref.", "{:.4f}"),
     ("entropy", "entropy", "{:.3f}"),
+    ("cov", "cov(log p, A)", "{:.2e}"),
+    ("tokens_step", "tokens / step", "{:,.0f}"),
     ("dropped", "DAPO groups dropped", "{:,.0f}"),
 ]
 
@@ -126,7 +131,7 @@ def write_report(compare_dir: Path) -> Path:
         f"overrides: {' '.join(plan['overrides']) or '(none)'}.",
         f"Held-out accuracy before training: {_before(runs)}. {goal}",
         "Cells are the mean over seeds ± the sample standard deviation. Clip fractions are per token, "
-        "per sequence for GSPO. KL and entropy: mean over the last tenth of the steps.",
+        "per sequence for GSPO. KL, entropy and cov(log p, A): mean over the last tenth of the steps.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
