@@ -1,7 +1,8 @@
 """A rollout engine that cannot start fails before any training, with a message that says what to install or
-change: vLLM missing, a model vLLM cannot run, not enough memory for its KV cache, a setup it does not serve
-(LoRA, torchrun). Each case failed on the code before its fix (a traceback from inside vLLM, or a run folder
-and a warm start made before the failure)."""
+change: vLLM missing, a model vLLM cannot run, a KV cache too large for memory or too small for one sequence,
+a setting it does not serve. And what used to fail now works: a LoRA adapter evaluated with vLLM. Each case
+failed on the code before its fix (a traceback from inside vLLM, or a run folder and a warm start made before
+the failure)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,30 @@ def test_kv_cache_bytes_per_token_from_the_config(tmp_path):
     assert kv_cache_bytes_per_token(tmp_path, "float32")[0] == 3 * 2 * 32 * 2 * 4
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 256}))
     assert kv_cache_bytes_per_token(tmp_path, "float32") is None
+
+
+@needs_vllm
+def test_eval_of_a_lora_adapter_with_vllm_scores_what_the_local_engine_scores(micro_dir, tmp_path, capsys):
+    """`gradus eval --model <a LoRA adapter folder> rollout.engine=vllm` said the adapter had no config.json.
+    vLLM now starts from the adapter's base folder and gets the merged weights, so it scores what the local
+    engine scores (greedy: the same completions)."""
+    import torch
+
+    from gradus.config import ModelConfig
+    from gradus.models import load_pretrained, lora
+
+    model, tokenizer = load_pretrained(micro_dir)
+    adapted = lora.apply_lora(model, ModelConfig(lora_r=4))
+    with torch.no_grad():  # an adapter that changes the model
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    adapter = tmp_path / "adapter"
+    lora.save_adapter(adapted, adapter)
+    tokenizer.save_pretrained(adapter)
+    args = ["eval", "--model", str(adapter), "--n", "16", "--k", "0", "--json", "task.name=arithmetic",
+            "rollout.max_new_tokens=6", "run.progress=false"]
+    assert main([*args, "rollout.engine=local"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "rollout.engine=vllm", "vllm.kv_cache_gb=0.05"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == local

@@ -1,11 +1,12 @@
 """`gradus compare` plumbing on a nano model: two algorithms, two seeds, a few steps."""
 
+import gzip
 import json
 
 import pytest
 
 from gradus.cli import main
-from gradus.compare import ComparePlan, run_compare
+from gradus.compare import ComparePlan, run_compare, write_report
 from gradus.compare.data import RunData, load_runs
 from gradus.compare.plots import smooth, stack_by_step
 from gradus.compare.report import run_row
@@ -30,9 +31,15 @@ def test_compare_trains_every_run_and_writes_the_report(nano_dir, tmp_path, sign
         ("grpo-seed0", "done"), ("sapo-seed0", "done"), ("grpo-seed1", "done"), ("sapo-seed1", "done")]
     report = (out / "report.md").read_text()
     assert "| grpo | 2/2 |" in report and "| sapo | 2/2 |" in report
-    for png in ("accuracy", "reward", "clip_fractions", "entropy", "length", "kl_gate"):
+    for png in ("accuracy", "reward", "clip_fractions", "entropy", "entropy_reward", "length", "kl_gate"):
         assert (out / f"{png}.png").stat().st_size > 5000, png
         assert f"({png}.png)" in report
+    # a report kept with gzipped metrics (as docs/ keeps them) redraws to the same report
+    for path in (out / "metrics").glob("*.jsonl"):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    write_report(out)
+    assert (out / "report.md").read_text() == report
     # raw metrics are next to the report; same seed, same prompts: the first step's batch is identical
     plan, runs = load_runs(out)
     by_name = {r.name: r for r in runs}

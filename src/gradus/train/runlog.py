@@ -8,6 +8,7 @@ so every line appears once whatever point the previous process was killed at.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -84,11 +85,17 @@ class RunLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file. A last line cut short by a kill is left out."""
+    """The records of a metrics file (or of its gzipped copy, `<path>.gz`, as a compare report keeps them). A
+    last line cut short by a kill is left out."""
     path = Path(path)
-    if not path.is_file():
+    packed = path.with_name(path.name + ".gz")
+    if not path.is_file() and packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    elif path.is_file():
+        text = path.read_text()
+    else:
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:
