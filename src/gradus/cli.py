@@ -194,8 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = plain_source(model, Path(cfg.model.path))  # a LoRA run's policy: merged, on its base's folder
     engine = engine_type.build(cfg, source, tokenizer, device)
     try:
-        if engine.holds_weights:
-            engine.sync(source.export())
+        engine.follow(source.export)  # an engine with weights of its own takes the model's (merged, for LoRA)
         result = evaluate(engine, tokenizer, task, heldout,
                           max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
                           seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)

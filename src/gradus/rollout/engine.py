@@ -93,6 +93,10 @@ class RolloutEngine(Protocol):
         consumes `weights` to its end (under FSDP2 each item is a collective)."""
         ...
 
+    def follow(self, export: Callable[[], Weights]) -> None:
+        """After an update: `sync(export())` when the engine holds weights of its own, else nothing."""
+        ...
+
     def sleep(self) -> None:
         """Free what the engine holds between rollouts (a GPU KV cache) while the trainer updates."""
         ...
@@ -125,6 +129,13 @@ class Engine:
     @classmethod
     def max_positions(cls, cfg: TrainConfig) -> int | None:
         return None
+
+    def follow(self, export: Callable[[], Weights]) -> None:
+        """After an update: an engine with weights of its own wakes up and takes the policy's (`export()`, its
+        full plain weights); one that samples with the policy's module itself has nothing to do."""
+        if self.holds_weights:
+            self.wake_up()
+            self.sync(export())
 
     def sleep(self) -> None:
         """Nothing to free."""

@@ -140,6 +140,16 @@ class Models:
     policy: PolicyRuntime
     critic: TrainedModel | None  # estimators with a critic (PPO's GAE)
 
+    def train(self) -> None:
+        for part in (self.policy, self.critic):
+            if part is not None:
+                part.train()
+
+    def eval(self) -> None:
+        for part in (self.policy, self.critic):
+            if part is not None:
+                part.eval()
+
 
 def build_models(plain: nn.Module, cfg: TrainConfig, algo: ResolvedAlgo, device: torch.device, *,
                  initial_dir: Path, ckpt: Path | None) -> Models:

@@ -96,6 +96,12 @@ class MoeRouting:
         self.known = self.old is not None
 
 
+def start_batch(moe: MoeRouting | None, batch: RolloutBatch, model: torch.nn.Module) -> None:
+    """`MoeRouting.start` for an MoE policy; nothing for a dense one (None)."""
+    if moe is not None:
+        moe.start(batch, model)
+
+
 def columns(full: RolloutBatch, sub: RolloutBatch) -> slice:
     """The columns of `full`'s input that a trimmed sub-batch of its rows covers (trim cuts prompt padding
     on the left and completion padding on the right)."""

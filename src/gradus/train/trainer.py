@@ -28,6 +28,7 @@ from gradus.algorithm import resolved_config
 from gradus.config import ConfigError, TrainConfig
 from gradus.config_checks import validate
 from gradus.objectives import AdvantageInputs, AdvantageSettings, estimate, kl_penalty, rejection_mask
+from gradus.parallel import any_rank
 from gradus.rewards import parse_reward_specs
 from gradus.rollout import SamplingParams
 from gradus.rollout.registry import engine_class
@@ -40,7 +41,7 @@ from gradus.train.durable import DiskFull
 from gradus.train.evaluate import evaluate
 from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
-from gradus.train.moe import MoeRouting
+from gradus.train.moe import MoeRouting, start_batch
 from gradus.train.passes import Passes, batch_logprobs, batch_values
 from gradus.train.resume import save_config_atomically
 from gradus.train.runlog import NullLogger, RunLogger, write_summary
@@ -104,6 +105,7 @@ class Trainer:
         self.moe = MoeRouting.for_model(plain, cfg.algo.routing_replay, cfg.model.router_aux_coef)
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         models = build_models(plain, cfg, self.algo, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
+        self.models = models
         self.actor, self.critic = models.policy, models.critic
         self.engine = engine_class(cfg.rollout.engine).build(cfg, self.actor.source(), self.tokenizer, self.device)
         self.sync_engine()
@@ -160,9 +162,9 @@ class Trainer:
                 if self.eval_before is None:
                     self.eval_before = self.evaluate()
                     log.log(0, {f"eval/{k}": v for k, v in self.eval_before.items()})
-                while self.step < self.algo.steps and not parallel.any_rank(stop.requested, self.device):
+                while self.step < self.algo.steps and not any_rank(stop.requested, self.device):
                     self._step(log)
-                if parallel.any_rank(stop.requested, self.device):
+                if any_rank(stop.requested, self.device):
                     ckpt = self.save()
                     message = f"stopped by {stop.name} after step {self.step}, saved in {ckpt}"
                     log.write(message)
@@ -211,7 +213,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, StageTimer()
         threads = self.governor.pick()
-        self.actor.eval()
+        self.models.eval()
         got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
                       num_groups=cfg.rollout.prompts_per_step // self.world, group_size=cfg.rollout.group_size,
                       seed=_mix(cfg.run.seed, step), timer=timer)
@@ -225,9 +227,7 @@ class Trainer:
             return {**metrics, "actor/skipped_updates": 0.0, "actor/updates": 0.0, **timer.metrics()}
         minibatches = self._minibatches(smallest)
         inputs = self.prepare(got, metrics, minibatches, timer)
-        self.actor.train()
-        if self.critic is not None:
-            self.critic.train()
+        self.models.train()
         gen = torch.Generator().manual_seed(_mix(cfg.run.seed, step, self.rank, 7))
         warmup = self.critic is not None and step <= cfg.algo.critic_warmup  # only the critic learns
         with timer("update"):
@@ -241,9 +241,7 @@ class Trainer:
 
     def sync_engine(self) -> None:
         """An engine with weights of its own (a copy, vLLM) gets the policy's current weights."""
-        if self.engine.holds_weights:
-            self.engine.wake_up()
-            self.engine.sync(self.actor.export_weights())
+        self.engine.follow(self.actor.export_weights)
 
     def prepare(self, got: Collected, metrics: dict[str, float], minibatches: int | None = None,
                 timer: StageTimer | None = None) -> UpdateInputs:
@@ -253,8 +251,7 @@ class Trainer:
         loss_mask = batch.completion_mask.float()  # [N, T]
         if algo.overlong_filter:
             loss_mask = loss_mask * (~batch.truncated).float()[:, None]
-        if self.moe is not None:
-            self.moe.start(batch, self.actor.model)
+        start_batch(self.moe, batch, self.actor.model)  # MoE r2: the old policy's routing, still unknown
         # One minibatch: the update's first pass runs before any optimizer step, so it gives the old
         # log-probs itself (run_updates keeps them for later epochs); no separate pass is needed.
         old_logp = ref_logp = None
@@ -271,8 +268,8 @@ class Trainer:
                 ref_logp = batch_logprobs(reference, batch, self.passes)
         with timer("advantages"):
             estimator = algo.estimator
-            values = batch_values(self.critic.model, batch, token_budget=cfg.optim.token_budget) \
-                if estimator.uses_critic else None  # [N, T]
+            critic = self.critic.model if estimator.uses_critic else None
+            values = batch_values(critic, batch, token_budget=cfg.optim.token_budget) if critic else None  # [N, T]
             kl = None
             if estimator.kl_in_reward and ref_logp is not None and algo.kl_coef != 0.0:
                 # the penalty needs log pi_old before the advantages, so before the update: a no-grad pass even
@@ -301,7 +298,7 @@ class Trainer:
         """Greedy held-out accuracy; under torchrun each rank takes every world-th problem, and the
         counts are summed over ranks."""
         self.governor.pick()
-        self.actor.eval()
+        self.models.eval()
         mine = self.heldout[self.rank :: self.world]
         got = evaluate(self.engine, self.tokenizer, self.task, mine,
                        max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
