@@ -5,8 +5,9 @@ tree first on PYTHONPATH): the built-in micro model's warm start for the default
 shared: every tree computes the same warm start), `run.steps` steps, no evaluation or checkpoint on the way
 (20 held-out problems before and after, not timed), `run.threads` fixed. The trees alternate within each
 repeat (A B, then B A), and the table gives, per tree, the median over repeats of each run's median
-`time/step_seconds` after its first `--skip` steps, and the ratio to the first tree. Stage times (`time/<stage>_s`) are shown where the tree logs them. Timings on a shared machine
-are noisy: compare ratios measured in one invocation, never across invocations.
+`time/step_seconds` after its first `--skip` steps, and the ratio to the first tree. Stage times
+(`time/<stage>_s`) are shown where the tree logs them. Timings on a shared machine are noisy: compare ratios
+measured in one invocation, never across invocations.
 
     python bench/step_time.py --src src ../old/src [--algos dapo grpo ppo] [--steps 40] [--repeats 3]
 """
