@@ -118,7 +118,7 @@ def plain_source(model: nn.Module, model_dir: Path) -> PolicySource:
     return PolicySource(module=model, sharded=False, adapted=False, dtype=next(model.parameters()).dtype,
                         blueprint=functools.partial(new_plain, type(model), model.config, device=device),
                         model_dir=lora.plain_model_dir(model_dir),
-                        export=lambda: ((n, p.detach()) for n, p in model.named_parameters()))
+                        export=lambda: ((n, p.detach()) for n, p in model.named_parameters(remove_duplicate=False)))
 
 
 def load_plain(cfg: TrainConfig, device: torch.device, *, initial_dir: Path, ckpt: Path | None) -> tuple[Any, Any]:
