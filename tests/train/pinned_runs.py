@@ -5,6 +5,10 @@ Each case is a few steps on the untrained nano model with the digits reward (its
 every update moves the weights), through the paths a restructuring touches: the old log-prob pass
 (minibatches), the reference model and KL, the critic and GAE, LoRA's adapter-off reference, the bf16
 sampling copy, and MoE routing replay. Timings and the thread count are left out (they are the machine's).
+One change was recorded on purpose: the LoRA case's `mismatch/*` and `ppl/rollout`, which measure the sampling
+log-probs, were recorded again when the local engine began to sample a LoRA policy from a merged copy with
+its fast decoder instead of the PEFT forward: their last bits moved (the sampled completions, and every other
+value, did not).
 
     python -m tests.train.pinned_runs --record   # rewrite the fixture (only on purpose: it pins the results)
 """
