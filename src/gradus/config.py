@@ -160,7 +160,7 @@ class AlgoConfig:
     monitor_kl: bool = spec(False)
     """Load the reference model even with kl_coef 0 and log the KL to it (no effect on the loss)."""
     advantage: str | None = spec(None, choices="gradus.objectives.estimators:ESTIMATORS")
-    """Advantage estimator: group (group-normalised rewards) or gae (a critic); None: the preset's."""
+    """Advantage estimator (group, gae with a critic, rloo, reinforce_pp, grpo_passk, gdpo, ...); None: the preset's."""
     adv_scale: str | None = spec(None, choices="gradus.objectives.advantages:ADV_SCALES")
     """Group advantage scaling: group, batch or none; None: the preset's."""
     dynamic_sampling: bool | None = spec(None)
