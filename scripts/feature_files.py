@@ -1,9 +1,11 @@
 """Which files outside a feature's own modules name it in their code: the spread that docs/architecture.md holds
 to at most four files per feature (vLLM, LoRA, DDP/FSDP2, MoE routing replay).
 
-A file names a feature when its code (not a docstring or comment) imports one of the feature's modules, or uses
-one of its names: an identifier, an attribute (a config key such as `.lora_r`), or a string constant (a config
-key or value such as "vllm"). Tests are left out, and the config (`config.py`, with `config_aliases.py`), which
+A file names a feature when its code (not a docstring or comment) uses one of the feature's names: an
+identifier, an attribute (a config key such as `.lora_r`), a name it imports, or a string constant (a config
+key or value such as "vllm"). Importing a feature's module under a name of no feature (say `gradus.parallel`'s
+rank helpers, which every distributed path uses) is not counted: the count is of code that decides on the
+feature, a proxy, not a dependency graph (`farm-studio look` draws that). Tests are left out, and the config (`config.py`, with `config_aliases.py`), which
 declares every feature's keys, is counted apart. Run from the repository root:
 
     python scripts/feature_files.py
