@@ -5,10 +5,12 @@ A file names a feature when its code (not a docstring or comment) uses one of th
 identifier, an attribute (a config key such as `.lora_r`), a name it imports, or a string constant (a config
 key or value such as "vllm"). Importing a feature's module under a name of no feature (say `gradus.parallel`'s
 rank helpers, which every distributed path uses) is not counted: the count is of code that decides on the
-feature, a proxy, not a dependency graph (`farm-studio look` draws that). Tests are left out, and the config (`config.py`, with `config_aliases.py`), which
-declares every feature's keys, is counted apart. Run from the repository root:
+feature, a proxy, not a dependency graph (`farm-studio look` draws that). Tests are left out, and so is the
+config: `config.py` (with `config_aliases.py`), which declares every feature's keys, and `config_checks.py`, its
+one validation, which by design holds every feature's config rules (so that all are checked before any work).
+Run from the repository root:
 
-    python scripts/feature_files.py
+    python scripts/feature_files.py     # exit 1 when a feature touches more than MOST files
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import sys
 from pathlib import Path
 
 SRC = Path("src/gradus")
-CONFIG = ("config.py", "config_aliases.py")  # the one typed config (and the names other trainers give its keys)
+# the one typed config, the names other trainers give its keys, and its one validation
+CONFIG = ("config.py", "config_aliases.py", "config_checks.py")
+MOST = 4  # files outside its own modules that a feature may touch (docs/architecture.md)
 
 # feature -> (its own modules, the names that mean it: its keys, values, classes and functions)
 FEATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -74,11 +78,16 @@ def main() -> int:
     if not SRC.is_dir():
         print("run from the repository root", file=sys.stderr)
         return 2
+    over = []
     for feature in FEATURES:
         files = touches(feature)
         print(f"{feature}: the config and {len(files)} file(s) outside {', '.join(FEATURES[feature][0])}: "
               f"{', '.join(files)}")
-    return 0
+        if len(files) > MOST:
+            over.append(feature)
+    if over:
+        print(f"more than {MOST} files: {', '.join(over)}", file=sys.stderr)
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

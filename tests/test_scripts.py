@@ -1,4 +1,4 @@
-"""scripts/make_number_words.py: the user-data example of docs/training.md."""
+"""scripts/make_number_words.py (the user-data example of docs/training.md) and scripts/feature_files.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import feature_files  # noqa: E402
 from make_number_words import words  # noqa: E402
 
 
@@ -40,3 +41,12 @@ def test_file_is_distinct_seeded_and_loadable(tmp_path):
     first = out.read_text()
     subprocess.run(cmd, check=True, capture_output=True)
     assert out.read_text() == first
+
+
+@pytest.mark.parametrize("feature", list(feature_files.FEATURES))
+def test_each_feature_touches_few_files(feature, monkeypatch):
+    # docs/architecture.md lists these files; a new one is a feature leaking into code that should not know it
+    monkeypatch.chdir(SCRIPTS.parent)
+    files = feature_files.touches(feature)
+    assert len(files) <= feature_files.MOST, files
+    assert all(f"`{f}`" in (SCRIPTS.parent / "docs" / "architecture.md").read_text() for f in files), files

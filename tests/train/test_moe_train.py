@@ -69,6 +69,20 @@ def test_r2_replays_the_old_policys_routing_in_every_update_forward(moe_dir, tmp
     assert len(updates) >= 2 and all((f >= 0).any() for f in updates)
 
 
+def test_r2_with_no_old_pass_records_the_first_epoch(moe_dir, tmp_path, signal_reward, monkeypatch):
+    forced = []
+    original = moe.training_forward
+    monkeypatch.setattr(moe, "training_forward", lambda model, experts: forced.append(experts) or original(model,
+                                                                                                           experts))
+    run(moe_dir, tmp_path, signal_reward, **{"algo.routing_replay": "r2", "optim.epochs": 2, "run.steps": 1})
+    # one minibatch: no old log-prob pass; the first epoch's forwards are the old policy's, run free and recorded,
+    # and the second epoch's are forced to what they recorded
+    assert forced and forced[0] is None
+    first = forced.index(next(f for f in forced if f is not None))
+    assert first >= 1 and all(f is None for f in forced[:first])
+    assert all(f is not None and (f >= 0).any() for f in forced[first:])
+
+
 def test_router_aux_loss_reaches_the_router(moe_dir, tmp_path, signal_reward):
     gates = {}
     for coef in (0.0, 0.5):

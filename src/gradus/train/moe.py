@@ -1,6 +1,7 @@
-"""Training-side mixture-of-experts glue, as one object: `MoeRouting` carries the routing the training forwards
-replay (`algo.routing_replay`) through a step's passes and updates, measures the routing mismatch between
-rollout and training, and holds the router's load-balancing loss weight. A dense policy has none (None),
+"""Training-side mixture-of-experts glue, as one object: `MoeRouting`, the `gradus.train.passes.ForwardHook` of an
+MoE policy, carries the routing the training forwards replay (`algo.routing_replay`) through a step's passes
+and updates, measures the routing mismatch between rollout and training, and holds the router's
+load-balancing loss weight. A dense policy has none (None),
 and no MoE code runs for it.
 
 `algo.routing_replay` (Ma et al. 2025, "Stabilizing MoE Reinforcement Learning by Aligning Training and
@@ -94,6 +95,10 @@ class MoeRouting:
     def recorded(self) -> None:
         """The old policy's routing is complete: force it from now on (r2)."""
         self.known = self.old is not None
+
+    def records_first_epoch(self, epochs: int) -> bool:
+        """r2 with no old log-prob pass and several epochs: the first epoch's routing is the old policy's."""
+        return self.replay == "r2" and not self.known and epochs > 1
 
 
 def start_batch(moe: MoeRouting | None, batch: RolloutBatch, model: torch.nn.Module) -> None:

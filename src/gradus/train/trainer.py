@@ -258,7 +258,7 @@ class Trainer:
         # rejection compares the old policy's log-probs with the rollout's before the update: they need the pass
         if (minibatches or self._minibatches(batch.batch_size)) > 1 or algo.rejection:
             with timer("old_logprobs"):  # MoE r2: this pass records the old policy's routing
-                old_logp = batch_logprobs(self.actor.model, batch, self.passes, moe=self.moe, record=True)
+                old_logp = batch_logprobs(self.actor.model, batch, self.passes, hook=self.moe, record=True)
         if algo.rejection:  # rejected tokens leave the loss and its denominators, as in verl
             keep, stats = rejection_mask(old_logp, batch.sampling_logp, loss_mask, algo.rejection)  # [N, T]
             loss_mask = loss_mask * keep
@@ -275,7 +275,7 @@ class Trainer:
                 # the penalty needs log pi_old before the advantages, so before the update: a no-grad pass even
                 # with one minibatch (the update's first forward cannot serve, its loss needs these advantages)
                 old = old_logp if old_logp is not None else batch_logprobs(self.actor.model, batch, self.passes,
-                                                                           moe=self.moe)  # [N, T]
+                                                                           hook=self.moe)  # [N, T]
                 kl = kl_penalty(old, ref_logp, algo.kl_estimator)  # [N, T]
             found = estimate(algo.advantage, AdvantageInputs(
                 got.rewards.to(self.device), loss_mask, cfg.rollout.group_size, values=values, kl=kl,
@@ -291,7 +291,7 @@ class Trainer:
         # a KL in the reward is not also a term of the loss; a monitored one goes to the update to be measured
         in_loss = None if kl is not None else ref_logp
         return UpdateInputs(batch, loss_mask, found.advantages, old_logp, in_loss, old_values=values,
-                            returns=found.returns, moe=self.moe)
+                            returns=found.returns, hook=self.moe)
 
     # ---- evaluation, checkpoints, summary -------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

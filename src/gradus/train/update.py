@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +36,7 @@ from gradus.objectives import (
 from gradus.parallel import equal_pieces, gradient_sync
 from gradus.rollout import RolloutBatch
 from gradus.runtime import Optim
-from gradus.train.moe import MoeRouting
-from gradus.train.passes import Passes, micro_batches
+from gradus.train.passes import ForwardHook, Passes, around, micro_batches
 
 
 @dataclass
@@ -52,7 +50,7 @@ class UpdateInputs:
     ref_logp: torch.Tensor | None  # [N, T]; None: no KL term in the loss
     old_values: torch.Tensor | None = None  # [N, T] estimators with a critic
     returns: torch.Tensor | None = None  # [N, T] estimators with a critic
-    moe: MoeRouting | None = None  # an MoE policy's routing replay and router loss (None: dense)
+    hook: ForwardHook | None = None  # runs around each forward of the policy (an MoE policy's routing replay)
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -143,9 +141,9 @@ def run_updates(
     train_actor: bool = True,
 ) -> tuple[dict[str, float], int]:
     """All optimizer steps on one rollout batch. Returns (mean metrics, number of skipped steps).
-    With train_actor=False (a critic's warm-up) only the critic learns. MoE policies: `inputs.moe` forces the
-    experts of the training forwards (`gradus.train.moe`), and the router's load-balancing loss joins the
-    actor's loss with its weight."""
+    With train_actor=False (a critic's warm-up) only the critic learns. `inputs.hook` runs around every
+    forward of the policy, and the auxiliary loss it asks for (an MoE router's load balancing) joins the actor's
+    loss with its weight."""
     n = inputs.batch.batch_size
     if minibatches > n:
         raise ValueError(f"optim.minibatches ({minibatches}) exceeds the rollout batch size ({n})")
@@ -154,9 +152,10 @@ def run_updates(
     # One minibatch and no old log-probs: the first epoch runs before any optimizer step, so its own
     # detached log-probs are the old ones; keep them for the later epochs (no separate pass).
     captured = torch.zeros_like(inputs.loss_mask) if inputs.old_logp is None and epochs > 1 else None
-    # r2 with no old-policy pass: the first epoch's routing is the old policy's (as its log-probs)
-    moe = inputs.moe
-    recording = moe is not None and moe.replay == "r2" and not moe.known and epochs > 1
+    # no old-policy pass: the first epoch's forwards are the old policy's (as its log-probs), and a hook that
+    # keeps what the old policy did (MoE r2's routing) records them
+    hook = inputs.hook
+    recording = hook is not None and hook.records_first_epoch(epochs)
     sums: dict[str, float] = defaultdict(float)
     steps = skipped = 0
     for _ in range(epochs):
@@ -165,7 +164,7 @@ def run_updates(
             # (while every step so far was skipped, the policy is unchanged and the capture goes on)
             inputs = dataclasses.replace(inputs, old_logp=captured)
         if recording and steps > skipped:
-            moe.recorded()
+            hook.recorded()
             recording = False
         order = torch.randperm(n, generator=generator) if epochs * minibatches > 1 else torch.arange(n)
         for rows in order.tensor_split(minibatches):
@@ -252,7 +251,7 @@ class _MicroStep:
     critic: Optim | None
     value_clip: float | None
     capture: torch.Tensor | None  # [N, T] one minibatch, epochs > 1: the first pass's log-probs are kept here
-    record: bool  # MoE r2: this forward runs the old policy: keep its routing
+    record: bool  # this forward runs the old policy: the hook may keep what it saw (MoE r2's routing)
     sums: dict[str, float]
     generator: torch.Generator  # the step's: an objective's random draws (Clip-Cov) repeat on resume
 
@@ -272,15 +271,14 @@ class _MicroStep:
         inputs, algo, obj, passes = self.inputs, self.algo, self.algo.objective, self.passes
         sub, mask, share = self._sub(idx, real)
         T = sub.completion_ids.shape[1]
-        moe = inputs.moe
+        hook = inputs.hook
         model = self.actor_optim.model
-        routed = moe.forward(model, inputs.batch, sub, idx, record=self.record, real=real) if moe else nullcontext()
-        with routed:
+        with around(hook, model, inputs.batch, sub, idx, record=self.record, real=real):
             logp, entropy, *aux = completion_logprobs(model, sub.input_ids, sub.attention_mask,
                                                       sub.completion_start, temperature=passes.temperature,
                                                       chunk_size=passes.chunk_size, with_entropy=True,
-                                                      router_aux=moe is not None and moe.aux_coef > 0)
-        routing_stats = moe.stats if moe is not None else {}
+                                                      router_aux=hook is not None and hook.aux_coef > 0)
+        hook_stats = hook.stats if hook is not None else {}
         if inputs.old_logp is None:
             old = logp.detach()
             if self.capture is not None and real:
@@ -303,7 +301,7 @@ class _MicroStep:
         m.update({k: float(v) for k, v in covariance_metrics(logp.detach(), adv, mask).items()})
         if aux:  # the router's load-balancing loss, this micro-batch's share of the minibatch's tokens
             m["router_aux_loss"] = aux[0].item()
-            loss = loss + moe.aux_coef * aux[0] * (mask.sum() / self.value_counts["num_tokens"].clamp(min=1))
+            loss = loss + hook.aux_coef * aux[0] * (mask.sum() / self.value_counts["num_tokens"].clamp(min=1))
         if inputs.ref_logp is not None:
             # with kl_coef 0 (algo.monitor_kl) the KL is only measured: no graph, no gradient
             with torch.set_grad_enabled(algo.kl_coef != 0.0):
@@ -318,7 +316,7 @@ class _MicroStep:
         if real and finite:
             for k, v in m.items():
                 merge_metric(self.sums, f"actor/{k}", v, share)
-            for k, v in {**mismatch, **routing_stats}.items():
+            for k, v in {**mismatch, **hook_stats}.items():
                 merge_metric(self.sums, k, v, share)
         if self.critic is not None:
             finite &= _critic_backward(self.critic, sub, inputs, idx, mask, self.value_clip, self.value_counts,
