@@ -1,5 +1,6 @@
 """The pure pieces of bench/grpo_vs_trl.py, bench/efficiency.py, bench/rollout.py, bench/data_parallel.py and
-bench/lora.py, bench/train_table.py (neither TRL nor a worker nor a training run is started)."""
+bench/lora.py, bench/train_table.py, bench/learning_vs_trl.py (neither TRL nor a worker nor a training run is
+started; the one test that builds TRL's config skips without TRL)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import data_parallel  # noqa: E402
 import efficiency  # noqa: E402
 import grpo_vs_trl  # noqa: E402
+import learning_report  # noqa: E402
+import learning_settings  # noqa: E402
+import learning_vs_trl  # noqa: E402
 import lora as lora_bench  # noqa: E402
 import rollout as rollout_bench  # noqa: E402
 import train_table  # noqa: E402
@@ -209,3 +213,126 @@ def test_train_table_reuses_a_kept_run_only_when_it_is_the_run_the_table_would_s
     row = train_table.run_one("dapo", 0, args)
     assert row["failed"] == "config differs: rollout.group_size (kept 8, now 4)"
     assert "Delete that folder" in capsys.readouterr().err
+
+
+# ---- bench/learning_vs_trl.py -------------------------------------------------------------------
+def _curve(*points: tuple[int, float, float]) -> list[dict[str, float]]:
+    return [{"step": s, "train_s": t, "accuracy": a} for s, t, a in points]
+
+
+def test_learning_measures_by_hand():
+    # gradus: 0.142 at 0 s, 0.250 at 10 s (+10.8 points), 0.300 at 20 s, 0.368 at 40 s (its end)
+    # TRL:    0.142 at 0 s, 0.200 at 15 s, 0.302 at 30 s (+16 points, its end)
+    gradus = _curve((0, 0.0, 0.142), (50, 10.0, 0.250), (100, 20.0, 0.300), (200, 40.0, 0.368))
+    trl = _curve((0, 0.0, 0.142), (50, 15.0, 0.200), (100, 30.0, 0.302))
+    m = learning_report.seed_measures({"gradus": gradus, "trl": trl})
+    assert m["gradus"]["to_plus10_s"] == 10.0  # 0.250 >= 0.142 + 0.10; 0.242 would not be
+    assert m["trl"]["to_plus10_s"] == 30.0  # 0.200 is not; 0.302 is
+    # TRL's final 0.302: gradus' 0.300 at 20 s falls short, 0.368 at 40 s reaches it; TRL reaches it at its end
+    assert m["gradus"]["to_trl_final_s"] == 40.0 and m["trl"]["to_trl_final_s"] == 30.0
+    # at TRL's end (30 s) gradus' last evaluation is the one at 20 s
+    assert m["gradus"]["acc_at_trl_end"] == 0.300 and m["trl"]["acc_at_trl_end"] == 0.302
+    assert m["gradus"]["final"] == 0.368 and m["gradus"]["steps"] == 200 and m["gradus"]["s_per_step"] == 0.2
+    # exactly +10 points counts (as counts out of 500: 54 -> 104), though 0.108 + 0.10 > 0.208 in floats
+    assert learning_report.first_time_at(_curve((0, 0.0, 0.108), (5, 3.0, 0.208)), 0.108 + 0.10) == 3.0
+    assert learning_report.first_time_at(trl, 0.5) is None
+
+
+def test_learning_summary_over_seeds_by_hand():
+    per_seed = {
+        0: learning_report.seed_measures({"gradus": _curve((0, 0.0, 0.1), (10, 5.0, 0.3)),
+                                          "trl": _curve((0, 0.0, 0.1), (10, 10.0, 0.2))}),
+        1: learning_report.seed_measures({"gradus": _curve((0, 0.0, 0.2), (10, 6.0, 0.25)),
+                                          "trl": _curve((0, 0.0, 0.2), (10, 8.0, 0.4))}),
+    }
+    s = learning_report.row_summary(per_seed)
+    # gradus' +10 points: seed 0 at 5 s (0.3 >= 0.2), seed 1 never (0.25 < 0.3): 1 of 2
+    assert s["gradus"]["to_plus10_s"] == {"mean": 5.0, "min": 5.0, "max": 5.0, "n": 1, "of": 2}
+    assert s["trl"]["final"]["mean"] == pytest.approx(0.3) and s["trl"]["train_s"]["max"] == 10.0
+    r = learning_report.ratio_summary(per_seed)
+    assert r["train_s"]["mean"] == pytest.approx((5 / 10 + 6 / 8) / 2)
+    lines = learning_report.summary_table({"dapo": per_seed})
+    assert "| dapo | gradus | 2 | 0.150 (0.100–0.200) |" in lines[2] and "5 (5–5), 1 of 2" in lines[2]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    seeds = learning_report.per_seed_table({"dapo": per_seed})
+    assert len(seeds) == 2 + 2 * 2 and all(line.count("|") == seeds[0].count("|") for line in seeds)
+
+
+def test_learning_mean_band_interpolates_on_the_shortest_curve():
+    a = _curve((0, 0.0, 0.0), (1, 10.0, 1.0))
+    b = _curve((0, 0.0, 0.2), (1, 4.0, 0.2), (2, 20.0, 0.6))
+    grid, mean, lo, hi = learning_report.mean_band([a, b], "train_s", grid_points=3)
+    # grid 0, 5, 10 s; a: 0, 0.5, 1; b: 0.2, 0.2 + 0.4 * 1/16, 0.2 + 0.4 * 6/16
+    assert list(grid) == [0.0, 5.0, 10.0]
+    assert list(mean) == pytest.approx([0.1, (0.5 + 0.225) / 2, (1.0 + 0.35) / 2])
+    assert list(lo) == pytest.approx([0.0, 0.225, 0.35]) and list(hi) == pytest.approx([0.2, 0.5, 1.0])
+
+
+def test_learning_trl_settings_mirror_the_presets():
+    def mirror(row):
+        return learning_settings.trl_kwargs(learning_settings.row_config(
+            learning_settings.row_overrides(row, 3, None, 1, "cpu", None)))
+
+    dapo, grpo = mirror("dapo"), mirror("grpo")
+    assert (dapo["loss_type"], dapo["epsilon"], dapo["epsilon_high"], dapo["beta"]) == ("dapo", 0.2, 0.28, 0.0)
+    assert (grpo["loss_type"], grpo["epsilon"], grpo["epsilon_high"], grpo["beta"]) == ("grpo", 0.2, 0.2, 0.04)
+    assert (dapo["max_steps"], grpo["max_steps"], dapo["seed"]) == (1000, 1500, 3)  # each preset's steps
+    assert dapo["per_device_train_batch_size"] == 16 * 8 and dapo["num_generations"] == 8
+    assert (dapo["adam_beta1"], dapo["adam_beta2"], dapo["lr_scheduler_kwargs"]) == (0.9, 0.99, {"min_lr_rate": 0.1})
+    assert dapo["shuffle_dataset"] is False and dapo["scale_rewards"] == "group"
+    for bad in ("algo.agg=seq-mean-token-sum-norm", "optim.schedule=linear", "algo.advantage=rloo"):
+        cfg = learning_settings.row_config(["algo.name=grpo", bad])
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            learning_settings.trl_kwargs(cfg)
+
+
+def test_learning_rate_schedules_differ_by_one_step_of_the_cosine():
+    import math
+
+    cfg = learning_settings.row_config(["algo.name=dapo"])  # 1000 steps, 5 of warm-up, cosine to 10%
+    # the same warm-up; after it TRL's cosine is one step ahead: |cos(x) - cos(x + d)| <= 2 sin(d / 2), d = pi/995,
+    # scaled by (1 - 0.1) / 2, the largest where the cosine is steepest (mid-run)
+    assert learning_settings.lr_gap(cfg) == pytest.approx(0.45 * 2 * math.sin(math.pi / 995 / 2), rel=1e-4)
+
+
+def test_learning_trl_config_takes_the_settings(tmp_path):
+    pytest.importorskip("trl")
+    from trl import GRPOConfig
+
+    cfg = learning_settings.row_config(learning_settings.row_overrides("dapo", 0, 20, 1, "cpu", None))
+    args = GRPOConfig(**learning_settings.trl_run_kwargs(cfg, tmp_path, 5))
+    made = json.loads(args.to_json_string())
+    assert {k: made[k] for k in learning_settings.trl_kwargs(cfg)} == learning_settings.trl_kwargs(cfg)
+    assert args.generation_batch_size == 128 and args.epsilon_high == 0.28
+
+
+def test_learning_bench_refuses_without_trl(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if TRL were not installed
+    assert learning_vs_trl.main(["--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install -e ".[bench]"' in err[0]
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_learning_saved_steps_and_elapsed(tmp_path):
+    assert learning_vs_trl._saved_steps(10, 5) == [5, 10]
+    assert learning_vs_trl._saved_steps(12, 5) == [5, 10, 12]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "eval/accuracy": 0.1}\n{"step": 1, "time/elapsed": 0.5}\n'
+                       '{"step": 2, "time/elapsed": 1.25, "eval/accuracy": 0.2}\n{"step": 3, "time/el')
+    assert learning_vs_trl._elapsed_by_step(metrics) == {1: 0.5, 2: 1.25}  # the line being written is skipped
+    assert learning_vs_trl._elapsed_by_step(tmp_path / "none.jsonl") == {}
+
+
+def test_learning_checks_name_a_start_that_differs(tmp_path):
+    cfg = learning_settings.row_config(["algo.name=dapo", "run.steps=10"])
+    (tmp_path / "gradus" / "run").mkdir(parents=True)
+    (tmp_path / "gradus" / "run" / "summary.json").write_text(json.dumps(
+        {"heldout_accuracy_before": 0.142, "heldout_accuracy_after": 0.2}))
+    same = {"gradus": _curve((0, 0.0, 0.142), (10, 5.0, 0.2)), "trl": _curve((0, 0.0, 0.142), (10, 5.0, 0.15))}
+    assert learning_vs_trl.seed_checks(same, tmp_path, cfg) == []
+    other = {"gradus": same["gradus"], "trl": _curve((0, 0.0, 0.144), (10, 5.0, 0.15))}
+    assert [p.split(":")[0] for p in learning_vs_trl.seed_checks(other, tmp_path, cfg)] == ["the start differs"]
+    late = {"gradus": _curve((0, 0.0, 0.142), (10, 5.0, 0.21)), "trl": same["trl"]}
+    assert learning_vs_trl.seed_checks(late, tmp_path, cfg) == [
+        "gradus' heldout_accuracy_after 0.2 != gradus eval's 0.21"]
