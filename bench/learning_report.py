@@ -93,10 +93,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "not reached" if value is None else format(value, fmt)
 
 
-def _cell(s: dict, fmt: str, unit: str = "") -> str:
+def _cell(s: dict, fmt: str, unit: str = "", missing: str = "not reached") -> str:
     """"mean (min–max)", with "k of n" when some seeds never got there."""
     if s["mean"] is None:
-        return f"not reached (0 of {s['of']})"
+        return f"{missing} (0 of {s['of']})"
     text = f"{s['mean']:{fmt}}{unit} ({s['min']:{fmt}}–{s['max']:{fmt}})" if s["of"] > 1 else \
         f"{s['mean']:{fmt}}{unit}"
     return text + (f", {s['n']} of {s['of']}" if s["n"] < s["of"] else "")
@@ -128,8 +128,9 @@ def summary_table(rows: dict[str, dict[int, dict]]) -> list[str]:
                          f"| {_cell(s['train_s'], '.0f')} | {_cell(s['to_plus10_s'], '.0f')} "
                          f"| {_cell(s['to_trl_final_s'], '.0f')} | {_cell(s['acc_at_trl_end'], '.3f')} |")
         r = ratio_summary(per_seed)
-        lines.append(f"| {row} | gradus / TRL time | {len(per_seed)} | | | {_cell(r['train_s'], '.2f', 'x')} "
-                     f"| {_cell(r['to_plus10_s'], '.2f', 'x')} | {_cell(r['to_trl_final_s'], '.2f', 'x')} | |")
+        ratio = {m: _cell(r[m], ".2f", "x", missing="no ratio") for m in r}  # a seed that did not get there, or 0 s
+        lines.append(f"| {row} | gradus / TRL time | {len(per_seed)} | | | {ratio['train_s']} "
+                     f"| {ratio['to_plus10_s']} | {ratio['to_trl_final_s']} | |")
     return lines
 
 

@@ -175,6 +175,9 @@ def differences(cfg: Any) -> list[str]:
                f"{gradus_adamw()['lr_floor']:.0%} of the peak, but transformers' decay runs one step ahead of "
                f"gradus' (progress (s-W+1)/(N-W) against (s-W)/(N-W)): at most {lr_gap(cfg):.2%} of the peak apart.")
     out.append("Rewards: gradus scores in reward worker processes (with a time limit), TRL in its own process; the "
-               "same function and the same scores. Each library's own per-step bookkeeping (TRL computes token "
-               "entropies and gathers its metrics every step) counts in its time, as in a real run.")
+               "same function and the same scores.")
+    out.append("Clocks: gradus' is its own `time/elapsed`, the sum of its steps (`Trainer.train_step`): its per-step "
+               "metrics line and TensorBoard write (a few ms) fall outside it. TRL's counts everything between the "
+               "callback's calls, so its own bookkeeping (token entropies and metrics every step, a log line every "
+               "evaluation interval) falls inside.")
     return out

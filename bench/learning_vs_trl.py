@@ -17,26 +17,32 @@ Both libraries, per row and seed:
 3. score completions with gradus' countdown reward (TRL calls the same function in its own process) and,
    where the gradus preset shapes overlong answers (DAPO), with TRL's own `get_soft_overlong_punishment`,
    the same formula (DAPO eq. 13) with the same L_max and L_cache;
-4. take every other setting from gradus' resolved preset for the row (`trl_kwargs`): the table printed at
-   the start, and written to settings.md, lists each side by side with what cannot be made equal.
+4. take every other setting from gradus' resolved preset for the row (`learning_settings.trl_kwargs`),
+   steps included: each preset's unless `--steps` (dapo 1000; grpo 1500, since without dynamic sampling
+   most groups carry no signal). The table printed at the start of each row, and written to table.md,
+   lists every setting side by side, then what could not be made equal (`learning_settings.differences`).
 
 Timing: training wall time only, for both alike. gradus runs as `gradus train` (a process of its own) with
 `run.eval_every=0` and a checkpoint every `--eval-every` steps; its `time/elapsed` (metrics.jsonl) adds up
-the steps alone: model loading, the before/after evaluation and checkpoint writes fall outside it. TRL
-runs unmodified in a worker process (`trainer.train()`); a `TrainerCallback` saves the policy at the same
-steps and the time it spends (the save) is taken out: the clock starts when TRL's loop begins
+its steps (`Trainer.train_step`) alone: model loading, the before/after evaluation, checkpoint writes and
+the per-step metrics line fall outside it. TRL runs unmodified in a worker process (`trainer.train()`);
+a `TrainerCallback` saves the policy at the same steps, and its clock starts when TRL's loop begins
 (`on_train_begin`, after model loading) and counts everything between the callback's returns and its next
-call: generation, rewards, the update, TRL's own per-step bookkeeping. Held-out accuracy is measured after
-training, on every saved policy, by the same code for both, `gradus eval` (greedy, `--heldout-n`
-problems, default the task's 500): the curve is accuracy against training seconds at each saved step, the
-warm start at 0 s. Each library runs with the same fixed `--threads`, alone on the machine (one at a time;
-seeds alternate which goes first).
+call (generation, rewards, the update, TRL's own bookkeeping), so the saves are left out. Held-out
+accuracy is measured after training, on every saved policy, by the same code for both, `gradus eval`
+(greedy, `--heldout-n` problems, default the task's 500): the curve is accuracy against training seconds
+at each saved step, the warm start at 0 s (for TRL: the policy as TRL loaded it, saved before its first
+step). Each library runs with the same fixed `--threads`, alone (one at a time; seeds alternate which goes
+first). Checks, per seed (printed and kept): both starts score the same; gradus' own before/after
+evaluations (summary.json) equal gradus eval's on the same weights; TRL's GRPOConfig holds the values given.
 
 Resume: each (row, seed, library) lives in --out/ROW/seedS/LIB; one whose curve.json exists is reused, not
 rerun (its spec.json must match this command, or it stops naming what differs); an unfinished training is
-started again from scratch, so that its time is one uninterrupted run; evaluations already made are kept.
-Intermediate checkpoints are deleted once evaluated (`--keep-checkpoints` keeps them). Writes
---out/results.json (every measurement), --out/table.md and --out/accuracy.png.
+started again from scratch, so that its time is one uninterrupted run; a finished training keeps the
+evaluations already made. Intermediate checkpoints are deleted once evaluated (`--keep-checkpoints` keeps
+them). Writes, after every seed: --out/results.json (every measurement and curve), --out/table.md
+(settings, differences, per-seed and summary tables) and --out/accuracy.png (held-out accuracy against
+training wall time and against steps: each seed, the seeds' mean and their range).
 
     pip install -e ".[bench]"
     PYTHONPATH=src python bench/learning_vs_trl.py [--rows dapo grpo] [--seeds 0 1 2 3 4] [--steps N]
