@@ -284,17 +284,16 @@ def evaluate_points(lib_dir: Path, points: list[dict[str, Any]], seed: int, run:
 def run_library(lib: str, lib_dir: Path, overrides: list[str], seed: int, run: dict[str, Any],
                 keep_checkpoints: bool, prefix: str) -> list[report.Point]:
     """One library's curve for one row and seed: reused when finished, else trained (from scratch) and evaluated."""
-    curve_file, spec_file = lib_dir / "curve.json", lib_dir / "spec.json"
-    if spec_file.is_file():
+    curve_file, spec_file, points_file = lib_dir / "curve.json", lib_dir / "spec.json", lib_dir / "points.json"
+    if spec_file.is_file() and (points_file.is_file() or curve_file.is_file()):  # a finished training is kept
         kept = json.loads(spec_file.read_text())
         drift = [f"{k} (kept {kept.get(k)!r}, now {v!r})" for k, v in run.items() if kept.get(k) != v]
-        if drift and curve_file.is_file():
+        if drift:
             raise SystemExit(f"{prefix} the run kept in {lib_dir} was measured otherwise: {'; '.join(drift)}. "
                              "Delete that folder, or use another --out")
     if curve_file.is_file():
         _say(prefix, f"kept from an earlier run ({curve_file})")
         return json.loads(curve_file.read_text())["curve"]
-    points_file = lib_dir / "points.json"
     if not points_file.is_file():  # not trained to the end: train again from the start, so its clock is one run
         shutil.rmtree(lib_dir, ignore_errors=True)
         lib_dir.mkdir(parents=True)

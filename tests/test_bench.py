@@ -336,3 +336,16 @@ def test_learning_checks_name_a_start_that_differs(tmp_path):
     late = {"gradus": _curve((0, 0.0, 0.142), (10, 5.0, 0.21)), "trl": same["trl"]}
     assert learning_vs_trl.seed_checks(late, tmp_path, cfg) == [
         "gradus' heldout_accuracy_after 0.2 != gradus eval's 0.21"]
+
+
+def test_learning_reuses_a_finished_library_only_when_measured_alike(tmp_path, capsys):
+    run = {"row": "dapo", "seed": 0, "steps": 10, "eval_every": 5, "threads": 1, "device": "cpu", "heldout_n": 500,
+           "warm_start": "/w"}
+    lib_dir = tmp_path / "dapo" / "seed0" / "gradus"
+    lib_dir.mkdir(parents=True)
+    curve = _curve((0, 0.0, 0.1), (10, 4.0, 0.2))
+    (lib_dir / "spec.json").write_text(json.dumps(run))
+    (lib_dir / "curve.json").write_text(json.dumps({"curve": curve, "run": run}))
+    assert learning_vs_trl.run_library("gradus", lib_dir, [], 0, run, False, "[x]") == curve  # nothing is run
+    with pytest.raises(SystemExit, match=r"steps \(kept 10, now 20\)"):
+        learning_vs_trl.run_library("gradus", lib_dir, [], 0, {**run, "steps": 20}, False, "[x]")
