@@ -174,7 +174,7 @@ def plot(curves: dict[str, dict[int, dict[str, list[Point]]]], path: Path) -> No
             ax.set_ylabel("held-out greedy accuracy")
             ax.set_title(f"{row}: accuracy against {label.split(' (')[0]}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     fig.text(0.01, 0.005, "Faint: each seed, as evaluated. Line and band: linear interpolation between "
              "evaluations, up to the shortest seed's end.", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))

@@ -45,8 +45,8 @@ def gradus_adamw() -> dict[str, Any]:
 
     opt = build_optim(torch.nn.Linear(1, 1), 1e-3, weight_decay=0.0, grad_clip=1.0, warmup=1, total=2,
                       schedule="constant").optimizer
-    return {"betas": tuple(opt.defaults["betas"]), "eps": opt.defaults["eps"], "foreach": opt.defaults["foreach"],
-            "fused": opt.defaults["fused"], "lr_floor": inspect.signature(lr_factor).parameters["floor"].default}
+    return {"betas": tuple(opt.defaults["betas"]), "eps": opt.defaults["eps"],
+            "lr_floor": inspect.signature(lr_factor).parameters["floor"].default}
 
 
 def trl_kwargs(cfg: Any) -> dict[str, Any]:
