@@ -8,7 +8,7 @@ import pytest
 from gradus.cli import main
 from gradus.compare import ComparePlan, run_compare, write_report
 from gradus.compare.data import RunData, load_runs
-from gradus.compare.plots import smooth, stack_by_step
+from gradus.compare.plots import _colors, smooth, stack_by_step
 from gradus.compare.report import run_row
 from gradus.config import ConfigError
 from gradus.train.trainer import Trainer
@@ -159,6 +159,12 @@ def test_smoothing_and_stacking():
     b = RunData("b", "grpo", 1, [{"step": s, "x": 2.0 * s} for s in (2, 3)], {})
     steps, values = stack_by_step([a, b], "x", window=1)
     assert steps.tolist() == [2, 3] and values.tolist() == [[2.0, 3.0], [4.0, 6.0]]
+
+
+@pytest.mark.parametrize("n", [1, 5, 10, 12, 20, 25])
+def test_every_algorithm_gets_a_color_of_its_own(n):
+    colors = _colors([f"algo{i}" for i in range(n)])
+    assert len(colors) == n and len(set(colors.values())) == n
 
 
 def test_an_algos_entry_can_be_a_variant_with_its_own_settings(tmp_path):

@@ -41,8 +41,14 @@ def _band(ax, x: np.ndarray, values: np.ndarray, label: str, color, marker: str 
 
 
 def _colors(algos: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {a: cmap(i % 10) for i, a in enumerate(algos)}
+    """A color of its own for each algorithm: tab10's up to 10 (the ones users know), tab20's up to 20, past
+    that evenly spaced along turbo (tab10 repeating made DAPO and pass@k one blue in a 12-member report)."""
+    n = len(algos)
+    if n <= 20:
+        cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+        return {a: cmap(i) for i, a in enumerate(algos)}
+    cmap = plt.get_cmap("turbo")
+    return {a: cmap(i / (n - 1)) for i, a in enumerate(algos)}
 
 
 def _eval_arrays(runs: list[RunData]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
