@@ -57,11 +57,17 @@ def test_bf16_rollout_routes_differently_and_r3_removes_it(moe_dir, tmp_path, si
     assert steps_of(replayed)[0]["routing/layer_mismatch_frac"] == 0.0
 
 
-def test_r2_replays_the_old_policys_routing_in_every_update_forward(moe_dir, tmp_path, signal_reward, monkeypatch):
-    forced = []
+@pytest.fixture
+def forced(monkeypatch):
+    """The experts each training forward is forced to, in order (None: a forward that routes freely)."""
+    seen = []
     original = moe.training_forward
-    monkeypatch.setattr(moe, "training_forward", lambda model, experts: forced.append(experts) or original(model,
-                                                                                                           experts))
+    monkeypatch.setattr(moe, "training_forward", lambda model, experts: seen.append(experts) or original(model,
+                                                                                                         experts))
+    return seen
+
+
+def test_r2_replays_the_old_policys_routing_in_every_update_forward(moe_dir, tmp_path, signal_reward, forced):
     run(moe_dir, tmp_path, signal_reward, **{"algo.routing_replay": "r2", "optim.minibatches": 2, "run.steps": 1})
     # the old log-prob pass runs free (None) and records; both minibatches' forwards replay what it recorded
     assert forced and forced[0] is None
@@ -69,11 +75,7 @@ def test_r2_replays_the_old_policys_routing_in_every_update_forward(moe_dir, tmp
     assert len(updates) >= 2 and all((f >= 0).any() for f in updates)
 
 
-def test_r2_with_no_old_pass_records_the_first_epoch(moe_dir, tmp_path, signal_reward, monkeypatch):
-    forced = []
-    original = moe.training_forward
-    monkeypatch.setattr(moe, "training_forward", lambda model, experts: forced.append(experts) or original(model,
-                                                                                                           experts))
+def test_r2_with_no_old_pass_records_the_first_epoch(moe_dir, tmp_path, signal_reward, forced):
     run(moe_dir, tmp_path, signal_reward, **{"algo.routing_replay": "r2", "optim.epochs": 2, "run.steps": 1})
     # one minibatch: no old log-prob pass; the first epoch's forwards are the old policy's, run free and recorded,
     # and the second epoch's are forced to what they recorded
