@@ -132,20 +132,11 @@ def train_gradus(lib_dir: Path, overrides: list[str], run: dict[str, Any], prefi
 
 
 def _elapsed_by_step(metrics: Path) -> dict[int, float]:
-    """Training seconds up to the end of each step, from a gradus run's metrics.jsonl (`time/elapsed`)."""
-    out: dict[int, float] = {}
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # the line being written
-        if "time/elapsed" in record:
-            out[int(record["step"])] = float(record["time/elapsed"])
-    return out
+    """Training seconds up to the end of each step, from a gradus run's metrics.jsonl (`time/elapsed`); the
+    run may still be writing it (`read_metrics` leaves a cut last line out)."""
+    from gradus.train.runlog import read_metrics
+
+    return {int(r["step"]): float(r["time/elapsed"]) for r in read_metrics(metrics) if "time/elapsed" in r}
 
 
 def _show_progress(prefix: str, elapsed: dict[int, float], steps: int, every: int, shown: int) -> int:
