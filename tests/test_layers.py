@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rewards", "models"),
     ("parallel",),
     ("algorithm.py", "rollout"),
+    ("envs",),
     ("config_checks.py",),
     ("runtime",),
     ("train",),
