@@ -167,7 +167,7 @@ def child(model_dir: str, rank: int, steps: int, threads: int) -> dict:
     trainer.engine.generate = phases.wrap("sample", trainer.engine.generate)
     trainer.prepare = phases.wrap("prepare", trainer.prepare)
     trainer_module.run_updates = phases.wrap("update", trainer_module.run_updates)
-    helpers = trainer.scorer.reward.pool.pids
+    helpers = trainer.rollout.pids
     built = rss_mib()
     reset_peak_rss()
     rows = []
@@ -186,7 +186,7 @@ def child(model_dir: str, rank: int, steps: int, threads: int) -> dict:
     torch_peak = profiled_peak_mib(lambda: trainer.train_step(steps + 1))  # one more step, not timed
     fast = trainer.engine.uses_direct()
     state = state_mib(trainer)
-    trainer.scorer.close()
+    trainer.rollout.close()
     return {"rss_built_mib": built, "peak_rss_mib": peak, "step_mib": peak - built, "fast_decoder": fast,
             "torch_step_mib": torch_peak,
             "phase_growth_mib": phases.growth, "state": state, "steps": rows}

@@ -203,7 +203,7 @@ def test_trainer_reference_is_the_policy_with_its_adapter_off(nano_dir, tmp_path
     # the reference log-probs `prepare` computes are the initial model's, though the adapter has moved
     from gradus.train.generation import collect
 
-    got = collect(trainer.engine, trainer.source, trainer.scorer, trainer.tokenizer, trainer.params, trainer.algo,
+    got = collect(trainer.engine, trainer.source, trainer.rollout, trainer.params, trainer.algo,
                   num_groups=2, group_size=4, seed=1)
     inputs = trainer.prepare(got, {}, minibatches=1)
     initial, _ = load_pretrained(nano_dir)

@@ -28,6 +28,7 @@ from gradus.threads import governor_for
 SHORTCUTS = {
     "algo": "algo.name", "steps": "run.steps", "device": "run.device", "model": "model.path",
     "task": "task.name", "data": "task.data_file", "out": "run.out_dir", "name": "run.name", "seed": "run.seed",
+    "env": "env.name",
 }
 
 
@@ -155,7 +156,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(Path(cfg.model.path), cfg.model.dtype, device)
         bootstrap.check_prompt_lengths(task, tokenizer, model, cfg)  # the rows training would refuse
         metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=cfg.run.progress,
-                          threads=cfg.run.threads)
+                          threads=cfg.run.threads, max_turns=cfg.env.max_turns)
         out = Path(args.output)
         save_pretrained(model.cpu(), tokenizer, out)
     else:  # the built-in tiny model: train (or reuse) the cached warm start, then copy it
@@ -176,6 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gradus.runtime import plain_source
     from gradus.train import bootstrap
     from gradus.train.evaluate import evaluate
+    from gradus.train.rollouts import env_spec, make_rollout
 
     cfg = _config_from(args, rl=False)
     if not cfg.model.path:
@@ -192,16 +194,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     heldout = bootstrap.heldout_set(task, n)
     governor_for(cfg.run.threads, device).pick()
     source = plain_source(model, Path(cfg.model.path))  # a LoRA run's policy: merged, on its base's folder
-    engine = engine_type.build(cfg, source, tokenizer, device)
+    episodes = make_rollout(cfg, task) if env_spec(cfg, task) else None  # a multi-turn task: its environment
+    engine = None
     try:
+        engine = engine_type.build(cfg, source, tokenizer, device)
         engine.follow(source.export)  # an engine with weights of its own takes the model's (merged, for LoRA)
-        result = evaluate(engine, tokenizer, task, heldout,
-                          max_new_tokens=cfg.rollout.max_new_tokens, k=args.k, temperature=cfg.rollout.temperature,
-                          seed=cfg.run.seed, reward_timeout_s=cfg.task.reward_timeout_s)
+        if episodes is not None:
+            episodes.bind(tokenizer, model)
+            result = episodes.evaluate(engine, task, heldout, cfg.rollout.max_new_tokens)
+        else:
+            result = evaluate(engine, tokenizer, task, heldout, max_new_tokens=cfg.rollout.max_new_tokens, k=args.k,
+                              temperature=cfg.rollout.temperature, seed=cfg.run.seed,
+                              reward_timeout_s=cfg.task.reward_timeout_s)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
+        if episodes is not None:
+            episodes.close()
     if args.json:
         print(json.dumps(result))
+    elif episodes is not None:
+        print(f"held-out: n={result['n']}  greedy success={result['accuracy']:.3f}  turns={result['turns']:.2f}")
     else:
         print(f"held-out: n={result['n']}  greedy accuracy={result['accuracy']:.3f}"
               + (f"  pass@{args.k}={result['pass_at_k']:.3f}" if args.k else ""))

@@ -118,6 +118,23 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str | None = spec(None, fixed=True, pattern=r".+",
+                            text="a built-in environment (guess), module:Class or path/to/file.py:Class")
+    """Multi-turn episodes with this environment (docs/environments.md); None: the task's own (task guess has
+    one), else one completion per prompt."""
+    options: str | None = spec(None, pattern=r"\s*\{.*\}\s*", text='a JSON object, e.g. {"feedback": false}')
+    """Keyword arguments of the environment's constructor, as a JSON object."""
+    max_turns: int = spec(4, ge=1)
+    """Model turns per episode at most."""
+    max_tokens: int = spec(96, ge=2)
+    """Completion tokens per episode at most, the model's and the environment's together (also cut to what the
+    prompt leaves of the model's positions); each turn is at most rollout.max_new_tokens."""
+    timeout_s: float = spec(10.0, gt=0)
+    """Time limit of each environment call (reset, step, a tool call), in its worker process."""
+
+
+@dataclass
 class VLLMConfig:
     """Settings of the vLLM rollout engine (rollout.engine=vllm); colocated with training in one process."""
 
@@ -265,6 +282,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -10,7 +10,8 @@
    cannot run, on this job's number of processes; the batch split evenly over them.
 5. MoE settings a dense built-in model (`model.arch`) cannot use, and routing replay r3 with an engine that
    does not record the rollout's routing.
-6. The reward list parsed, its weights finite.
+6. The reward list parsed, its weights finite; multi-turn episodes (an environment) without what they cannot
+   run with (task.rewards, routing replay).
 
 What needs the machine, the model's config.json or the task's data (the device exists, prompt +
 completion fit the model's and the engine's positions, a held-out set is left, an MoE setting on a
@@ -139,3 +140,24 @@ def _check_task_rules(cfg: TrainConfig) -> None:
     if t.difficulty is not None and t.name != "arithmetic":
         raise ConfigError(f"task.difficulty is only used by the arithmetic task, not {t.name!r}")
     check_lora_config(cfg.model)
+    _check_env_rules(cfg)
+
+
+def _check_env_rules(cfg: TrainConfig) -> None:
+    """Multi-turn episodes (an env.name, or a task with an environment of its own): what they cannot run with."""
+    from gradus.tasks import task_class
+
+    env = cfg.env.name or getattr(task_class(cfg.task.name), "default_env", None)
+    if env is None:
+        if cfg.env.options:
+            raise ConfigError("env.options is only used with an environment (env.name, or task.name=guess)")
+        return
+    if cfg.task.rewards:
+        raise ConfigError(f"task.rewards: episodes of environment {env!r} are scored by the environment's rewards; "
+                          "leave task.rewards unset (or add the reward to the environment's step)")
+    if cfg.algo.routing_replay != "none":
+        raise ConfigError(f"algo.routing_replay={cfg.algo.routing_replay}: routing replay is not supported for "
+                          f"multi-turn episodes (environment {env!r}) yet; set algo.routing_replay=none")
+    if cfg.env.max_tokens < cfg.env.max_turns:
+        raise ConfigError(f"env.max_tokens={cfg.env.max_tokens} cannot hold env.max_turns={cfg.env.max_turns} "
+                          "turns of one token each; raise env.max_tokens")

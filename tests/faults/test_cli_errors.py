@@ -138,7 +138,7 @@ def test_a_trainer_that_cannot_be_built_leaves_no_reward_workers(nano_dir, tmp_p
     real_init = Trainer._build
 
     def build_and_remember(self, *args, **kwargs):
-        started.extend(self.scorer.reward.pool.pids())
+        started.extend(self.rollout.pids())
         return real_init(self, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()

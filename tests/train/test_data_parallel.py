@@ -80,7 +80,7 @@ def test_two_ranks_take_the_single_process_step(algo, nano_dir, tmp_path, signal
         "algo.name": algo, "task.rewards": signal_reward, "rollout.prompts_per_step": 4,
         "rollout.group_size": 4, "algo.kl_coef": 0.05})))
     cfg = trainer.cfg
-    got = collect(trainer.engine, trainer.source, trainer.scorer, trainer.tokenizer, trainer.params, trainer.algo,
+    got = collect(trainer.engine, trainer.source, trainer.rollout, trainer.params, trainer.algo,
                   num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size, seed=_mix(0, 1))
     inputs = trainer.prepare(got, {})
     # completions of different lengths, so per-rank token counts differ from the global ones

@@ -10,6 +10,7 @@ from gradus.rollout import RolloutBatch, SamplingParams
 from gradus.tasks import get_task
 from gradus.train.data import PromptSource
 from gradus.train.generation import collect
+from gradus.train.rollouts import OneTurn
 from gradus.train.scoring import Scorer
 from gradus.train.sft import pack
 
@@ -46,13 +47,15 @@ def _setup(pattern, overrides):
     task = get_task("arithmetic", seed=0)
     source = PromptSource(task, tok)
     scorer = Scorer(task, parse_reward_specs(None, task.default_reward), timeout_s=5, strict=False)
-    return cfg, tok, source, scorer, ScriptedEngine(tok, task, source, pattern)
+    rollout = OneTurn(scorer)
+    rollout.bind(tok, None)
+    return cfg, tok, source, rollout, ScriptedEngine(tok, task, source, pattern)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups():
     # 3 groups wanted. Round 1: right counts (4, 2, 0) -> 1 informative; round 2: (1, 4, 3) -> 2 more
     cfg, tok, source, scorer, engine = _setup([[4, 2, 0], [1, 4, 3], [2, 2, 2]], [])
-    got = collect(engine, source, scorer, tok, SamplingParams(max_new_tokens=8), resolve_algo(cfg),
+    got = collect(engine, source, scorer, SamplingParams(max_new_tokens=8), resolve_algo(cfg),
                   num_groups=3, group_size=4, seed=0)
     assert engine.calls == 2
     assert got.batch.batch_size == 12
@@ -66,7 +69,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
 
 def test_dynamic_sampling_gives_up_after_max_rounds_and_trains_on_what_there_is():
     cfg, tok, source, scorer, engine = _setup([[4, 0], [0, 1], [4, 4]], ["algo.max_gen_rounds=3"])
-    got = collect(engine, source, scorer, tok, SamplingParams(max_new_tokens=8), resolve_algo(cfg),
+    got = collect(engine, source, scorer, SamplingParams(max_new_tokens=8), resolve_algo(cfg),
                   num_groups=2, group_size=4, seed=0)
     assert engine.calls == 3 and got.batch.batch_size == 4
     assert got.metrics["dapo/batch_short"] == 1 and got.metrics["dapo/groups_dropped"] == 5
@@ -74,7 +77,7 @@ def test_dynamic_sampling_gives_up_after_max_rounds_and_trains_on_what_there_is(
 
 def test_overlong_shaping_lowers_rewards_of_long_completions():
     cfg, tok, source, scorer, engine = _setup([[4, 0]], ["algo.overlong_cache=2", "algo.dynamic_sampling=false"])
-    got = collect(engine, source, scorer, tok, SamplingParams(max_new_tokens=3), resolve_algo(cfg),
+    got = collect(engine, source, scorer, SamplingParams(max_new_tokens=3), resolve_algo(cfg),
                   num_groups=2, group_size=4, seed=0)
     lengths = got.batch.lengths.float()
     # max_len 3, cache 2: lengths <= 1 free, 2 -> -0.5, 3 -> -1, longer -> -1 (added to the 0/1 reward)

@@ -18,7 +18,7 @@ from .conftest import tiny_overrides
 
 def _one_batch(trainer):
     cfg = trainer.cfg
-    got = collect(trainer.engine, trainer.source, trainer.scorer, trainer.tokenizer, trainer.params, trainer.algo,
+    got = collect(trainer.engine, trainer.source, trainer.rollout, trainer.params, trainer.algo,
                   num_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size, seed=_mix(0, 1))
     return trainer.prepare(got, {})
 

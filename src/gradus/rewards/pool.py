@@ -148,11 +148,18 @@ class RewardPool:
         *,
         timeout_s: float | None,
         workers: int | None = None,
+        build: str = "gradus.rewards:get_reward",
+        check: str = "gradus.rewards.worker:check_scores",
+        what: str = "reward",
     ) -> None:
+        """``build``/``check`` ("module:function"): how a worker makes each spec's function and checks its answers
+        (an environment pool passes its own); ``what`` names the functions in messages."""
         self.labels = list(labels)
+        self.what = what
         self.timeout_s = timeout_s if timeout_s is not None and timeout_s > 0 else None
         self.size = workers or default_workers()
-        self._init = {"sys_path": list(sys.path), "specs": [(name, dict(opts)) for name, opts in specs]}
+        self._init = {"sys_path": list(sys.path), "specs": [(name, dict(opts)) for name, opts in specs],
+                      "build": build, "check": check}
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()  # one call at a time: the workers serve one request each
         self._slow_chunks: set[int] = set()  # rewards whose chunk timed out (told once)
@@ -222,16 +229,16 @@ class RewardPool:
                     failure = self._failure(w, reply)
                     if strict:
                         raise (RewardTimeout if failure.kind == "timeout" else RewardError)(
-                            f"reward {self.labels[k]!r}: {failure.detail}"
+                            f"{self.what} {self.labels[k]!r}: {failure.detail}"
                         )
                     if job.alone:
                         out[job.items[0]] = failure
                     else:
                         if failure.kind == "timeout" and k not in self._slow_chunks:
                             self._slow_chunks.add(k)
-                            log.warning("reward %r: a chunk of %d completions ran past the time limit of %g s; "
-                                        "retrying them one by one (if the reward is only slow, raise the limit)",
-                                        self.labels[k], len(job.items), self.timeout_s)
+                            log.warning("%s %r: a chunk of %d calls ran past the time limit of %g s; retrying "
+                                        "them one by one (if the %s is only slow, raise the limit)",
+                                        self.what, self.labels[k], len(job.items), self.timeout_s, self.what)
                         queue.extend(_Job([i], alone=True) for i in job.items)
         except BaseException:  # strict, Ctrl-C...: the busy workers' answers would be for a call nobody awaits
             for w in self._workers:
@@ -302,9 +309,9 @@ class RewardPool:
         if kind == "init_error":
             message = detail
         elif kind == "timeout":
-            message = f"a reward worker did not start within {START_TIMEOUT_S:g} s"
+            message = f"a {self.what} worker did not start within {START_TIMEOUT_S:g} s"
         else:
-            message = f"a reward worker ended while starting (exit code {detail})"
+            message = f"a {self.what} worker ended while starting (exit code {detail})"
         raise (ValueError if config_error else RuntimeError)(message)
 
     def _wait_ready(self, config_error: bool) -> None:

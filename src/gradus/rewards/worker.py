@@ -4,11 +4,12 @@ Started by :class:`gradus.rewards.pool.RewardPool` as ``python -c`` (a fresh int
 parent's torch threads or ``__main__`` script comes with it). It talks to the pool over one socket
 (``multiprocessing.connection``, pickled messages):
 
-1. receives ``{"sys_path", "specs", "parent_pid", "die_with_parent"}``, sets ``sys.path`` to the parent's
-   (so ``module:function`` rewards import the same files) and builds every reward with ``get_reward``;
+1. receives ``{"sys_path", "specs", "build", "check", "parent_pid", "die_with_parent"}``, sets ``sys.path`` to
+   the parent's (so ``module:function`` rewards import the same files) and builds every reward with ``build``
+   (``get_reward``; an environment pool builds its environments' calls, ``gradus.envs.calls``);
 2. answers ``("ready", None)``, or ``("init_error", message)`` and exits;
 3. then, for each request ``(k, prompts, completions, fields)``, calls reward ``k`` on the batch and
-   answers ``("ok", scores)`` or ``("error", message)``. Any ``BaseException`` the reward raises
+   answers ``("ok", check(scores, n))`` or ``("error", message)``. Any ``BaseException`` the reward raises
    (``SystemExit`` and ``KeyboardInterrupt`` included) is an error answer, never the end of the worker.
 
 Scores are checked here (:func:`check_scores`): one per completion, each a finite float with
@@ -34,6 +35,8 @@ from typing import Any
 MAX_ABS_SCORE = 1e6
 """Largest reward magnitude accepted. Larger values are an error of the reward: a score near 1e308
 becomes inf in the float32 rewards, and the squares in the advantages' std overflow long before that."""
+# what a worker builds its functions with, and checks their answers with, unless the pool says otherwise
+_BUILD, _CHECK = "gradus.rewards:get_reward", "gradus.rewards.worker:check_scores"
 _MAX_MESSAGE = 20_000  # characters of an error message sent back (a traceback may quote a whole completion)
 
 
@@ -63,9 +66,10 @@ def _message(exc: BaseException) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE // 2] + "\n[...]\n" + text[-_MAX_MESSAGE // 2 :]
 
 
-def _call(fn: Any, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, Any]) -> tuple[str, Any]:
+def _call(fn: Any, check: Any, prompts: Sequence[Any], completions: Sequence[Any],
+          fields: dict[str, Any]) -> tuple[str, Any]:
     try:
-        return "ok", check_scores(fn(prompts, completions, **fields), len(completions))
+        return "ok", check(fn(prompts, completions, **fields), len(completions))
     except BaseException as exc:  # SystemExit, KeyboardInterrupt too: an error of this reward, not our end
         return "error", _message(exc)
 
@@ -109,13 +113,20 @@ def _serve(conn: Any) -> None:
         _die_with_parent(init["parent_pid"])
     sys.path[:] = init["sys_path"]
     try:
-        from gradus.rewards import get_reward
-
-        fns = [get_reward(name, **options) for name, options in init["specs"]]
+        build, check = _import(init.get("build", _BUILD)), _import(init.get("check", _CHECK))
+        fns = [build(name, **options) for name, options in init["specs"]]
     except BaseException as exc:  # a reward that cannot be built is a config error, reported by the pool
         conn.send(("init_error", str(exc) if isinstance(exc, ValueError) else _message(exc)))
         return
     conn.send(("ready", None))
     while True:
         k, prompts, completions, fields = conn.recv()
-        conn.send(_call(fns[k], prompts, completions, fields))
+        conn.send(_call(fns[k], check, prompts, completions, fields))
+
+
+def _import(path: str) -> Any:
+    """The function at "module:name" (how the pool names what its workers build and check)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -60,6 +60,11 @@ class RolloutBatch:
     `input_ids`, the top-k experts of each token in each of the L MoE layers, in the router's order,
     and -1 (all k entries) where nothing was routed: prompt padding, completion padding, and the last
     generated token of each row, which the rollout never needs to feed (see `rollout/routing_record.py`).
+
+    `action_mask` (multi-turn episodes, `gradus.envs.episodes`; None otherwise) marks, among the completion's
+    tokens, those the model sampled (1) apart from those an environment answered with (0): the completion is
+    then every turn and every answer in order, and only the model's tokens carry sampling log-probs and enter
+    the loss (`loss_tokens`).
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded with pad_token_id
@@ -72,8 +77,12 @@ class RolloutBatch:
     prompt_index: torch.Tensor  # [B] long, index of the row's prompt in the list given to generate
     pad_token_id: int = 0
     routed_experts: torch.Tensor | None = None  # [B, P+T, L, k] int64, -1 = no routing (class docstring)
+    action_mask: torch.Tensor | None = None  # [B, T] long, 1 = a token the model sampled (class docstring)
 
     def __post_init__(self) -> None:
+        if self.action_mask is not None and self.action_mask.shape != self.completion_ids.shape:
+            raise ValueError(f"action_mask must be [B, T] = {list(self.completion_ids.shape)}, "
+                             f"got {list(self.action_mask.shape)}")
         routed = self.routed_experts
         if routed is None:
             return
@@ -99,6 +108,13 @@ class RolloutBatch:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [B, P+T]
+
+    @property
+    def loss_tokens(self) -> torch.Tensor:
+        """[B, T] long: 1 = a token the model sampled (every completion token, unless an environment answered)."""
+        if self.action_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.action_mask  # [B, T]
 
     @property
     def num_completion_tokens(self) -> int:
@@ -151,8 +167,9 @@ class RolloutBatch:
         out = self._tensors()
         for k in ("prompt_ids", "prompt_mask"):
             out[k] = out[k][:, p0:]
-        for k in ("completion_ids", "completion_mask", "sampling_logp"):
-            out[k] = out[k][:, :t1]
+        for k in ("completion_ids", "completion_mask", "sampling_logp", "action_mask"):
+            if k in out:
+                out[k] = out[k][:, :t1]
         if (parts := self.routing_parts()) is not None:
             out["routed_experts"] = torch.cat([parts[0][:, p0:], parts[1][:, :t1]], dim=1)  # [B, P'+T', L, k]
         return RolloutBatch(**out, pad_token_id=self.pad_token_id)
@@ -181,6 +198,10 @@ class RolloutBatch:
         def right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
             return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=value)
 
+        actions = None
+        if any(b.action_mask is not None for b in batches):  # a batch without one: every token is the model's
+            actions = torch.cat([right(b.loss_tokens if b.action_mask is None else b.action_mask, T, 0)
+                                 for b in batches])  # [sum B, T]
         routed = None
         if with_routing:
             routed = torch.cat([torch.cat([left(p, P, -1), right(c, T, -1)], dim=1)
@@ -197,4 +218,5 @@ class RolloutBatch:
             prompt_index=torch.cat([b.prompt_index for b in batches]),  # [sum B]
             pad_token_id=pad,
             routed_experts=routed,
+            action_mask=actions,
         )

@@ -17,6 +17,7 @@ from gradus.tasks.arithmetic import ArithmeticTask
 from gradus.tasks.base import Example, ProceduralTask, Task, reward_fields
 from gradus.tasks.countdown import CountdownTask
 from gradus.tasks.files import DatasetError, FileTask
+from gradus.tasks.guess import GuessTask
 
 MATH_TEMPLATE = "{prompt}\nPut the final answer in \\boxed{}."
 
@@ -43,6 +44,7 @@ _REGISTRY: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
     "countdown": CountdownTask,
     "file": FileTask,
+    "guess": GuessTask,
     "math_file": math_file_task,
 }
 
@@ -50,6 +52,13 @@ _REGISTRY: dict[str, Callable[..., Task]] = {
 def available_tasks() -> list[str]:
     """Registered task names."""
     return sorted(_REGISTRY)
+
+
+def task_class(name: str) -> Callable[..., Task]:
+    """What builds the task registered as ``name`` (a class, or a function for a preset of one)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(available_tasks())}")
+    return _REGISTRY[name]
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
@@ -65,10 +74,12 @@ __all__ = [
     "DatasetError",
     "Example",
     "FileTask",
+    "GuessTask",
     "ProceduralTask",
     "Task",
     "available_tasks",
     "get_task",
+    "task_class",
     "math_file_task",
     "math_word_problems_path",
     "reward_fields",

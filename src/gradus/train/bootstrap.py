@@ -151,6 +151,8 @@ def warm_start_key(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
     key: dict[str, Any] = {"v": SFT_CACHE_VERSION, "size": cfg.model.tiny_size, "arch": cfg.model.arch,
                            "task": cfg.task.name, "difficulty": cfg.task.difficulty, "sft": vars(cfg.sft),
                            "seed": cfg.run.seed}
+    if _demonstrates(cfg.task.name):  # a multi-turn warm start's episodes are as long as a run's
+        key["max_turns"] = cfg.env.max_turns
     data = Path(cfg.task.data_file) if cfg.task.name == "file" else None
     if cfg.task.name == "math_file":
         from gradus.tasks import math_word_problems_path
@@ -165,6 +167,13 @@ def warm_start_key(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
     if fingerprint != _CHAR_TOKENIZER_V1:
         key["tokenizer"] = fingerprint
     return key
+
+
+def _demonstrates(task_name: str) -> bool:
+    """Whether the task's warm start demonstrates whole episodes (a multi-turn task)."""
+    from gradus.tasks import task_class
+
+    return hasattr(task_class(task_name), "demonstration")
 
 
 def _file_sha256(path: Path) -> str:
@@ -194,7 +203,7 @@ def tiny_model_dir(cfg: TrainConfig, *, progress: bool = True) -> Path:
         raise ConfigError(f"model: {err}") from err
     model.to(resolve_device(cfg.run.device))
     metrics = run_sft(model, tokenizer, task, cfg.sft, seed=cfg.run.seed, progress=progress,
-                      threads=cfg.run.threads)
+                      threads=cfg.run.threads, max_turns=cfg.env.max_turns)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model.cpu(), tokenizer, tmp)

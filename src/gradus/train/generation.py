@@ -1,11 +1,9 @@
-"""Steps 1-3 of a training step: take prompts, sample G completions each, score them, and (DAPO)
-keep sampling until the batch holds enough groups whose rewards are not all equal."""
+"""Steps 1-3 of a training step: take prompts, sample G completions (or multi-turn episodes) each, score them,
+and (DAPO) keep sampling until the batch holds enough groups whose rewards are not all equal."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -14,7 +12,8 @@ from gradus.objectives import dynamic_sampling_keep
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
 from gradus.tasks import Example
 from gradus.train.data import PromptSource
-from gradus.train.scoring import Scorer, Scores, add_overlong_penalty
+from gradus.train.rollouts import Episodes, OneTurn
+from gradus.train.scoring import Scores, add_overlong_penalty
 from gradus.train.stages import StageTimer
 
 # Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
@@ -39,8 +38,7 @@ class Collected:
 def collect(
     engine: RolloutEngine,
     source: PromptSource,
-    scorer: Scorer,
-    tokenizer: Any,
+    rollout: OneTurn | Episodes,
     params: SamplingParams,
     algo: ResolvedAlgo,
     *,
@@ -62,21 +60,16 @@ def collect(
     max_rounds = algo.max_gen_rounds if algo.dynamic_sampling else 1
     while have < num_groups and rounds < max_rounds:
         prompts = source.next(num_groups)
-        start = time.perf_counter()
-        with timer("rollout"):
-            # each prompt's randomness is keyed by (step seed, example index): the same on any rank or world size
-            batch = engine.generate(prompts.ids, group_size, params,
-                                    seeds=[(seed << 32) | i for i in prompts.indices])
-        gen_time += time.perf_counter() - start
+        before = timer.seconds["rollout"]
+        # each prompt's randomness is keyed by (step seed, example index): the same on any rank or world size
+        batch, examples, scores = rollout.sample(engine, prompts, group_size, params,
+                                                 [(seed << 32) | i for i in prompts.indices], timer)
+        gen_time += timer.seconds["rollout"] - before
         tokens += batch.num_completion_tokens
         rounds += 1
-        rows = batch.prompt_index.tolist()
-        examples = [prompts.examples[i] for i in rows]
-        with timer("score"):
-            texts = scorer.completions_text(batch, tokenizer)
-            scores = scorer.score([prompts.texts[i] for i in rows], texts, examples)
-            if algo.overlong_shaping:
-                scores = add_overlong_penalty(scores, batch.lengths, max_len=params.max_new_tokens,
+        if algo.overlong_shaping:
+            with timer("score"):
+                scores = add_overlong_penalty(scores, batch.lengths, max_len=rollout.overlong_limit(params),
                                               cache_len=algo.overlong_cache)
         sampled.append(_sample_metrics(batch, scores))
         if algo.dynamic_sampling:
@@ -95,7 +88,7 @@ def collect(
     metrics = {k: sum(m[k] for m in sampled) / len(sampled) for k in sampled[0]}
     metrics.update({
         "rollout/tokens": float(tokens),
-        "rollout/gen_seconds": gen_time,
+        "rollout/gen_seconds": gen_time,  # the rollout stage (with an environment's turns)
         "rollout/tokens_per_s": tokens / gen_time if gen_time > 0 else 0.0,
     })
     if algo.dynamic_sampling:

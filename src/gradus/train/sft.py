@@ -1,7 +1,9 @@
 """Supervised warm start: teach a model the task's answer format before RL can reward it.
 
 Teacher forcing on prompt + target + EOS, loss (token-mean cross-entropy) on the target tokens
-only. The target is the example's worked `solution` when the task has one, else its answer.
+only. The target is the example's worked `solution` when the task has one, else its answer. A multi-turn task
+(one with a `demonstration`) gives whole episodes instead: the model's turns and the environment's answers,
+laid out exactly as the episodes of a run are (`gradus.envs.render`), with the loss on the model's turns only.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from gradus.config import SFTConfig
+from gradus.envs.render import TurnRenderer
 from gradus.logprobs import completion_logprobs
 from gradus.models.loading import ModelLoadError
 from gradus.rollout import RolloutBatch
 from gradus.tasks import Example, Task
+from gradus.tasks.base import seeded_rng
 from gradus.threads import governor_for
 from gradus.train.data import encode_prompts
 
@@ -30,23 +34,28 @@ def sft_target(example: Example) -> str:
     return str(example.meta.get("solution") or example.answer)
 
 
-def pack(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device: torch.device) -> RolloutBatch:
-    """Prompt and target ids in the rollout layout: prompts left-padded, targets right-padded."""
+def pack(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device: torch.device,
+         actions: list[list[int]] | None = None) -> RolloutBatch:
+    """Prompt and target ids in the rollout layout: prompts left-padded, targets right-padded; `actions` (1 = a
+    token the loss learns, per target token) makes the batch's `action_mask`."""
     P, T, B = max(map(len, prompts)), max(map(len, targets)), len(prompts)
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)  # [B, P]
     prompt_mask = torch.zeros(B, P, dtype=torch.long)
     completion_ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
     completion_mask = torch.zeros(B, T, dtype=torch.long)
+    action_mask = None if actions is None else torch.zeros(B, T, dtype=torch.long)  # [B, T]
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         prompt_ids[i, P - len(p):] = torch.tensor(p)
         prompt_mask[i, P - len(p):] = 1
         completion_ids[i, : len(t)] = torch.tensor(t)
         completion_mask[i, : len(t)] = 1
+        if action_mask is not None:
+            action_mask[i, : len(t)] = torch.tensor(actions[i], dtype=torch.long)
     return RolloutBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, sampling_logp=torch.zeros(B, T),
         lengths=completion_mask.sum(-1), truncated=torch.zeros(B, dtype=torch.bool),
-        prompt_index=torch.arange(B), pad_token_id=pad_id,
+        prompt_index=torch.arange(B), pad_token_id=pad_id, action_mask=action_mask,
     ).to(device)
 
 
@@ -65,8 +74,33 @@ def check_eos(model: torch.nn.Module, tokenizer: Any) -> None:
         f'token ids), and SFT ends every target with it to teach the model to stop: set "eos_token" in {config}')
 
 
-def encode_sft_batch(task: Task, tokenizer: Any, examples: list[Example], device: torch.device) -> RolloutBatch:
+def demonstration_ids(task: Any, renderer: TurnRenderer, example: Example, rng: Any,
+                      max_turns: int) -> tuple[list[int], list[int]]:
+    """A demonstrated episode as (ids, actions): each model turn's text encoded and ended as a turn ends, each
+    answer rendered as the environment's are in a run; actions 1 on the model's tokens."""
+    ids: list[int] = []
+    actions: list[int] = []
+    for text, by_model in task.demonstration(example, rng, max_turns):
+        if by_model:
+            piece = renderer.tokenizer(text, add_special_tokens=False)["input_ids"] + list(renderer.end_of_turn_ids)
+        else:
+            piece = renderer.observation_ids(text)
+        ids += piece
+        actions += [int(by_model)] * len(piece)
+    return ids, actions
+
+
+def encode_sft_batch(task: Task, tokenizer: Any, examples: list[Example], device: torch.device,
+                     max_turns: int = 1, seed: int = 0, first: int = 0) -> RolloutBatch:
+    """Examples `first`, `first` + 1, ... as a batch; a multi-turn task's as demonstrated episodes of at most
+    `max_turns` turns (drawn with a stream keyed by (seed, example number))."""
     prompts = encode_prompts(task, tokenizer, examples)
+    if hasattr(task, "demonstration"):
+        renderer = TurnRenderer(tokenizer)
+        episodes = [demonstration_ids(task, renderer, ex, seeded_rng("sft", seed, first + i), max_turns)
+                    for i, ex in enumerate(examples)]
+        return pack(prompts.ids, [ids for ids, _ in episodes], tokenizer.pad_token_id, device,
+                    actions=[a for _, a in episodes])
     eos = tokenizer.eos_token_id
     targets = [tokenizer(sft_target(ex), add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
     return pack(prompts.ids, targets, tokenizer.pad_token_id, device)
@@ -75,14 +109,15 @@ def encode_sft_batch(task: Task, tokenizer: Any, examples: list[Example], device
 def sft_loss(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 1024) -> torch.Tensor:
     logp = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_start,
                                chunk_size=chunk_size)  # [B, T]
-    mask = batch.completion_mask.to(logp.dtype)
+    mask = batch.loss_tokens.to(logp.dtype)
     return -(logp * mask).sum() / mask.sum()
 
 
 def run_sft(model: torch.nn.Module, tokenizer: Any, task: Task, cfg: SFTConfig, *, seed: int = 0,
-            progress: bool = True, start_index: int = 0, threads: int | None = None) -> dict[str, float]:
+            progress: bool = True, start_index: int = 0, threads: int | None = None,
+            max_turns: int = 1) -> dict[str, float]:
     """Train `model` in place for cfg.steps steps; returns the final metrics. `threads`: CPU threads
-    (None: follow the machine's load, see gradus.threads)."""
+    (None: follow the machine's load, see gradus.threads); `max_turns`: a multi-turn task's episode length."""
     check_eos(model, tokenizer)
     device = next(model.parameters()).device
     governor = governor_for(threads, device)
@@ -104,7 +139,8 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, task: Task, cfg: SFTConfig, 
             if step % _CHECK_THREADS_EVERY == 0:
                 governor.pick()
             first = start_index + step * cfg.batch_size
-            batch = encode_sft_batch(task, tokenizer, task.train_batch(first, cfg.batch_size), device)
+            batch = encode_sft_batch(task, tokenizer, task.train_batch(first, cfg.batch_size), device,
+                                     max_turns=max_turns, seed=seed, first=first)
             loss = sft_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,11 +25,10 @@ import torch
 
 from gradus import parallel
 from gradus.algorithm import resolved_config
-from gradus.config import ConfigError, TrainConfig
+from gradus.config import TrainConfig
 from gradus.config_checks import validate
 from gradus.objectives import AdvantageInputs, AdvantageSettings, estimate, kl_penalty, rejection_mask
 from gradus.parallel import any_rank
-from gradus.rewards import parse_reward_specs
 from gradus.rollout import SamplingParams
 from gradus.rollout.registry import engine_class
 from gradus.runtime import build_models, load_plain
@@ -38,14 +37,13 @@ from gradus.train import bootstrap
 from gradus.train.checkpointing import Checkpointer
 from gradus.train.data import PromptSource
 from gradus.train.durable import DiskFull
-from gradus.train.evaluate import evaluate
 from gradus.train.generation import SUMMED_OVER_RANKS, Collected, collect
 from gradus.train.interrupts import Interrupted, StopSignals
 from gradus.train.moe import MoeRouting, start_batch
 from gradus.train.passes import Passes, batch_logprobs, batch_values
 from gradus.train.resume import save_config_atomically
+from gradus.train.rollouts import make_rollout
 from gradus.train.runlog import NullLogger, RunLogger, write_summary
-from gradus.train.scoring import Scorer
 from gradus.train.stages import StageTimer
 from gradus.train.tally import Tally
 from gradus.train.update import UpdateInputs, global_count, run_updates
@@ -77,17 +75,13 @@ class Trainer:
         self.rank, self.world = self.layout.rank, parallel.planned_world()
         device, self.task = bootstrap.preflight(cfg)  # before any warm start
         self.device = parallel.rank_device(device, self.layout)
-        try:
-            self.scorer = Scorer(self.task, parse_reward_specs(cfg.task.rewards, self.task.default_reward),
-                                 timeout_s=cfg.task.reward_timeout_s, strict=cfg.task.strict_rewards)
-        except ValueError as err:
-            raise ConfigError(f"task.rewards: {err}") from err
-        # CPU threads that follow the load; the reward workers' CPU time is this run's own work
-        self.governor = governor_for(cfg.run.threads, self.device, helpers=self.scorer.reward.pool.pids)
+        self.rollout = make_rollout(cfg, self.task)  # its reward or environment workers start here
+        # CPU threads that follow the load; the reward and environment workers' CPU time is this run's own work
+        self.governor = governor_for(cfg.run.threads, self.device, helpers=self.rollout.pids)
         try:
             self._build(run_dir, resume)
         except BaseException:
-            self.scorer.close()  # the reward workers must not outlive a trainer that never ran
+            self.rollout.close()  # the workers must not outlive a trainer that never ran
             if self.engine is not None:
                 self.engine.close()  # nor a vLLM engine
             raise
@@ -102,6 +96,7 @@ class Trainer:
         self.initial_dir = Path(state.get("initial_model_dir") or self._initial_dir())
         plain, self.tokenizer = load_plain(cfg, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
         bootstrap.check_prompt_lengths(self.task, self.tokenizer, plain, cfg)  # may drop rows of a file
+        self.rollout.bind(self.tokenizer, plain)
         self.moe = MoeRouting.for_model(plain, cfg.algo.routing_replay, cfg.model.router_aux_coef)
         self.heldout = bootstrap.heldout_set(self.task, cfg.task.heldout_size)
         models = build_models(plain, cfg, self.algo, self.device, initial_dir=self.initial_dir, ckpt=ckpt)
@@ -147,7 +142,7 @@ class Trainer:
                 raise failure from err
             raise
         finally:
-            self.scorer.close()  # the reward workers (a later evaluate or fit starts new ones)
+            self.rollout.close()  # the reward or environment workers (a later evaluate or fit starts new ones)
             self.engine.close()  # vLLM: its KV cache and process-wide state
             self.governor.restore()  # the next run in this process starts from the machine's thread count
             parallel.teardown(self.layout)
@@ -214,7 +209,7 @@ class Trainer:
         cfg, timer = self.cfg, StageTimer()
         threads = self.governor.pick()
         self.models.eval()
-        got = collect(self.engine, self.source, self.scorer, self.tokenizer, self.params, self.algo,
+        got = collect(self.engine, self.source, self.rollout, self.params, self.algo,
                       num_groups=cfg.rollout.prompts_per_step // self.world, group_size=cfg.rollout.group_size,
                       seed=_mix(cfg.run.seed, step), timer=timer)
         self.engine.sleep()  # GPU vLLM: its KV cache is freed for the update; sync_engine wakes it
@@ -248,7 +243,7 @@ class Trainer:
         """Old and reference log-probs and advantages: what the update needs for `minibatches` per epoch
         (None: as many as this batch allows)."""
         cfg, algo, batch, timer = self.cfg, self.algo, got.batch, timer or StageTimer()
-        loss_mask = batch.completion_mask.float()  # [N, T]
+        loss_mask = batch.loss_tokens.float()  # [N, T] the model's tokens (not an environment's)
         if algo.overlong_filter:
             loss_mask = loss_mask * (~batch.truncated).float()[:, None]
         start_batch(self.moe, batch, self.actor.model)  # MoE r2: the old policy's routing, still unknown
@@ -300,8 +295,7 @@ class Trainer:
         self.governor.pick()
         self.models.eval()
         mine = self.heldout[self.rank :: self.world]
-        got = evaluate(self.engine, self.tokenizer, self.task, mine,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, verify=self.scorer.verify)
+        got = self.rollout.evaluate(self.engine, self.task, mine, self.cfg.rollout.max_new_tokens)
         right, n = parallel.sum_over_ranks([got["accuracy"] * got["n"], got["n"]], self.device)
         return {**got, "accuracy": round(right) / max(n, 1), "n": int(n)}
 

@@ -1,0 +1,276 @@
+"""Episodes: many multi-turn episodes in flight over one engine, batched per turn, token in and token out.
+
+An episode's completion is the concatenation, in order, of the tokens the model sampled in each turn and the
+tokens of the environment's answers (`render.TurnRenderer`); nothing the model produced is decoded and
+encoded again. `RolloutBatch.action_mask` marks the model's tokens: only they carry sampling log-probs and
+enter the loss, so every objective, rollout correction and estimator works on them unchanged (GAE runs over
+the model's tokens only, skipping the environment's).
+
+Turn by turn, for the episodes still live:
+1. the engine samples one turn: in turn 0, the group's n completions of each prompt, keyed exactly as a
+   one-turn rollout is (so a one-turn environment reproduces it token for token); later, each episode alone,
+   keyed by (its prompt's key, its index in the group, the turn), so an episode's tokens never depend on the
+   rest of the batch (batch-invariant, as the engines are per completion);
+2. each turn is cut to the episode's token budget (`max_tokens`, model and environment tokens together);
+3. a turn with a tool call runs the tool, one without is the environment's `step` (both in the workers of
+   `calls.EnvCalls`); the answer is rendered and appended unless the episode is over.
+An episode ends when the environment says done, after `max_turns` turns, when its budget has no room for
+another model token (flagged `truncated`), or when its environment fails (an error, a bad answer, a time-out:
+flagged, and its tokens leave the loss, because its reward says nothing about what the model did).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradus.envs.base import Step
+from gradus.envs.calls import EnvCalls
+from gradus.envs.render import TurnRenderer
+from gradus.envs.tools import Malformed, ToolCall, format_result, parse_tool_call, style_for
+from gradus.rewards.pool import Failure
+from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
+from gradus.tasks import Example
+
+log = logging.getLogger("gradus.envs")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_turns: int  # model turns per episode
+    max_tokens: int  # completion tokens per episode, the model's and the environment's together
+    positions: int | None = None  # the model's (an episode's budget is also what its prompt leaves of them)
+
+    def budget(self, prompt: Sequence[int]) -> int:
+        room = self.max_tokens if self.positions is None else min(self.max_tokens, self.positions - len(prompt))
+        if room < 1:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the model's {self.positions} "
+                             "positions")
+        return room
+
+
+@dataclass
+class _Episode:
+    """One episode while it runs."""
+
+    prompt: list[int]
+    key: int  # its prompt's sampling key
+    sample: int  # its index in the group
+    example: Example
+    budget: int  # completion tokens it may hold (`Limits.budget`)
+    state: Any = None
+    ids: list[int] = field(default_factory=list)
+    action: list[int] = field(default_factory=list)  # 1 = the model's token
+    logp: list[float] = field(default_factory=list)
+    reward: float = 0.0
+    success: bool | None = None
+    turns: int = 0
+    last: list[int] = field(default_factory=list)  # the model's tokens of its latest turn
+    cut: bool = False  # its latest turn stopped at the turn's token limit, without a stop token
+    done: bool = False
+    truncated: bool = False  # its budget ran out
+    failure: str | None = None  # why its environment failed
+
+    def over(self) -> bool:
+        return self.done or self.truncated or self.failure is not None
+
+
+@dataclass
+class Episodes:
+    """The episodes of a batch: the rollout batch (with `action_mask`) and what the environment said."""
+
+    batch: RolloutBatch
+    rewards: torch.Tensor  # [N] float32, the sum of each episode's turn rewards
+    success: torch.Tensor  # [N] bool
+    turns: torch.Tensor  # [N] long, model turns taken
+    failed: torch.Tensor  # [N] bool, the environment failed (the row's tokens are out of the loss)
+    metrics: dict[str, float]
+
+
+def turn_key(key: int, sample: int, turn: int) -> int:
+    """The sampling key of turn `turn` (>= 1) of sample `sample` of a prompt keyed `key` (63 bits)."""
+    digest = hashlib.blake2b(f"{key}:{sample}:{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+class EpisodeRunner:
+    """Runs episodes of one environment with an engine (module docstring)."""
+
+    def __init__(self, env: EnvCalls, tokenizer: Any, limits: Limits) -> None:
+        self.env, self.tokenizer, self.limits = env, tokenizer, limits
+        self.renderer = TurnRenderer(tokenizer)
+        self.style = style_for(tokenizer)
+
+    def run(self, engine: RolloutEngine, prompts: Sequence[Sequence[int]], examples: Sequence[Example], n: int,
+            params: SamplingParams, seeds: Sequence[int]) -> Episodes:
+        """n episodes of each prompt (rows j*n .. j*n+n-1 belong to prompts[j]), sampled with `params` per turn."""
+        stats = {"tool_calls": 0, "tool_errors": 0, "tool_timeouts": 0, "tool_malformed": 0, "env_s": 0.0}
+        lim = self.limits
+        episodes = [_Episode(list(p), int(k), s, ex, lim.budget(p))
+                    for p, k, ex in zip(prompts, seeds, examples, strict=True) for s in range(n)]
+        states = self._call(stats, [("reset", ex) for ex in examples])
+        for i, e in enumerate(episodes):
+            got = states[i // n]
+            if isinstance(got, Failure):
+                e.failure = f"reset failed ({got.kind}): {got.detail}"
+            else:
+                e.state = got
+        # turn 0: whole groups, keyed exactly as a one-turn rollout (an episode whose reset failed samples too)
+        first = params
+        if (least := min(e.budget for e in episodes)) < params.max_new_tokens:
+            first = _capped(params, least)
+        self._append(episodes, engine.generate([e.prompt for e in episodes[::n]], n, first,
+                                               seeds=[e.key for e in episodes[::n]]))
+        for turn in range(self.limits.max_turns):
+            live = [e for e in episodes if not e.over()]
+            if not live:
+                break
+            if turn > 0:
+                self._sample(engine, live, turn, params)
+            self._answer(live, turn, stats)
+        return self._finish(episodes, n, stats)
+
+    # ---- one turn ---------------------------------------------------------------------------------------
+    def _sample(self, engine: RolloutEngine, live: list[_Episode], turn: int, params: SamplingParams) -> None:
+        """Turn `turn` (>= 1) of each live episode, appended: each episode alone, one engine call per turn cap
+        (an episode's cap is its budget left, when that is below the turn's limit)."""
+        caps: dict[int, list[_Episode]] = {}
+        for e in live:
+            caps.setdefault(min(params.max_new_tokens, e.budget - len(e.ids)), []).append(e)
+        for cap, group in caps.items():
+            batch = engine.generate([e.prompt + e.ids for e in group], 1, _capped(params, cap),
+                                    seeds=[turn_key(e.key, e.sample, turn) for e in group])
+            self._append(group, batch)
+
+    def _append(self, group: list[_Episode], batch: RolloutBatch) -> None:
+        ids, logp = batch.completion_ids.tolist(), batch.sampling_logp.tolist()
+        for e, row, lp, length, cut in zip(group, ids, logp, batch.lengths.tolist(), batch.truncated.tolist(),
+                                          strict=True):
+            take = min(length, e.budget - len(e.ids))
+            e.ids += row[:take]
+            e.action += [1] * take
+            e.logp += lp[:take]
+            e.turns += 1
+            e.last, e.cut = row[:take], bool(cut) or take < length
+            e.truncated = take < length
+
+    def _answer(self, live: list[_Episode], turn: int, stats: dict[str, float]) -> None:
+        """The environment's (or a tool's) answer to each live episode's turn, appended when the episode goes on."""
+        items, owners, notes = [], [], {}
+        for e in live:
+            text = self.tokenizer.decode(e.last, skip_special_tokens=True)
+            call = parse_tool_call(text, self.style) if self.env.tools else None
+            if isinstance(call, ToolCall):
+                stats["tool_calls"] += 1
+                items.append(("tool", (call.name, call.argument)))
+                owners.append((e, call))
+            elif isinstance(call, Malformed):
+                stats["tool_calls"] += 1
+                stats["tool_malformed"] += 1
+                notes[id(e)] = f"malformed tool call: {call.reason}"
+            else:
+                items.append(("step", (e.state, text)))
+                owners.append((e, None))
+        answers = self._call(stats, items)
+        last_turn = turn == self.limits.max_turns - 1
+        for e in live:
+            if id(e) in notes:
+                self._observe(e, format_result(notes[id(e)], self.style), "tool", last_turn)
+        for (e, call), got in zip(owners, answers, strict=True):
+            if call is not None:  # a tool: whatever happened is the observation
+                if isinstance(got, Failure):
+                    stats["tool_timeouts" if got.kind == "timeout" else "tool_errors"] += 1
+                    got = (f"tool {call.name} timed out after {self.env.timeout_s:g} s" if got.kind == "timeout"
+                           else f"tool {call.name} failed: {_last_line(got.detail)}")
+                self._observe(e, format_result(got, self.style), "tool", last_turn)
+            elif isinstance(got, Failure):
+                e.failure = f"step failed ({got.kind}): {got.detail}"
+            else:
+                step: Step = got
+                e.reward += float(step.reward)
+                e.state = step.state
+                if step.success is not None:
+                    e.success = step.success
+                e.done = step.done
+                if not e.done:
+                    self._observe(e, step.observation, "user", last_turn)
+
+    def _observe(self, e: _Episode, observation: Any, role: str, last_turn: bool) -> None:
+        """Append an answer to a live episode, unless no model turn follows; an answer the budget cannot hold
+        with room for one more model token ends the episode, truncated."""
+        if last_turn or e.truncated:
+            return
+        ids = self.renderer.observation_ids(observation, role=role, ended=not e.cut)
+        if len(e.ids) + len(ids) >= e.budget:
+            e.truncated = True
+            return
+        e.ids += ids
+        e.action += [0] * len(ids)
+        e.logp += [0.0] * len(ids)
+
+    def _call(self, stats: dict[str, float], items: list[tuple[str, Any]]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return self.env.call(items)
+        finally:
+            stats["env_s"] += time.perf_counter() - start
+
+    # ---- the batch -------------------------------------------------------------------------------------
+    def _finish(self, episodes: list[_Episode], n: int, stats: dict[str, float]) -> Episodes:
+        for i, e in enumerate(episodes):
+            if e.failure is not None:
+                log.warning("environment %r, episode %d (example %s, sample %d): %s", self.env.name, i,
+                            e.example.source or repr(e.example.prompt), e.sample, _last_line(e.failure))
+        pad = self.tokenizer.pad_token_id
+        B, P = len(episodes), max(len(e.prompt) for e in episodes)
+        T = max(1, max(len(e.ids) for e in episodes))
+        prompt_ids = torch.full((B, P), pad, dtype=torch.long)  # [B, P]
+        prompt_mask = torch.zeros(B, P, dtype=torch.long)  # [B, P]
+        completion_ids = torch.full((B, T), pad, dtype=torch.long)  # [B, T]
+        completion_mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
+        action_mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
+        sampling_logp = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+        for i, e in enumerate(episodes):
+            L = len(e.ids)
+            prompt_ids[i, P - len(e.prompt):] = torch.tensor(e.prompt)
+            prompt_mask[i, P - len(e.prompt):] = 1
+            completion_ids[i, :L] = torch.tensor(e.ids, dtype=torch.long)
+            completion_mask[i, :L] = 1
+            action_mask[i, :L] = torch.tensor(e.action, dtype=torch.long) * int(e.failure is None)
+            sampling_logp[i, :L] = torch.tensor(e.logp, dtype=torch.float32)
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, sampling_logp=sampling_logp,
+            lengths=completion_mask.sum(-1), truncated=torch.tensor([e.truncated or e.cut for e in episodes]),
+            prompt_index=torch.arange(B) // n, pad_token_id=pad, action_mask=action_mask)
+        rewards = torch.tensor([e.reward if e.failure is None else 0.0 for e in episodes], dtype=torch.float32)
+        success = torch.tensor([e.failure is None and (e.success if e.success is not None else e.reward >= 1.0)
+                                for e in episodes])
+        turns = torch.tensor([e.turns for e in episodes], dtype=torch.long)
+        failed = torch.tensor([e.failure is not None for e in episodes])
+        metrics = {
+            "env/turns_mean": turns.float().mean().item(),
+            "env/success": success.float().mean().item(),
+            "env/failed": failed.float().mean().item(),
+            "env/truncated": batch.truncated.float().mean().item(),
+            "env/model_tokens": float(sum(sum(e.action) for e in episodes)),
+            "env/env_tokens": float(sum(len(e.ids) - sum(e.action) for e in episodes)),
+            **{f"env/{k}": float(v) for k, v in stats.items()},
+        }
+        return Episodes(batch, rewards, success, turns, failed, metrics)
+
+
+def _capped(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                          max_new_tokens=max_new_tokens)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""

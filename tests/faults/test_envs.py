@@ -1,0 +1,131 @@
+"""Environments and tools that hurt a run: each costs its own episode (flagged, named in the log) or becomes an
+observation the model reads, never the run; a user environment that cannot load is refused before any work."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradus.cli import main
+from gradus.envs.calls import EnvCalls
+from gradus.envs.episodes import EpisodeRunner, Limits
+from gradus.models import build_char_tokenizer
+from gradus.rollout import RolloutBatch, SamplingParams
+from gradus.tasks import Example
+
+ENVS = str(Path(__file__).parents[1] / "envs" / "sample_envs.py")
+
+
+class Scripted:
+    """An engine that says the next text of a script for every row (one script per turn)."""
+
+    def __init__(self, tokenizer, turns):
+        self.tokenizer, self.turns, self.calls = tokenizer, turns, 0
+
+    def generate(self, prompts, n, params, *, seed=None, seeds=None):
+        text = self.turns[min(self.calls, len(self.turns) - 1)]
+        self.calls += 1
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        ids = ids[: params.max_new_tokens]
+        B = len(prompts) * n
+        done = ids[-1] == self.tokenizer.eos_token_id
+        prompt = torch.tensor([list(p) for p in prompts for _ in range(n)])  # [B, P] (equal lengths here)
+        return RolloutBatch(
+            prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
+            completion_ids=torch.tensor([ids] * B), completion_mask=torch.ones(B, len(ids), dtype=torch.long),
+            sampling_logp=torch.full((B, len(ids)), -0.5), lengths=torch.full((B,), len(ids)),
+            truncated=torch.full((B,), not done), prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
+
+
+def _run(env, turns, *, max_turns=3, max_tokens=60, timeout_s=10.0):
+    tokenizer = build_char_tokenizer()
+    calls = EnvCalls(f"{ENVS}:{env}", timeout_s=timeout_s)
+    try:
+        examples = [Example("go:", "", source="rows.jsonl: row 3")]
+        prompts = [tokenizer("go:", add_special_tokens=False)["input_ids"]]
+        runner = EpisodeRunner(calls, tokenizer, Limits(max_turns, max_tokens))
+        return runner.run(Scripted(tokenizer, turns), prompts, examples, 2, SamplingParams(max_new_tokens=8), [1])
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("env, words", [
+    ("Raising", ["RuntimeError", "the environment broke"]),
+    ("BadObservation", ["observation is a dict"]),
+    ("NanReward", ["reward is nan"]),
+])
+def test_a_broken_step_ends_its_episode_flagged_and_named(env, words, caplog):
+    with caplog.at_level(logging.WARNING, logger="gradus.envs"):
+        got = _run(env, ["12"])
+    assert got.failed.all() and got.rewards.tolist() == [0.0, 0.0]
+    assert got.batch.loss_tokens.sum() == 0  # its reward says nothing of the model: none of it is trained
+    assert got.metrics["env/failed"] == 1.0
+    text = caplog.text
+    assert "environment" in text and "episode 0" in text and "rows.jsonl: row 3" in text
+    for word in words:
+        assert word in text, text
+
+
+def test_a_hanging_step_times_out_and_the_run_goes_on(caplog):
+    with caplog.at_level(logging.WARNING, logger="gradus.envs"):
+        got = _run("Hanging", ["12"], timeout_s=1.0)
+    assert got.failed.all()
+    assert "timeout" in caplog.text and "episode 1" in caplog.text
+
+
+def test_an_environment_that_never_ends_stops_at_the_turn_limit():
+    got = _run("Counter", ["1"], max_turns=3)
+    assert got.turns.tolist() == [3, 3] and not got.failed.any()
+    assert got.rewards.tolist() == [0.75, 0.75]
+
+
+def test_an_answer_that_overflows_the_budget_truncates_the_episode():
+    got = _run("Flood", ["1"], max_turns=3, max_tokens=40)
+    assert got.batch.truncated.all() and not got.failed.any()
+    assert int(got.batch.lengths.max()) <= 40 and got.turns.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("turn, words", [
+    ("<tool>calc: 6*7</tool>", ["<result>42</result>"]),
+    ("<tool>calc 6*7", ["malformed tool call"]),
+    ("<tool>boom: 1</tool>", ["tool boom failed", "ZeroDivisionError"]),
+    ("<tool>nope: 1</tool>", ["tool nope failed", "no tool 'nope'"]),
+])
+def test_tool_calls_and_their_failures_become_observations(turn, words):
+    tokenizer = build_char_tokenizer()
+    got = _run("Tools", [turn, "42"], max_tokens=200)
+    assert not got.failed.any() and got.success.all() and got.turns.tolist() == [2, 2]
+    b = got.batch
+    answer = tokenizer.decode(b.completion_ids[0][(b.action_mask[0] == 0) & (b.completion_mask[0] == 1)])
+    for word in words:
+        assert word in answer, answer
+    assert got.metrics["env/tool_calls"] == 2
+
+
+def test_a_hanging_tool_times_out_into_an_observation():
+    tokenizer = build_char_tokenizer()
+    got = _run("Tools", ["<tool>sleep: 1</tool>", "42"], max_tokens=200, timeout_s=1.0)
+    assert not got.failed.any() and got.success.all()
+    b = got.batch
+    answer = tokenizer.decode(b.completion_ids[0][(b.action_mask[0] == 0) & (b.completion_mask[0] == 1)])
+    assert "timed out after 1 s" in answer and got.metrics["env/tool_timeouts"] == 2
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("{dir}/broken.py:Env", ["broken.py does not import", "SyntaxError"]),
+    ("{dir}/missing.py:Env", ["no file"]),
+    ("{dir}/fine.py:Nope", ["has no class 'Nope'"]),
+    ("{dir}/fine.py:NotAnEnv", ["has no reset or step method"]),
+])
+def test_a_user_environment_that_cannot_load_is_refused_before_any_work(spec, words, tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("def (:\n")
+    (tmp_path / "fine.py").write_text("class NotAnEnv:\n    pass\n")
+    argv = ["train", "--env", spec.format(dir=tmp_path), "--no-progress", "run.steps=1",
+            f"run.out_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "env.name" in err
+    for word in words:
+        assert word in err, err
+    assert not (tmp_path / "cache").exists()  # refused before the warm start
