@@ -153,14 +153,16 @@ def split_template(tokenizer: Any, roles: Sequence[str]) -> ChatSplit:
     """Probe the chat template: find the assistant's end-of-turn, then check, for each role, that adding a
     message only appends text, the same text at every turn. Raises TemplateSplitError saying what failed."""
     name = tokenizer_name(tokenizer)
+    probing = "a user question and a reply"
     try:
         split = find_end_of_turn(tokenizer)
         for role in roles:
+            probing = f"a {role!r} message after a reply"
             check_role(tokenizer, split, role)
     except TemplateSplitError as exc:
         raise TemplateSplitError(f"the chat template of {name} cannot be split into turns: {exc}") from None
     except Exception as exc:  # jinja's errors, raise_exception in the template, a missing key
-        raise TemplateSplitError(f"the chat template of {name} failed on the probe conversation "
+        raise TemplateSplitError(f"the chat template of {name} failed to render {probing} "
                                  f"({type(exc).__name__}: {exc})") from None
     return split
 
@@ -174,8 +176,8 @@ def find_end_of_turn(tokenizer: Any) -> ChatSplit:
     rendered = render(tokenizer, reference, False)
     reply_at = prompt + PROBE_REPLIES[0]
     if not rendered.startswith(reply_at):
-        raise TemplateSplitError(f"the reply is not rendered right after the generation prompt: the prompt is "
-                                 f"{short(prompt)}, the conversation with the reply is {short(rendered)}")
+        raise TemplateSplitError("the reply is not rendered right after the generation prompt: "
+                                 + where_they_differ(reply_at, rendered, "the prompt and the reply", "the template"))
     closing = rendered[len(reply_at):]
     eot_ids = leading_special_ids(tokenizer, closing)
     eot_text = "".join(tokenizer.convert_ids_to_tokens(eot_ids))
@@ -199,7 +201,7 @@ def check_role(tokenizer: Any, split: ChatSplit, role: str) -> None:
     add the same text both times (so the text found once serves every turn)."""
     observation = message(role, PROBE_OBSERVATION)
     once = render(tokenizer, [*split.reference, observation], True)
-    expect_extends(split.rendered, once, f"a {role!r} message after the reply")
+    expect_extends(split.rendered, once, f"a {role!r} message after a reply")
     added = once[len(split.head):]
     replied = render(tokenizer, [*split.reference, observation, message("assistant", PROBE_REPLIES[1])], False)
     second_head = once + PROBE_REPLIES[1] + split.end_of_turn_text
@@ -223,6 +225,12 @@ def expect_extends(before: str, after: str, what: str) -> None:
         return
     if after.startswith(before):
         raise TemplateSplitError(f"adding {what} adds no text")
-    at = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(after))
-    raise TemplateSplitError(f"adding {what} changes the earlier turns: at character {at} the conversation without "
-                             f"it has {short(before[at:at + 60])}, with it {short(after[at:at + 60])}")
+    raise TemplateSplitError(f"adding {what} changes the earlier turns: "
+                             + where_they_differ(before, after, "the conversation without it", "with it"))
+
+
+def where_they_differ(first: str, second: str, first_name: str, second_name: str) -> str:
+    """Where two renderings part, quoting a little of each from there: enough to see what the template does."""
+    at = next((i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b), min(len(first),
+                                                                                                len(second)))
+    return f"at character {at} {first_name} has {short(first[at:at + 60])}, {second_name} {short(second[at:at + 60])}"
