@@ -194,13 +194,20 @@ NUMBERED_TURNS = CHATML.replace('"<|im_start|>" + m.role + "\\n"',
                                 '"<|im_start|>" + m.role + ((" " + loop.index|string) if m.role == "user" else "")'
                                 ' + "\\n"')
 
+# Replies after the first are numbered, but the generation prompt is not: the model would be prompted with one
+# header and trained as if it had seen another.
+NUMBERED_LATER_REPLIES = CHATML.replace('"<|im_start|>" + m.role + "\\n"',
+                                        '"<|im_start|>" + m.role + ((" " + loop.index|string) if m.role == '
+                                        '"assistant" and loop.index > 2 else "") + "\\n"')
+
 # Only user and assistant messages: fine for an environment without tools.
 NO_TOOL_ROLE = CHATML.replace('m.role == "tool"', 'false')
 
 
 # The characters are counted by hand: the system turn "<|im_start|>system\nYou answer briefly.<|im_end|>\n" is
 # 12 + 7 + 19 + 10 + 1 = 49, "<|im_start|>user\n" ends at 66, the question (26) and "<|im_end|>\n" at 103,
-# "<|im_start|>assistant\n" at 125.
+# "<|im_start|>assistant\n" at 125; the first reply (29) and "<|im_end|>" end at 164, then "\n<|im_start|>user\n",
+# the observation (29), "<|im_end|>\n<|im_start|>assistant" end at 243.
 @pytest.mark.parametrize(
     ("template", "words"),
     [
@@ -213,6 +220,9 @@ NO_TOOL_ROLE = CHATML.replace('m.role == "tool"', 'false')
         (PLAIN_TURNS, "closed by '\\n', which does not start with a special token"),
         (NUMBERED_TURNS, "a 'user' message adds '\\n<|im_start|>user 3\\ngradus probe: the observation<|im_end|>\\n"
                      "<|im_start|>assistant\\n' after the first reply but '\\n<|im_start|>user 5\\n"),
+        (NUMBERED_LATER_REPLIES, "after a 'user' message, the next reply is not rendered as the generation prompt, "
+                                 "the reply and '<|im_end|>': at character 243 those has '\\ngradus probe: the "
+                                 "second reply<|im_end|>', the template ' 4\\ngradus probe: the second reply"),
     ],
 )
 def test_templates_that_rewrite_or_cannot_close_turns_are_refused(template: str, words: str) -> None:

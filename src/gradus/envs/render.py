@@ -207,7 +207,8 @@ def check_role(tokenizer: Any, split: ChatSplit, role: str) -> None:
     second_head = once + PROBE_REPLIES[1] + split.end_of_turn_text
     if not replied.startswith(second_head):
         raise TemplateSplitError(f"after a {role!r} message, the next reply is not rendered as the generation "
-                                 f"prompt, the reply and {short(split.end_of_turn_text)}: {short(replied[-200:])}")
+                                 f"prompt, the reply and {short(split.end_of_turn_text)}: "
+                                 + where_they_differ(second_head, replied, "those", "the template"))
     twice = render(tokenizer, [*split.reference, observation, message("assistant", PROBE_REPLIES[1]),
                                observation], True)
     expect_extends(replied, twice, f"a second {role!r} message")
