@@ -45,7 +45,7 @@ def _run(env, turns, *, max_turns=3, max_tokens=60, timeout_s=10.0):
         examples = [Example("go:", "", source="rows.jsonl: row 3")]
         prompts = [tokenizer("go:", add_special_tokens=False)["input_ids"]]
         runner = EpisodeRunner(calls, tokenizer, Limits(max_turns, max_tokens))
-        return runner.run(Scripted(tokenizer, turns), prompts, examples, 2, SamplingParams(max_new_tokens=8), [1])
+        return runner.run(Scripted(tokenizer, turns), prompts, examples, 2, SamplingParams(max_new_tokens=30), [1])
     finally:
         calls.close()
 

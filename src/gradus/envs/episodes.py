@@ -104,7 +104,7 @@ class EpisodeRunner:
 
     def __init__(self, env: EnvCalls, tokenizer: Any, limits: Limits) -> None:
         self.env, self.tokenizer, self.limits = env, tokenizer, limits
-        self.renderer = TurnRenderer(tokenizer)
+        self.renderer = TurnRenderer(tokenizer, roles=("user", "tool") if env.tools else ("user",))
         self.style = style_for(tokenizer)
 
     def run(self, engine: RolloutEngine, prompts: Sequence[Sequence[int]], examples: Sequence[Example], n: int,
@@ -150,14 +150,15 @@ class EpisodeRunner:
 
     def _append(self, group: list[_Episode], batch: RolloutBatch) -> None:
         ids, logp = batch.completion_ids.tolist(), batch.sampling_logp.tolist()
-        for e, row, lp, length, cut in zip(group, ids, logp, batch.lengths.tolist(), batch.truncated.tolist(),
-                                          strict=True):
+        for e, row, lp, length in zip(group, ids, logp, batch.lengths.tolist(), strict=True):
             take = min(length, e.budget - len(e.ids))
             e.ids += row[:take]
             e.action += [1] * take
             e.logp += lp[:take]
             e.turns += 1
-            e.last, e.cut = row[:take], bool(cut) or take < length
+            # a turn not closed by its end-of-turn token (cut by a limit, or stopped by another of the model's
+            # stop tokens) gets it from the environment's side, so every turn ends as the template writes it
+            e.last, e.cut = row[:take], take == 0 or row[take - 1] not in self.renderer.end_of_turn_ids
             e.truncated = take < length
 
     def _answer(self, live: list[_Episode], turn: int, stats: dict[str, float]) -> None:
@@ -206,7 +207,11 @@ class EpisodeRunner:
         with room for one more model token ends the episode, truncated."""
         if last_turn or e.truncated:
             return
-        ids = self.renderer.observation_ids(observation, role=role, ended=not e.cut)
+        try:
+            ids = self.renderer.observation_ids(observation, role=role, ended=not e.cut)
+        except ValueError as err:  # a chat template that would rewrite earlier turns for this text
+            e.failure = f"its answer cannot be rendered: {err}"
+            return
         if len(e.ids) + len(ids) >= e.budget:
             e.truncated = True
             return
