@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train.conftest import tiny_overrides
 
 from gradus.cli import main
 from gradus.config import load_config
@@ -14,8 +15,6 @@ from gradus.train.checkpoint import latest_checkpoint
 from gradus.train.resume import resume_config
 from gradus.train.runlog import read_metrics
 from gradus.train.trainer import Trainer, train
-
-from train.conftest import tiny_overrides
 
 DIGITS = f"{Path(__file__).with_name('sample_envs.py')}:Digits"
 

@@ -129,3 +129,20 @@ def test_a_user_environment_that_cannot_load_is_refused_before_any_work(spec, wo
     for word in words:
         assert word in err, err
     assert not (tmp_path / "cache").exists()  # refused before the warm start
+
+
+def test_an_openenv_environment_without_openenv_installed_says_which_extra_to_install(monkeypatch):
+    import sys
+
+    from gradus.envs.adapters import INSTALL_HINT, OpenEnvAdapter
+
+    for module in ("openenv", "openenv.core", "openenv.core.env_server"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import openenv` raises ImportError, as where it is absent
+
+    class Game(OpenEnvAdapter):
+        name = "game"
+
+    with pytest.raises(ImportError) as caught:
+        Game()
+    message = str(caught.value)
+    assert "\n" not in message and INSTALL_HINT in message and 'pip install -e ".[openenv]"' in message

@@ -8,8 +8,8 @@ on, until the environment says done, `env.max_turns` turns have been taken, or t
 An environment keeps no state of its own between calls: `reset` returns the episode's state and `step` takes it
 and returns the next one. The state must pickle, because every call runs in a worker process, under a time
 limit, on whichever worker is free (`gradus.envs.calls`): an environment that hangs, raises or returns nonsense
-ends its episode, flagged, never the run. The same explicit state is what verifiers' `MultiTurnEnv` passes
-around, so wrapping one is direct.
+ends its episode, flagged, never the run. An OpenEnv environment, which keeps its episode inside the object, is
+wrapped by `gradus.envs.adapters` (its state: the turns so far, replayed on a worker that lacks the object).
 
 Tools: an environment may name tools (`tools`: name -> function of one text argument, returning text). When the
 model's turn holds a tool call (`gradus.envs.tools`), the call runs in a worker under the same time limit and its
