@@ -1,13 +1,14 @@
 """Guess the number: a multi-turn game whose answers the model needs in order to win.
 
 A secret integer lies in a range shown in the prompt (``"guess 23-37:"``). Each turn the model says a number;
-the environment (`gradus.envs.guess`) answers ``"higher:"`` or ``"lower:"`` until the model names the secret
-(reward 1) or runs out of turns (reward 0). Ranges hold 8 to 15 numbers, so halving the range wins within four
-turns (the default `env.max_turns`), while guessing without the answers wins a quarter to a half of the time.
+the environment (`gradus.envs.guess`) answers with the direction and the range still possible
+(``"higher 31-37:"``, ``"lower 23-29:"``) until the model names the secret (reward 1) or runs out of turns
+(reward 0). Ranges hold 8 to 15 numbers, so halving the range wins within four turns (the default
+`env.max_turns`); guessing uniformly within the range still possible wins 71% of the time, and guessing without
+the answers (``feedback=False``: the environment only says ``"no 23-37:"``) at most a quarter to a half.
 
-The warm start imitates a player who uses the answers but not well: each guess is drawn uniformly from the
-numbers the answers so far allow. It learns the format and the rule (stay inside what is still possible); RL
-has to find that the middle of that range wins more often.
+The warm start imitates the uniform player: it learns the format and to stay inside the range it is told; RL has
+to find that the middle of that range wins more often.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ import random
 
 from gradus.tasks.base import Example, ProceduralTask
 
-HIGHER, LOWER, RIGHT, INVALID, NO = "higher:", "lower:", "yes", "a number please:", "no:"
+RIGHT = "yes"
 
 
-def answer_to(secret: int, guess_text: str, feedback: bool = True) -> tuple[str, bool]:
-    """What the game says to one guess, and whether it was right. ``feedback=False`` withholds the direction."""
+def answer_to(secret: int, low: int, high: int, guess_text: str, feedback: bool = True) -> tuple[str, int, int]:
+    """What the game says to one guess when ``low``-``high`` is still possible, and the range possible after it
+    (the guess was right when the answer is ``RIGHT``). ``feedback=False`` says neither direction nor range."""
     text = guess_text.strip()
     if not text.isdigit() or len(text) > 6:
-        return INVALID, False
+        return f"a number {low}-{high}:", low, high
     guess = int(text)
     if guess == secret:
-        return RIGHT, True
+        return RIGHT, guess, guess
     if not feedback:
-        return NO, False
-    return (HIGHER if secret > guess else LOWER), False
+        return f"no {low}-{high}:", low, high
+    if secret > guess:
+        low = max(low, guess + 1)
+        return f"higher {low}-{high}:", low, high
+    high = min(high, guess - 1)
+    return f"lower {low}-{high}:", low, high
 
 
 class GuessTask(ProceduralTask):
@@ -59,15 +65,14 @@ class GuessTask(ProceduralTask):
 
     def demonstration(self, example: Example, rng: random.Random, max_turns: int) -> list[tuple[str, bool]]:
         """A warm-start episode: (text, spoken by the model) pieces after the prompt, up to ``max_turns`` guesses,
-        each drawn uniformly from what the answers so far allow (module docstring)."""
+        each drawn uniformly from the range the game last said (module docstring)."""
         low, high, secret = example.meta["low"], example.meta["high"], example.meta["secret"]
         pieces: list[tuple[str, bool]] = []
         for turn in range(max_turns):
             guess = rng.randint(low, high)
             pieces.append((str(guess), True))
-            said, right = answer_to(secret, str(guess))
-            if right or turn == max_turns - 1:
+            said, low, high = answer_to(secret, low, high, str(guess))
+            if said == RIGHT or turn == max_turns - 1:
                 break
             pieces.append((said, False))
-            low, high = (guess + 1, high) if said == HIGHER else (low, guess - 1)
         return pieces
