@@ -81,3 +81,19 @@ def test_eval_reports_success_and_turns(nano_dir, tmp_path, capsys):
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["n"] == 6 and 1 <= got["turns"] <= 3 and 0 <= got["accuracy"] <= 1
+
+
+def test_lora_trains_on_episodes(nano_dir, tmp_path):
+    result = train(load_config(overrides=_overrides(nano_dir, tmp_path, **{"model.lora_r": 4, "optim.lr": 0.01})))
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["learned"] and summary["tokens_trained"] > 0
+    assert (latest_checkpoint(result.run_dir) / "policy" / "adapter_model.safetensors").is_file()
+
+
+def test_compare_runs_episodes(nano_dir, tmp_path, capsys):
+    argv = ["compare", "--algos", "grpo,dapo", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "cmp"),
+            "--no-progress", *[o for o in _overrides(nano_dir, tmp_path)
+                               if not o.startswith(("run.out_dir", "run.steps", "run.progress", "algo.name"))]]
+    assert main(argv) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "grpo" in report and "dapo" in report

@@ -305,3 +305,21 @@ def test_the_data_position_on_resume_continues_without_repeating_an_example():
     assert data_position([3, 1], 0, 1) == 5
     assert data_position([3, 1], 1, 3) == 2  # 3 ranks: index 2 * 3 + 1 = 7 >= 5
     assert data_position([0], 0, 2) == 0
+
+
+def test_episodes_under_ddp_train_as_one_process(nano_dir, reward_dir, tmp_path):
+    """Multi-turn episodes (a user environment from a file) on two ranks: each rank plays its share of the
+    episodes, keyed per turn, so they are the single process's, and the policies end the same."""
+    envs = Path(__file__).parents[1] / "envs" / "sample_envs.py"
+    episodes = {"env.name": f"{envs}:Digits", "env.max_turns": 3, "env.max_tokens": 24, "run.steps": STEPS,
+                "run.save_every": 1, "rollout.max_new_tokens": 6}
+    _run(None, tiny_overrides(nano_dir, tmp_path, **episodes, **{"run.name": "one"}), reward_dir)
+    _run(2, tiny_overrides(nano_dir, tmp_path, **episodes, **{"run.name": "two", "run.parallel": "ddp"}),
+         reward_dir)
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()[1:-1]]
+               for name in ("two", "one")]
+    for a, b in zip(*records, strict=True):
+        assert a["rollout/tokens"] == b["rollout/tokens"] and a["env/env_tokens"] == b["env/env_tokens"]
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+    _assert_same_policy(_policy(tmp_path / "two"), _policy(tmp_path / "one"),
+                        load_file(nano_dir / "model.safetensors"))

@@ -101,3 +101,19 @@ def test_lora_with_vllm_samples_from_the_merged_adapters_at_every_step(micro_dir
     local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*args, "rollout.engine=vllm", "vllm.kv_cache_gb=0.05"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == local
+
+
+def test_vllm_plays_multi_turn_episodes_token_in_token_out(micro_dir, tmp_path):
+    """vLLM samples every turn from the token ids it is given: in fp32 its log-probs of the model's tokens are
+    the trainer's (the environment's tokens carry none and are out of the loss and the mismatch metrics)."""
+    from pathlib import Path
+
+    envs = Path(__file__).parents[1] / "envs" / "sample_envs.py"
+    cfg = load_config(overrides=tiny_overrides(micro_dir, tmp_path, **{
+        "rollout.engine": "vllm", "vllm.kv_cache_gb": 0.05, "run.steps": 2, "env.name": f"{envs}:Digits",
+        "env.max_turns": 3, "env.max_tokens": 24}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    for record in steps_of(trainer.run_dir):
+        assert record["env/turns_mean"] > 1 and record["env/env_tokens"] > 0
+        assert record["mismatch/kl_k3"] < 1e-8 and record["mismatch/token_outside_frac"] == 0.0

@@ -44,6 +44,7 @@ class GuessTask(ProceduralTask):
     name = "guess"
     default_reward = "exact_match"  # a one-turn reading (the number itself); runs use the environment
     default_env = "guess"
+    version = 1  # part of the warm start's cache key: change it when the game's texts or demonstrations change
 
     def __init__(self, seed: int = 0, max_low: int = 80, min_width: int = 8, max_width: int = 15,
                  heldout_fraction: float = 0.1, heldout_size: int = 200, heldout_seed: int = 1234) -> None:

@@ -153,6 +153,10 @@ def warm_start_key(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
                            "seed": cfg.run.seed}
     if _demonstrates(cfg.task.name):  # a multi-turn warm start's episodes are as long as a run's
         key["max_turns"] = cfg.env.max_turns
+    from gradus.tasks import task_class
+
+    if (version := getattr(task_class(cfg.task.name), "version", None)) is not None:
+        key["task_version"] = version  # a task whose problems or demonstrations changed: a new warm start
     data = Path(cfg.task.data_file) if cfg.task.name == "file" else None
     if cfg.task.name == "math_file":
         from gradus.tasks import math_word_problems_path
