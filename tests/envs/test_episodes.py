@@ -122,3 +122,19 @@ def test_the_token_budget_cuts_an_episode_and_flags_it(nano, counter):
     assert int(got.batch.lengths.max()) <= 12
     assert got.batch.truncated.all()  # ten turns never fit twelve tokens
     assert (got.turns < 10).all()
+
+
+def test_each_turns_reward_sits_on_its_last_model_token(nano, counter):
+    _, tokenizer, engine = nano
+    prompts = _prompts(tokenizer, 2)
+    got = EpisodeRunner(counter, tokenizer, Limits(3, 40)).run(engine, prompts.ids, prompts.examples, 2,
+                                                               SamplingParams(max_new_tokens=5), [3, 4])
+    b = got.batch
+    for row in range(4):
+        actions = b.action_mask[row].tolist()
+        # the last model token of each turn: a model token followed by an environment token, or the last one
+        ends = [t for t in range(int(b.lengths[row])) if actions[t] == 1
+                and (t + 1 == int(b.lengths[row]) or actions[t + 1] == 0)]
+        assert len(ends) == 3
+        assert b.turn_rewards[row, ends].tolist() == [0.25] * 3
+        assert float(b.turn_rewards[row].sum()) == float(got.rewards[row])

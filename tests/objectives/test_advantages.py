@@ -117,3 +117,24 @@ def test_outcome_token_rewards():
     kl = torch.full((3, 3), 0.5)
     out = outcome_token_rewards(torch.tensor([2.0, 5.0, -1.0]), mask, kl, kl_coef=0.1)
     torch.testing.assert_close(out, torch.tensor([[-0.05, 1.95, 0.0], [0.0, 0.0, 0.0], [-0.05, -0.05, -1.05]]))
+
+
+def test_turn_rewards_stay_on_their_turns_and_gae_discounts_each_from_its_own():
+    # Two turns: counted tokens at columns 0, 1 (turn 1, paid 0.5 at column 1) and 4, 5 (turn 2, paid 1.0 at
+    # column 5); columns 2, 3 are the environment's answer. The score 1.3 is the turns' 1.5 plus an overlong
+    # penalty of -0.2, which no turn placed: it goes to the last counted token, so the row still sums to 1.3.
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    turns = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 1.0]])
+    out = outcome_token_rewards(torch.tensor([1.3]), mask, turn_rewards=turns)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 0.8]]))
+    # a turn reward on a token the loss left out (column 2) moves to the last counted token
+    moved = outcome_token_rewards(torch.tensor([1.0]), mask, turn_rewards=torch.tensor([[0.0, 0, 0.4, 0, 0, 0.6]]))
+    torch.testing.assert_close(moved, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]))
+    # GAE with V = 0, lam = 1, gamma = 0.5 over the counted tokens only, by hand from the end:
+    # A_5 = 0.8; A_4 = 0 + 0.5 * 0.8 = 0.4; A_1 = 0.5 + 0.5 * 0.4 = 0.7; A_0 = 0.5 * 0.7 = 0.35
+    adv, _ = gae(out, torch.zeros_like(out), mask, gamma=0.5, lam=1.0, whiten=False)
+    torch.testing.assert_close(adv, torch.tensor([[0.35, 0.7, 0.0, 0.0, 0.4, 0.8]]))
+    # the outcome at the end instead (no turn rewards): A_1 = 0.5^2 * 1.3, the first turn's reward discounted
+    late, _ = gae(outcome_token_rewards(torch.tensor([1.3]), mask), torch.zeros_like(out), mask, gamma=0.5, lam=1.0,
+                  whiten=False)
+    torch.testing.assert_close(late[0, 1], torch.tensor(0.25 * 1.3))

@@ -69,6 +69,7 @@ class _Episode:
     action: list[int] = field(default_factory=list)  # 1 = the model's token
     logp: list[float] = field(default_factory=list)
     reward: float = 0.0
+    paid: list[tuple[int, float]] = field(default_factory=list)  # (its last token's column, reward) per turn
     success: bool | None = None
     turns: int = 0
     last: list[int] = field(default_factory=list)  # the model's tokens of its latest turn
@@ -195,6 +196,7 @@ class EpisodeRunner:
             else:
                 step: Step = got
                 e.reward += float(step.reward)
+                e.paid.append((len(e.ids) - 1, float(step.reward)))  # the turn answered ends the sequence so far
                 e.state = step.state
                 if step.success is not None:
                     e.success = step.success
@@ -241,6 +243,7 @@ class EpisodeRunner:
         completion_mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
         action_mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
         sampling_logp = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+        turn_rewards = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
         for i, e in enumerate(episodes):
             L = len(e.ids)
             prompt_ids[i, P - len(e.prompt):] = torch.tensor(e.prompt)
@@ -249,11 +252,14 @@ class EpisodeRunner:
             completion_mask[i, :L] = 1
             action_mask[i, :L] = torch.tensor(e.action, dtype=torch.long) * int(e.failure is None)
             sampling_logp[i, :L] = torch.tensor(e.logp, dtype=torch.float32)
+            if e.failure is None:
+                for column, reward in e.paid:
+                    turn_rewards[i, column] += reward
         batch = RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampling_logp=sampling_logp,
             lengths=completion_mask.sum(-1), truncated=torch.tensor([e.truncated or e.cut for e in episodes]),
-            prompt_index=torch.arange(B) // n, pad_token_id=pad, action_mask=action_mask)
+            prompt_index=torch.arange(B) // n, pad_token_id=pad, action_mask=action_mask, turn_rewards=turn_rewards)
         rewards = torch.tensor([e.reward if e.failure is None else 0.0 for e in episodes], dtype=torch.float32)
         success = torch.tensor([e.failure is None and (e.success if e.success is not None else e.reward >= 1.0)
                                 for e in episodes])

@@ -83,10 +83,16 @@ def group_advantages(
 
 
 def outcome_token_rewards(
-    scores: torch.Tensor, loss_mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+    scores: torch.Tensor, loss_mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+    turn_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO's per-token reward: -kl_coef * kl_t on every token, plus the outcome score on the last
-    counted token of each row. scores [B], loss_mask [B, T], kl [B, T] -> [B, T]"""
+    counted token of each row. scores [B], loss_mask [B, T], kl [B, T] -> [B, T]
+
+    `turn_rewards` [B, T] (multi-turn episodes: each turn's reward at the turn's last token, 0 elsewhere) are
+    placed where they are, on counted tokens, and the rest of the score (what no turn placed: DAPO's overlong
+    penalty, a reward on a token the loss left out) on the last counted token; so every row's token rewards
+    still sum to its score, and GAE discounts each turn's reward from its own turn (gamma < 1)."""
     mask = loss_mask.to(torch.float32 if scores.dtype != torch.float64 else scores.dtype)
     rewards = torch.zeros_like(mask)  # [B, T]
     if kl is not None and kl_coef != 0.0:
@@ -95,8 +101,13 @@ def outcome_token_rewards(
     positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
     last = torch.where(mask > 0, positions, -1).amax(dim=-1)  # [B] -1 for an empty row
     has_token = last >= 0  # [B]
-    bonus = torch.zeros_like(mask)
-    bonus[has_token, last[has_token]] = at_least_fp32(scores).to(mask.dtype)[has_token]
+    outcome = at_least_fp32(scores).to(mask.dtype)  # [B]
+    bonus = torch.zeros_like(mask)  # [B, T]
+    if turn_rewards is not None:
+        check_shapes("loss_mask", loss_mask, turn_rewards=turn_rewards)
+        bonus = at_least_fp32(turn_rewards).to(mask.dtype) * mask  # [B, T] the turns' rewards on counted tokens
+        outcome = outcome - bonus.sum(dim=-1)  # [B] what is left of each score
+    bonus[has_token, last[has_token]] += outcome[has_token]
     return rewards + bonus
 
 

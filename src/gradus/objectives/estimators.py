@@ -57,6 +57,8 @@ class AdvantageInputs:
     reward_parts: torch.Tensor | None = None  # [N, K] each configured reward's own score, before its weight
     reward_weights: tuple[float, ...] | None = None  # [K] the weights of task.rewards (rewards = parts @ weights)
     total: Total | None = None  # sums a tensor over data-parallel shards (batch statistics of the whole batch)
+    turn_rewards: torch.Tensor | None = None  # [N, T] episodes: each turn's reward at its last token (per-token
+    # estimators place them there; the others read their sum, which `rewards` holds)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def _group(inputs: AdvantageInputs, s: AdvantageSettings) -> Advantages:
 def _gae(inputs: AdvantageInputs, s: AdvantageSettings) -> Advantages:
     if inputs.values is None:
         raise ValueError("the gae estimator needs the critic's values")
-    token_rewards = outcome_token_rewards(inputs.rewards, inputs.loss_mask, inputs.kl, s.kl_coef)  # [N, T]
+    token_rewards = outcome_token_rewards(inputs.rewards, inputs.loss_mask, inputs.kl, s.kl_coef,
+                                          inputs.turn_rewards)  # [N, T]
     adv, returns = gae(token_rewards, inputs.values, inputs.loss_mask, gamma=s.gamma, lam=s.lam,
                        total=inputs.total)  # whitened over the batch of every rank
     return Advantages(adv, returns)
@@ -111,7 +114,7 @@ def _rloo(inputs: AdvantageInputs, s: AdvantageSettings) -> Advantages:
 
 def _reinforce_pp(inputs: AdvantageInputs, s: AdvantageSettings) -> Advantages:
     token_rewards = outcome_token_rewards(inputs.rewards, inputs.loss_mask, _kl(inputs, s, "reinforce_pp"),
-                                          s.kl_coef)  # [N, T]
+                                          s.kl_coef, inputs.turn_rewards)  # [N, T]
     adv = reinforce_pp_advantages(token_rewards, inputs.loss_mask, gamma=s.gamma, total=inputs.total)  # [N, T]
     return Advantages(adv, metrics={"adv/abs_mean": _token_abs_mean(adv, inputs.loss_mask)})
 

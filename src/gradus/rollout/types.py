@@ -64,7 +64,8 @@ class RolloutBatch:
     `action_mask` (multi-turn episodes, `gradus.envs.episodes`; None otherwise) marks, among the completion's
     tokens, those the model sampled (1) apart from those an environment answered with (0): the completion is
     then every turn and every answer in order, and only the model's tokens carry sampling log-probs and enter
-    the loss (`loss_tokens`).
+    the loss (`loss_tokens`). `turn_rewards` holds the environment's reward for each turn at the turn's last model
+    token (0 elsewhere), for the estimators that place rewards per token (PPO's GAE).
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded with pad_token_id
@@ -78,11 +79,13 @@ class RolloutBatch:
     pad_token_id: int = 0
     routed_experts: torch.Tensor | None = None  # [B, P+T, L, k] int64, -1 = no routing (class docstring)
     action_mask: torch.Tensor | None = None  # [B, T] long, 1 = a token the model sampled (class docstring)
+    turn_rewards: torch.Tensor | None = None  # [B, T] float32, episodes: each turn's reward at its last token
 
     def __post_init__(self) -> None:
-        if self.action_mask is not None and self.action_mask.shape != self.completion_ids.shape:
-            raise ValueError(f"action_mask must be [B, T] = {list(self.completion_ids.shape)}, "
-                             f"got {list(self.action_mask.shape)}")
+        for name in ("action_mask", "turn_rewards"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.completion_ids.shape:
+                raise ValueError(f"{name} must be [B, T] = {list(self.completion_ids.shape)}, got {list(value.shape)}")
         routed = self.routed_experts
         if routed is None:
             return
@@ -167,7 +170,7 @@ class RolloutBatch:
         out = self._tensors()
         for k in ("prompt_ids", "prompt_mask"):
             out[k] = out[k][:, p0:]
-        for k in ("completion_ids", "completion_mask", "sampling_logp", "action_mask"):
+        for k in ("completion_ids", "completion_mask", "sampling_logp", "action_mask", "turn_rewards"):
             if k in out:
                 out[k] = out[k][:, :t1]
         if (parts := self.routing_parts()) is not None:
@@ -202,6 +205,10 @@ class RolloutBatch:
         if any(b.action_mask is not None for b in batches):  # a batch without one: every token is the model's
             actions = torch.cat([right(b.loss_tokens if b.action_mask is None else b.action_mask, T, 0)
                                  for b in batches])  # [sum B, T]
+        turns = None
+        if any(b.turn_rewards is not None for b in batches):  # a batch without: no reward placed in a turn
+            turns = torch.cat([right(b.turn_rewards if b.turn_rewards is not None
+                                     else torch.zeros_like(b.sampling_logp), T, 0.0) for b in batches])  # [sum B, T]
         routed = None
         if with_routing:
             routed = torch.cat([torch.cat([left(p, P, -1), right(c, T, -1)], dim=1)
@@ -219,4 +226,5 @@ class RolloutBatch:
             pad_token_id=pad,
             routed_experts=routed,
             action_mask=actions,
+            turn_rewards=turns,
         )

@@ -275,8 +275,9 @@ class Trainer:
             found = estimate(algo.advantage, AdvantageInputs(
                 got.rewards.to(self.device), loss_mask, cfg.rollout.group_size, values=values, kl=kl,
                 reward_parts=got.reward_parts.to(self.device), reward_weights=got.reward_weights,
-                total=global_count), AdvantageSettings(adv_scale=algo.adv_scale or "group", gamma=cfg.algo.gamma,
-                                                       lam=cfg.algo.lam, kl_coef=algo.kl_coef))
+                total=global_count, turn_rewards=batch.turn_rewards),
+                AdvantageSettings(adv_scale=algo.adv_scale or "group", gamma=cfg.algo.gamma, lam=cfg.algo.lam,
+                                  kl_coef=algo.kl_coef))
         metrics.update(found.metrics)
         counted = loss_mask.sum().clamp(min=1).item()
         if values is not None:
