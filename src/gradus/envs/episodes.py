@@ -40,6 +40,10 @@ from gradus.tasks import Example
 
 log = logging.getLogger("gradus.envs")
 
+# metrics of a step that count (summed over data-parallel ranks, each playing its share); the others are means
+EPISODE_COUNTS = ("env/model_tokens", "env/env_tokens", "env/tool_calls", "env/tool_errors", "env/tool_timeouts",
+                  "env/tool_malformed")
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -12,6 +12,7 @@ from gradus.objectives import dynamic_sampling_keep
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
 from gradus.tasks import Example
 from gradus.train.data import PromptSource
+from gradus.envs.episodes import EPISODE_COUNTS
 from gradus.train.rollouts import Episodes, OneTurn
 from gradus.train.scoring import Scores, add_overlong_penalty
 from gradus.train.stages import StageTimer
@@ -19,7 +20,7 @@ from gradus.train.stages import StageTimer
 # Metrics of `collect` that add up over data-parallel ranks (each rank samples its share of the batch);
 # the others are averaged.
 SUMMED_OVER_RANKS = ("rollout/tokens", "rollout/tokens_per_s", "dapo/groups_kept", "dapo/groups_dropped",
-                     "dapo/batch_short", "actor/tokens_trained")
+                     "dapo/batch_short", "actor/tokens_trained", *EPISODE_COUNTS)
 
 
 @dataclass
@@ -85,7 +86,8 @@ def collect(
         kept.append((batch, examples, scores))
         have += batch.batch_size // group_size
 
-    metrics = {k: sum(m[k] for m in sampled) / len(sampled) for k in sampled[0]}
+    # per sampling round: counts add up over the rounds, the rest is their mean
+    metrics = {k: sum(m[k] for m in sampled) / (1 if k in EPISODE_COUNTS else len(sampled)) for k in sampled[0]}
     metrics.update({
         "rollout/tokens": float(tokens),
         "rollout/gen_seconds": gen_time,  # the rollout stage (with an environment's turns)
