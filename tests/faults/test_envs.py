@@ -71,7 +71,7 @@ def test_a_hanging_step_times_out_and_the_run_goes_on(caplog):
     with caplog.at_level(logging.WARNING, logger="gradus.envs"):
         got = _run("Hanging", ["12"], timeout_s=1.0)
     assert got.failed.all()
-    assert "timeout" in caplog.text and "episode 1" in caplog.text
+    assert "timeout" in caplog.text and "2 episode(s)" in caplog.text and "episode 0" in caplog.text
 
 
 def test_an_environment_that_never_ends_stops_at_the_turn_limit():

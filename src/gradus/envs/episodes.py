@@ -111,6 +111,7 @@ class EpisodeRunner:
         self.env, self.tokenizer, self.limits = env, tokenizer, limits
         self.renderer = TurnRenderer(tokenizer, roles=("user", "tool") if env.tools else ("user",))
         self.style = style_for(tokenizer)
+        self._told: set[str] = set()  # the failures logged already
 
     def run(self, engine: RolloutEngine, prompts: Sequence[Sequence[int]], examples: Sequence[Example], n: int,
             params: SamplingParams, seeds: Sequence[int]) -> Episodes:
@@ -225,6 +226,23 @@ class EpisodeRunner:
         e.action += [0] * len(ids)
         e.logp += [0.0] * len(ids)
 
+    def _tell(self, episodes: list[_Episode]) -> None:
+        """Log each kind of failure once per run (the metrics count every one): how many episodes of this batch it
+        ended, and the first of them by episode, example and sample."""
+        failed: dict[str, list[int]] = {}
+        for i, e in enumerate(episodes):
+            if e.failure is not None:
+                failed.setdefault(_last_line(e.failure), []).append(i)
+        for reason, rows in failed.items():
+            if reason in self._told:
+                continue
+            self._told.add(reason)
+            first = episodes[rows[0]]
+            log.warning("environment %r: %d episode(s) of this batch ended by a failure of the environment (this "
+                        "kind is logged once; env/failed counts them); the first, episode %d (example %s, sample "
+                        "%d): %s", self.env.name, len(rows), rows[0], first.example.source or
+                        repr(first.example.prompt), first.sample, first.failure)
+
     def _call(self, stats: dict[str, float], items: list[tuple[str, Any]]) -> list[Any]:
         start = time.perf_counter()
         try:
@@ -234,10 +252,7 @@ class EpisodeRunner:
 
     # ---- the batch -------------------------------------------------------------------------------------
     def _finish(self, episodes: list[_Episode], n: int, stats: dict[str, float]) -> Episodes:
-        for i, e in enumerate(episodes):
-            if e.failure is not None:
-                log.warning("environment %r, episode %d (example %s, sample %d): %s", self.env.name, i,
-                            e.example.source or repr(e.example.prompt), e.sample, _last_line(e.failure))
+        self._tell(episodes)
         pad = self.tokenizer.pad_token_id
         B, P = len(episodes), max(len(e.prompt) for e in episodes)
         T = max(1, max(len(e.ids) for e in episodes))
