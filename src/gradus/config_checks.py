@@ -155,9 +155,9 @@ def _check_env_rules(cfg: TrainConfig) -> None:
     if cfg.task.rewards:
         raise ConfigError(f"task.rewards: episodes of environment {env!r} are scored by the environment's rewards; "
                           "leave task.rewards unset (or add the reward to the environment's step)")
-    if cfg.algo.routing_replay != "none":
-        raise ConfigError(f"algo.routing_replay={cfg.algo.routing_replay}: routing replay is not supported for "
-                          f"multi-turn episodes (environment {env!r}) yet; set algo.routing_replay=none")
+    if cfg.algo.routing_replay == "r3":
+        raise ConfigError(f"algo.routing_replay=r3: replaying the rollout's routing is not supported for multi-turn "
+                          f"episodes (environment {env!r}) yet; use r2 (the old policy's routing) or none")
     if cfg.env.max_tokens < cfg.env.max_turns:
         raise ConfigError(f"env.max_tokens={cfg.env.max_tokens} cannot hold env.max_turns={cfg.env.max_turns} "
                           "turns of one token each; raise env.max_tokens")

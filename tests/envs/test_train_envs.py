@@ -97,3 +97,20 @@ def test_compare_runs_episodes(nano_dir, tmp_path, capsys):
     assert main(argv) == 0
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "grpo" in report and "dapo" in report
+
+
+def test_r2_replays_routing_on_episodes_and_r3_is_refused(tmp_path, monkeypatch, capsys):
+    from conftest import save_untrained
+
+    from gradus.train import moe
+
+    moe_dir = save_untrained(tmp_path / "moe", "nano", arch="qwen2_moe")
+    seen = []
+    original = moe.training_forward
+    monkeypatch.setattr(moe, "training_forward", lambda m, experts: seen.append(experts) or original(m, experts))
+    train(load_config(overrides=_overrides(moe_dir, tmp_path, **{"algo.routing_replay": "r2",
+                                                                  "optim.minibatches": 2, "run.steps": 1})))
+    assert seen and seen[0] is None  # the old log-prob pass routes freely and records
+    assert any(f is not None and (f >= 0).any() for f in seen[1:])  # the updates replay it
+    argv = ["train", "--no-progress", *_overrides(moe_dir, tmp_path, **{"algo.routing_replay": "r3"})]
+    assert main(argv) == 2 and "r3" in capsys.readouterr().err

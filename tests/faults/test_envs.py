@@ -38,13 +38,13 @@ class Scripted:
             truncated=torch.full((B,), not done), prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
 
 
-def _run(env, turns, *, max_turns=3, max_tokens=60, timeout_s=10.0):
+def _run(env, turns, *, max_turns=3, max_tokens=60, timeout_s=10.0, positions=None):
     tokenizer = build_char_tokenizer()
     calls = EnvCalls(f"{ENVS}:{env}", timeout_s=timeout_s)
     try:
         examples = [Example("go:", "", source="rows.jsonl: row 3")]
         prompts = [tokenizer("go:", add_special_tokens=False)["input_ids"]]
-        runner = EpisodeRunner(calls, tokenizer, Limits(max_turns, max_tokens))
+        runner = EpisodeRunner(calls, tokenizer, Limits(max_turns, max_tokens, positions))
         return runner.run(Scripted(tokenizer, turns), prompts, examples, 2, SamplingParams(max_new_tokens=30), [1])
     finally:
         calls.close()
@@ -84,6 +84,13 @@ def test_an_answer_that_overflows_the_budget_truncates_the_episode():
     got = _run("Flood", ["1"], max_turns=3, max_tokens=40)
     assert got.batch.truncated.all() and not got.failed.any()
     assert int(got.batch.lengths.max()) <= 40 and got.turns.tolist() == [1, 1]
+
+
+def test_an_episode_that_would_overflow_the_models_positions_is_truncated():
+    # a budget of 1000 tokens, but the prompt "go:" (3 tokens) leaves 37 of the model's 40 positions
+    got = _run("Counter", ["12345"], max_turns=10, max_tokens=1000, positions=40)
+    assert got.batch.truncated.all() and not got.failed.any()
+    assert int(got.batch.lengths.max()) <= 37
 
 
 @pytest.mark.parametrize("turn, words", [
