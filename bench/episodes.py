@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    paths = {"one completion": [], "episodes": [f"env.name={HERE}:CountdownOnce"]}
+    # env.max_tokens = rollout.max_new_tokens: the same length limit, so DAPO's overlong shaping is the same too
+    paths = {"one completion": [], "episodes": [f"env.name={HERE}:CountdownOnce", "env.max_tokens=16"]}
     sample = lambda r: r["time/rollout_s"] + r.get("time/score_s", 0.0)  # noqa: E731
     found: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
     with tempfile.TemporaryDirectory(prefix="gradus-episodes-") as tmp:

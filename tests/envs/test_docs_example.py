@@ -71,3 +71,26 @@ def test_the_openenv_example_prints_what_the_page_says(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["5 lower 0.0 False", "2 higher 0.0 False", "3 higher 0.0 False",
                                        "4 correct 1.0 True"]
+
+
+def test_the_openenv_example_plays_episodes_in_the_environment_workers(tmp_path):
+    pytest.importorskip("openenv")
+    code = block_after("This game is written in OpenEnv's own API")
+    path = tmp_path / "guess_openenv.py"
+    path.write_text(code[: code.index("env = Guess(")])  # the classes, not the driving loop
+    tokenizer = build_char_tokenizer()
+    prompt = tokenizer("Guess a number in 1..10.", add_special_tokens=False)["input_ids"]
+    example = get_task("guess").train_example(0)
+    example = type(example)("Guess a number in 1..10.", "", meta={"seed": 3})  # the secret is 4 (the page)
+    calls = EnvCalls(f"{path}:Guess", {"top": 10}, timeout_s=30)
+    try:
+        runner = EpisodeRunner(calls, tokenizer, Limits(6, 200))
+        got = runner.run(Scripted(tokenizer, ["5", "2", "3", "4"]), [prompt], [example], 2,
+                         SamplingParams(max_new_tokens=8), [0])
+    finally:
+        calls.close()
+    assert got.success.tolist() == [True, True] and got.turns.tolist() == [4, 4]
+    assert got.rewards.tolist() == [1.0, 1.0] and not got.failed.any()
+    b = got.batch
+    answers = tokenizer.decode(b.completion_ids[0][(b.action_mask[0] == 0) & (b.completion_mask[0] == 1)])
+    assert answers == "lowerhigherhigher"
