@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from gradus.algorithm import ResolvedAlgo
+from gradus.envs.episodes import EPISODE_COUNTS
 from gradus.objectives import dynamic_sampling_keep
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
 from gradus.tasks import Example
 from gradus.train.data import PromptSource
-from gradus.envs.episodes import EPISODE_COUNTS
 from gradus.train.rollouts import Episodes, OneTurn
 from gradus.train.scoring import Scores, add_overlong_penalty
 from gradus.train.stages import StageTimer
