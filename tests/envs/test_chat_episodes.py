@@ -4,13 +4,13 @@ inference time, rendered at once, and tool calls use the template's format."""
 import json
 from pathlib import Path
 
-import torch
-
 from gradus.envs.calls import EnvCalls
 from gradus.envs.episodes import EpisodeRunner, Limits
 from gradus.models import build_char_tokenizer
-from gradus.rollout import RolloutBatch, SamplingParams
+from gradus.rollout import SamplingParams
 from gradus.tasks import Example
+
+from .scripted import Scripted
 
 ENVS = str(Path(__file__).with_name("sample_envs.py"))
 CHATML = (Path(__file__).parent.parent / "fixtures" / "chatml_template.jinja").read_text()
@@ -23,25 +23,6 @@ def chat_tokenizer():
     return tokenizer
 
 
-class Scripted:
-    """Says the next text of a script, then the chat template's end-of-turn token, for every row."""
-
-    def __init__(self, tokenizer, turns):
-        self.tokenizer, self.turns, self.calls = tokenizer, turns, 0
-        self.stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def generate(self, prompts, n, params, *, seed=None, seeds=None):
-        ids = self.tokenizer(self.turns[self.calls], add_special_tokens=False)["input_ids"] + [self.stop]
-        self.calls += 1
-        B = len(prompts) * n
-        prompt = torch.tensor([list(p) for p in prompts for _ in range(n)])  # [B, P]
-        return RolloutBatch(
-            prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
-            completion_ids=torch.tensor([ids] * B), completion_mask=torch.ones(B, len(ids), dtype=torch.long),
-            sampling_logp=torch.full((B, len(ids)), -0.5), lengths=torch.full((B,), len(ids)),
-            truncated=torch.zeros(B, dtype=torch.bool), prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
-
-
 def test_a_tool_episode_is_the_whole_conversation_rendered_at_once():
     tokenizer = chat_tokenizer()
     call = '<tool_call>{"name": "calc", "arguments": {"expression": "6*7"}}</tool_call>'
@@ -51,7 +32,8 @@ def test_a_tool_episode_is_the_whole_conversation_rendered_at_once():
     calls = EnvCalls(f"{ENVS}:Tools", timeout_s=10)
     try:
         runner = EpisodeRunner(calls, tokenizer, Limits(3, 400))
-        got = runner.run(Scripted(tokenizer, [call, "41", "42"]), [prompt_ids], [Example("what is 6*7?", "42")], 1,
+        engine = Scripted(tokenizer, [call, "41", "42"], stop=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        got = runner.run(engine, [prompt_ids], [Example("what is 6*7?", "42")], 1,
                          SamplingParams(max_new_tokens=100), [0])
     finally:
         calls.close()

@@ -6,14 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradus.envs.calls import EnvCalls
 from gradus.envs.episodes import EpisodeRunner, Limits
 from gradus.models import build_char_tokenizer
-from gradus.rollout import RolloutBatch, SamplingParams
+from gradus.rollout import SamplingParams
 from gradus.tasks import get_task
 from gradus.train.data import encode_prompts
+
+from .scripted import Scripted
 
 PAGE = (Path(__file__).parents[2] / "docs" / "environments.md").read_text()
 
@@ -21,24 +22,6 @@ PAGE = (Path(__file__).parents[2] / "docs" / "environments.md").read_text()
 def block_after(marker: str) -> str:
     rest = PAGE[PAGE.index(marker):]
     return re.search(r"```python\n(.*?)```", rest, re.S).group(1)
-
-
-class Scripted:
-    def __init__(self, tokenizer, turns):
-        self.tokenizer, self.turns, self.calls = tokenizer, turns, 0
-
-    def generate(self, prompts, n, params, *, seed=None, seeds=None):
-        ids = self.tokenizer(self.turns[self.calls], add_special_tokens=False)["input_ids"]
-        ids = ids + [self.tokenizer.eos_token_id]
-        self.calls += 1
-        B = len(prompts) * n
-        P = max(len(p) for p in prompts)
-        prompt = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts for _ in range(n)])  # [B, P]
-        return RolloutBatch(
-            prompt_ids=prompt, prompt_mask=(prompt != 0).long(),
-            completion_ids=torch.tensor([ids] * B), completion_mask=torch.ones(B, len(ids), dtype=torch.long),
-            sampling_logp=torch.full((B, len(ids)), -0.5), lengths=torch.full((B,), len(ids)),
-            truncated=torch.zeros(B, dtype=torch.bool), prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
 
 
 def test_the_calculator_example_answers_tool_calls_and_scores_the_answer(tmp_path):

@@ -5,37 +5,16 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
+from envs.scripted import Scripted
 
 from gradus.cli import main
 from gradus.envs.calls import EnvCalls
 from gradus.envs.episodes import EpisodeRunner, Limits
 from gradus.models import build_char_tokenizer
-from gradus.rollout import RolloutBatch, SamplingParams
+from gradus.rollout import SamplingParams
 from gradus.tasks import Example
 
 ENVS = str(Path(__file__).parents[1] / "envs" / "sample_envs.py")
-
-
-class Scripted:
-    """An engine that says the next text of a script for every row (one script per turn)."""
-
-    def __init__(self, tokenizer, turns):
-        self.tokenizer, self.turns, self.calls = tokenizer, turns, 0
-
-    def generate(self, prompts, n, params, *, seed=None, seeds=None):
-        text = self.turns[min(self.calls, len(self.turns) - 1)]
-        self.calls += 1
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        ids = ids[: params.max_new_tokens]
-        B = len(prompts) * n
-        done = ids[-1] == self.tokenizer.eos_token_id
-        prompt = torch.tensor([list(p) for p in prompts for _ in range(n)])  # [B, P] (equal lengths here)
-        return RolloutBatch(
-            prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
-            completion_ids=torch.tensor([ids] * B), completion_mask=torch.ones(B, len(ids), dtype=torch.long),
-            sampling_logp=torch.full((B, len(ids)), -0.5), lengths=torch.full((B,), len(ids)),
-            truncated=torch.full((B,), not done), prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
 
 
 def _run(env, turns, *, max_turns=3, max_tokens=60, timeout_s=10.0, positions=None):
