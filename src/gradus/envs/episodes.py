@@ -170,8 +170,8 @@ class EpisodeRunner:
     def _answer(self, live: list[_Episode], turn: int, stats: dict[str, float]) -> None:
         """The environment's (or a tool's) answer to each live episode's turn, appended when the episode goes on."""
         items, owners, notes = [], [], {}
-        for e in live:
-            text = self.tokenizer.decode(e.last, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode([e.last for e in live], skip_special_tokens=True)
+        for e, text in zip(live, texts, strict=True):
             call = parse_tool_call(text, self.style) if self.env.tools else None
             if isinstance(call, ToolCall):
                 stats["tool_calls"] += 1
