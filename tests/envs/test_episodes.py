@@ -138,3 +138,18 @@ def test_each_turns_reward_sits_on_its_last_model_token(nano, counter):
         assert len(ends) == 3
         assert b.turn_rewards[row, ends].tolist() == [0.25] * 3
         assert float(b.turn_rewards[row].sum()) == float(got.rewards[row])
+
+
+def test_episodes_fit_the_engines_positions_when_it_serves_fewer(nano):
+    """vllm.max_model_len below the model's positions: an episode's history must never outgrow what vLLM serves."""
+    from types import SimpleNamespace
+
+    from gradus.train.rollouts import Episodes
+
+    model, tokenizer, _ = nano
+    episodes = Episodes(SimpleNamespace(tools=[], name="x"), 4, 1000, engine_positions=40)
+    episodes.bind(tokenizer, model)
+    assert episodes.runner.limits.positions == 40 and episodes.runner.limits.budget([1] * 10) == 30
+    unlimited = Episodes(SimpleNamespace(tools=[], name="x"), 4, 1000)
+    unlimited.bind(tokenizer, model)
+    assert unlimited.runner.limits.positions == model.config.max_position_embeddings

@@ -23,6 +23,7 @@ from gradus.envs.episodes import EpisodeRunner, Limits
 from gradus.rewards import parse_reward_specs
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
 from gradus.rollout.local import model_positions
+from gradus.rollout.registry import engine_class
 from gradus.tasks import Example, Task
 from gradus.train.data import Prompts, encode_prompts
 from gradus.train.evaluate import evaluate
@@ -62,7 +63,7 @@ def make_rollout(cfg: TrainConfig, task: Task, workers: int | None = None) -> On
         calls = EnvCalls(spec, env_options(cfg), timeout_s=cfg.env.timeout_s, workers=workers)
     except ValueError as err:
         raise ConfigError(f"env.name: {err}") from err
-    return Episodes(calls, cfg.env.max_turns, cfg.env.max_tokens)
+    return Episodes(calls, cfg.env.max_turns, cfg.env.max_tokens, engine_class(cfg.rollout.engine).max_positions(cfg))
 
 
 class OneTurn:
@@ -104,12 +105,15 @@ class OneTurn:
 class Episodes:
     """Multi-turn episodes with an environment (module docstring)."""
 
-    def __init__(self, calls: EnvCalls, max_turns: int, max_tokens: int) -> None:
+    def __init__(self, calls: EnvCalls, max_turns: int, max_tokens: int, engine_positions: int | None = None) -> None:
         self.calls, self.max_turns, self.max_tokens = calls, max_turns, max_tokens
+        self.engine_positions = engine_positions  # what the engine serves (vllm.max_model_len), if fewer
         self.runner: EpisodeRunner | None = None
 
     def bind(self, tokenizer: Any, model: torch.nn.Module) -> None:
-        limits = Limits(self.max_turns, self.max_tokens, model_positions(model))
+        """Episodes fit the fewer of the model's positions and the engine's."""
+        known = [p for p in (model_positions(model), self.engine_positions) if p is not None]
+        limits = Limits(self.max_turns, self.max_tokens, min(known) if known else None)
         self.runner = EpisodeRunner(self.calls, tokenizer, limits)
 
     def pids(self) -> list[int]:
