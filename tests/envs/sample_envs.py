@@ -65,6 +65,7 @@ class Flood(BaseEnvironment):
 
 
 def _calc(argument):
+    """Evaluates an arithmetic expression of integers."""
     allowed = set("0123456789+-*/() ")
     if not set(argument) <= allowed:
         raise ValueError(f"not arithmetic: {argument!r}")

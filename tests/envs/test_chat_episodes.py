@@ -54,3 +54,23 @@ def test_a_tool_episode_is_the_whole_conversation_rendered_at_once():
     want = [t for text in (call, "41", "42") for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [stop]]
     assert model == want
     assert json.loads(call[len("<tool_call>"):-len("</tool_call>")])["name"] == "calc"
+
+
+def test_a_chat_template_lists_the_environments_tools_in_the_prompt():
+    from gradus.tasks import get_task
+    from gradus.train.data import encode_prompts
+
+    calls = EnvCalls(f"{ENVS}:Tools", timeout_s=10)
+    try:
+        tools = calls.tool_schemas()
+    finally:
+        calls.close()
+    assert [t["function"]["name"] for t in tools] == ["boom", "calc", "sleep"]
+    calc = tools[1]["function"]
+    assert calc["description"] == "Evaluates an arithmetic expression of integers."
+    assert calc["parameters"]["required"] == ["argument"]
+    task = get_task("countdown")
+    chat = encode_prompts(task, chat_tokenizer(), task.train_batch(0, 1), tools).texts[0]
+    assert '"name": "calc"' in chat and "<tool_call>" in chat
+    plain = encode_prompts(task, build_char_tokenizer(), task.train_batch(0, 1), tools).texts[0]
+    assert plain == task.train_example(0).prompt  # no chat template: the prompt as it is

@@ -8,7 +8,7 @@ that names what went wrong. So a hostile environment or tool costs its own episo
 Worker side: `build_env_calls(spec, **options)` builds the environment once per worker and returns the function
 the pool calls with two parallel lists, the operations and their payloads:
 
-    ("describe", None)        -> {"name": str, "tools": [str, ...]}
+    ("describe", None)        -> {"name": str, "tools": {name: the first line of its docstring}}
     ("reset", example)        -> the episode's state (it must pickle)
     ("step", (state, action)) -> a checked `Step`
     ("tool", (name, argument))-> the tool's text
@@ -81,7 +81,8 @@ def build_env_calls(spec: str, **options: Any) -> Callable[[Sequence[str], Seque
 
     def run(op: str, payload: Any) -> Any:
         if op == "describe":
-            return {"name": str(getattr(env, "name", cls.__name__)), "tools": sorted(tools)}
+            return {"name": str(getattr(env, "name", cls.__name__)),
+                    "tools": {name: _first_line(getattr(fn, "__doc__", None)) for name, fn in sorted(tools.items())}}
         if op == "reset":
             state = env.reset(payload)
             check_state(state)
@@ -103,6 +104,10 @@ def build_env_calls(spec: str, **options: Any) -> Callable[[Sequence[str], Seque
         return [run(op, payload) for op, payload in zip(ops, payloads, strict=True)]
 
     return calls
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
 
 
 def check_results(results: Any, n: int) -> list[Any]:
@@ -133,7 +138,17 @@ class EnvCalls:
             self.pool.close()
             raise
         self.name: str = described["name"]
-        self.tools: list[str] = described["tools"]
+        self.tools: list[str] = list(described["tools"])
+        self.tool_docs: dict[str, str] = dict(described["tools"])  # each tool's docstring's first line
+
+    def tool_schemas(self) -> list[dict] | None:
+        """The tools as the function schemas chat templates list (one text argument each); None without tools."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": {
+            "name": name, "description": self.tool_docs[name],
+            "parameters": {"type": "object", "properties": {"argument": {"type": "string"}},
+                           "required": ["argument"]}}} for name in self.tools]
 
     def call(self, items: Sequence[tuple[str, Any]]) -> list[Any]:
         """Each (operation, payload)'s result, or its `Failure`, in order."""

@@ -67,12 +67,14 @@ class Task(ABC):
         """The prompt for a model without a chat template. Subclasses with a template override this."""
         return example.prompt
 
-    def render_prompt(self, example: Example, tokenizer: Any = None) -> str:
-        """The text to feed the model: the tokenizer's chat template if it has one, else ``plain_prompt``."""
+    def render_prompt(self, example: Example, tokenizer: Any = None, tools: list[dict] | None = None) -> str:
+        """The text to feed the model: the tokenizer's chat template if it has one, else ``plain_prompt``.
+        ``tools``: function schemas the chat template lists (an environment's tools); unused without one."""
         text = self.plain_prompt(example)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False,
+                **({"tools": tools} if tools else {}),
             )
             return str(rendered)
         return text

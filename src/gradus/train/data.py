@@ -34,9 +34,10 @@ def prompt_problems(task: Task, tokenizer: Any, examples: list[Example], *, posi
     return found
 
 
-def encode_prompts(task: Task, tokenizer: Any, examples: list[Example]) -> Prompts:
-    """Render each example with the task's template (or the tokenizer's chat template) and tokenize."""
-    texts = [task.render_prompt(ex, tokenizer) for ex in examples]
+def encode_prompts(task: Task, tokenizer: Any, examples: list[Example], tools: list[dict] | None = None) -> Prompts:
+    """Render each example with the task's template (or the tokenizer's chat template, listing `tools`) and
+    tokenize."""
+    texts = [task.render_prompt(ex, tokenizer, tools) for ex in examples]
     # A chat template already holds whatever special tokens the model expects.
     special = not bool(getattr(tokenizer, "chat_template", None))
     ids = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
@@ -49,14 +50,15 @@ def encode_prompts(task: Task, tokenizer: Any, examples: list[Example]) -> Promp
 class PromptSource:
     """The training stream of a task for one data-parallel rank."""
 
-    def __init__(self, task: Task, tokenizer: Any, *, rank: int = 0, world: int = 1, position: int = 0):
-        self.task, self.tokenizer = task, tokenizer
+    def __init__(self, task: Task, tokenizer: Any, *, rank: int = 0, world: int = 1, position: int = 0,
+                 tools: list[dict] | None = None):
+        self.task, self.tokenizer, self.tools = task, tokenizer, tools  # tools: listed by a chat template
         self.rank, self.world = rank, world
         self.position = position  # examples consumed by this rank
 
     def next(self, n: int) -> Prompts:
         indices = [(self.position + k) * self.world + self.rank for k in range(n)]
         self.position += n
-        prompts = encode_prompts(self.task, self.tokenizer, [self.task.train_example(i) for i in indices])
+        prompts = encode_prompts(self.task, self.tokenizer, [self.task.train_example(i) for i in indices], self.tools)
         prompts.indices = indices
         return prompts

@@ -79,6 +79,10 @@ class OneTurn:
     def pids(self) -> list[int]:
         return self.scorer.reward.pool.pids()
 
+    def prompt_tools(self) -> list[dict] | None:
+        """Tools a chat template lists in the prompt: none for one completion."""
+        return None
+
     def close(self) -> None:
         self.scorer.close()
 
@@ -119,6 +123,10 @@ class Episodes:
     def pids(self) -> list[int]:
         return self.calls.pids
 
+    def prompt_tools(self) -> list[dict] | None:
+        """The environment's tools, for a chat template to list in the prompt (the call format is the template's)."""
+        return self.calls.tool_schemas()
+
     def close(self) -> None:
         self.calls.close()
 
@@ -142,7 +150,7 @@ class Episodes:
         wins, turns = 0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            prompts = encode_prompts(task, self.runner.tokenizer, chunk)
+            prompts = encode_prompts(task, self.runner.tokenizer, chunk, self.prompt_tools())
             got = self.runner.run(engine, prompts.ids, chunk, 1, greedy, list(range(start, start + len(chunk))))
             wins += int(got.success.sum())
             turns += int(got.turns.sum())

@@ -107,7 +107,8 @@ class Trainer:
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
         self.passes = Passes(cfg.optim.token_budget, cfg.rollout.temperature, cfg.model.chunk_size)
-        self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world)
+        self.source = PromptSource(self.task, self.tokenizer, rank=self.rank, world=self.world,
+                                   tools=self.rollout.prompt_tools())
         self.step = state.get("step", 0)
         self.tally = Tally.from_state(state)  # what the run learned from so far
         self.elapsed = state.get("elapsed", 0.0)
