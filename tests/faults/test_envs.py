@@ -103,10 +103,12 @@ def test_a_hanging_tool_times_out_into_an_observation():
     ("{dir}/missing.py:Env", ["no file"]),
     ("{dir}/fine.py:Nope", ["has no class 'Nope'"]),
     ("{dir}/fine.py:NotAnEnv", ["has no reset or step method"]),
+    ("{dir}/fine.py:NoStep", ["NoStep has no step method"]),
 ])
 def test_a_user_environment_that_cannot_load_is_refused_before_any_work(spec, words, tmp_path, capsys):
     (tmp_path / "broken.py").write_text("def (:\n")
-    (tmp_path / "fine.py").write_text("class NotAnEnv:\n    pass\n")
+    (tmp_path / "fine.py").write_text("from gradus.envs import BaseEnvironment\n\n\nclass NotAnEnv:\n    pass\n\n\n"
+                                      "class NoStep(BaseEnvironment):\n    pass\n")
     argv = ["train", "--env", spec.format(dir=tmp_path), "--no-progress", "run.steps=1",
             f"run.out_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache"]
     assert main(argv) == 2

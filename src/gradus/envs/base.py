@@ -72,7 +72,8 @@ class BaseEnvironment:
         return example
 
     def step(self, state: Any, action: str) -> Step:
-        raise NotImplementedError(f"{type(self).__name__}.step: an environment must answer the model's turns")
+        """Every environment answers the model's turns itself (`load_env_class` refuses one that does not)."""
+        raise TypeError(f"{type(self).__name__} does not define step: an environment must answer the model's turns")
 
 
 class BadStep(ValueError):

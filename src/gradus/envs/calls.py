@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradus.envs.base import BadStep, check_state, check_step
+from gradus.envs.base import BadStep, BaseEnvironment, check_state, check_step
 from gradus.rewards.pool import Failure, RewardPool
 
 # built-in environments: name -> "module:Class", imported when used
@@ -63,6 +63,8 @@ def load_env_class(spec: str) -> type:
     if not isinstance(cls, type):
         raise ValueError(f"environment {spec!r}: {where} has no class {attr!r}")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if not missing and cls.step is BaseEnvironment.step:
+        missing = ["step"]  # the base class's, which only says it is missing
     if missing:
         raise ValueError(f"environment {spec!r}: {attr} has no {' or '.join(missing)} method "
                          "(see gradus.envs.Environment)")
