@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -130,7 +130,7 @@ class EpisodeRunner:
         # turn 0: whole groups, keyed exactly as a one-turn rollout (an episode whose reset failed samples too)
         first = params
         if (least := min(e.budget for e in episodes)) < params.max_new_tokens:
-            first = _capped(params, least)
+            first = replace(params, max_new_tokens=least)
         self._append(episodes, engine.generate([e.prompt for e in episodes[::n]], n, first,
                                                seeds=[e.key for e in episodes[::n]]))
         for turn in range(self.limits.max_turns):
@@ -150,7 +150,7 @@ class EpisodeRunner:
         for e in live:
             caps.setdefault(min(params.max_new_tokens, e.budget - len(e.ids)), []).append(e)
         for cap, group in caps.items():
-            batch = engine.generate([e.prompt + e.ids for e in group], 1, _capped(params, cap),
+            batch = engine.generate([e.prompt + e.ids for e in group], 1, replace(params, max_new_tokens=cap),
                                     seeds=[turn_key(e.key, e.sample, turn) for e in group])
             self._append(group, batch)
 
@@ -294,11 +294,6 @@ class EpisodeRunner:
             **{f"env/{k}": float(v) for k, v in stats.items()},
         }
         return Episodes(batch, rewards, success, turns, failed, metrics)
-
-
-def _capped(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                          max_new_tokens=max_new_tokens)
 
 
 def _last_line(text: str) -> str:
