@@ -51,6 +51,7 @@ def test_one_turn_environment_reproduces_the_one_turn_rollout(nano):
         calls.close()
     want = engine.generate(prompts.ids, 2, params, seeds=seeds)
     T = want.completion_ids.shape[1]
+    assert got.batch.completion_ids.shape == want.completion_ids.shape
     assert torch.equal(got.batch.completion_ids[:, :T], want.completion_ids)
     assert torch.equal(got.batch.completion_mask[:, :T], want.completion_mask)
     assert torch.equal(got.batch.sampling_logp[:, :T], want.sampling_logp)
@@ -153,3 +154,18 @@ def test_episodes_fit_the_engines_positions_when_it_serves_fewer(nano):
     unlimited = Episodes(SimpleNamespace(tools=[], name="x"), 4, 1000)
     unlimited.bind(tokenizer, model)
     assert unlimited.runner.limits.positions == model.config.max_position_embeddings
+
+
+def test_the_base_reset_costs_no_round_trip(counter, nano):
+    """An environment that keeps `BaseEnvironment.reset` starts from the example itself, without asking the
+    workers; one with its own `reset` is asked."""
+    _, tokenizer, _ = nano
+    examples = _prompts(tokenizer, 2).examples
+    calls = EnvCalls(f"{ENVS}:OneTurn", timeout_s=10)
+    try:
+        assert not calls.own_reset
+        calls.pool.score = None  # any call to the workers would fail here
+        assert calls.reset(examples) == list(examples)
+    finally:
+        calls.close()
+    assert counter.own_reset and counter.reset(examples) == [0, 0]

@@ -8,7 +8,9 @@ that names what went wrong. So a hostile environment or tool costs its own episo
 Worker side: `build_env_calls(spec, **options)` builds the environment once per worker and returns the function
 the pool calls with two parallel lists, the operations and their payloads:
 
-    ("describe", None)        -> {"name": str, "tools": {name: the first line of its docstring}}
+    ("describe", None)        -> {"name": str, "tools": {name: the first line of its docstring},
+                                  "own_reset": False when it keeps `BaseEnvironment.reset` (the state is the
+                                  example, and the parent skips the round trip)}
     ("reset", example)        -> the episode's state (it must pickle)
     ("step", (state, action)) -> a checked `Step`
     ("tool", (name, argument))-> the tool's text
@@ -84,7 +86,8 @@ def build_env_calls(spec: str, **options: Any) -> Callable[[Sequence[str], Seque
     def run(op: str, payload: Any) -> Any:
         if op == "describe":
             return {"name": str(getattr(env, "name", cls.__name__)),
-                    "tools": {name: _first_line(getattr(fn, "__doc__", None)) for name, fn in sorted(tools.items())}}
+                    "tools": {name: _first_line(getattr(fn, "__doc__", None)) for name, fn in sorted(tools.items())},
+                    "own_reset": getattr(type(env), "reset", None) is not BaseEnvironment.reset}
         if op == "reset":
             state = env.reset(payload)
             check_state(state)
@@ -142,6 +145,7 @@ class EnvCalls:
         self.name: str = described["name"]
         self.tools: list[str] = list(described["tools"])
         self.tool_docs: dict[str, str] = dict(described["tools"])  # each tool's docstring's first line
+        self.own_reset: bool = described["own_reset"]  # False: `reset` returns the example (no call needed)
 
     def tool_schemas(self) -> list[dict] | None:
         """The tools as the function schemas chat templates list (one text argument each); None without tools."""
@@ -151,6 +155,11 @@ class EnvCalls:
             "name": name, "description": self.tool_docs[name],
             "parameters": {"type": "object", "properties": {"argument": {"type": "string"}},
                            "required": ["argument"]}}} for name in self.tools]
+
+    def reset(self, examples: Sequence[Any]) -> list[Any]:
+        """Each example's first state, or its `Failure`: the base class's `reset` (the example) without a round
+        trip to the workers."""
+        return self.call([("reset", ex) for ex in examples]) if self.own_reset else list(examples)
 
     def call(self, items: Sequence[tuple[str, Any]]) -> list[Any]:
         """Each (operation, payload)'s result, or its `Failure`, in order."""
