@@ -103,3 +103,17 @@ class Digits(BaseEnvironment):
     def step(self, state, action):
         reward = sum(ch.isdigit() for ch in action) / 10
         return Step("more:", reward=reward, done=state == 1, state=state + 1)
+
+
+class DigitsVaried(BaseEnvironment):
+    """As Digits, but an episode lasts 1, 2 or 3 turns, by its prompt's length (so turn counts differ by example)."""
+
+    name = "digits_varied"
+
+    def reset(self, example):
+        return (0, 1 + len(example.prompt) % 3)
+
+    def step(self, state, action):
+        turn, turns = state
+        reward = sum(ch.isdigit() for ch in action) / 10
+        return Step("more:", reward=reward, done=turn + 1 >= turns, state=(turn + 1, turns))

@@ -38,6 +38,10 @@ def test_every_kind_of_algorithm_trains_on_episodes(algo, nano_dir, tmp_path, mo
                                                                            "optim.minibatches": 2})))
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["learned"]
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/turns" in r]
+    assert [summary["heldout_turns_before"], summary["heldout_turns_after"]] == [evals[0]["eval/turns"],
+                                                                                 evals[-1]["eval/turns"]]
+    assert 1 <= summary["heldout_turns_after"] <= 3
     steps = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "reward/mean" in r]
     assert steps[0]["env/turns_mean"] > 1 and steps[0]["env/env_tokens"] > 0 and "env/env_s" in steps[0]
     assert seen, "no update ran"

@@ -311,7 +311,7 @@ def test_episodes_under_ddp_train_as_one_process(nano_dir, reward_dir, tmp_path)
     """Multi-turn episodes (a user environment from a file) on two ranks: each rank plays its share of the
     episodes, keyed per turn, so they are the single process's, and the policies end the same."""
     envs = Path(__file__).parents[1] / "envs" / "sample_envs.py"
-    episodes = {"env.name": f"{envs}:Digits", "env.max_turns": 3, "env.max_tokens": 24, "run.steps": STEPS,
+    episodes = {"env.name": f"{envs}:DigitsVaried", "env.max_turns": 3, "env.max_tokens": 24, "run.steps": STEPS,
                 "run.save_every": 1, "rollout.max_new_tokens": 6}
     _run(None, tiny_overrides(nano_dir, tmp_path, **episodes, **{"run.name": "one"}), reward_dir)
     _run(2, tiny_overrides(nano_dir, tmp_path, **episodes, **{"run.name": "two", "run.parallel": "ddp"}),
@@ -321,5 +321,9 @@ def test_episodes_under_ddp_train_as_one_process(nano_dir, reward_dir, tmp_path)
     for a, b in zip(*records, strict=True):
         assert a["rollout/tokens"] == b["rollout/tokens"] and a["env/env_tokens"] == b["env/env_tokens"]
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+    # the held-out episodes are split over the ranks; success and turns per episode are totals over both
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    for key in ("heldout_accuracy_after", "heldout_turns_before", "heldout_turns_after"):
+        assert two[key] == one[key], key
     _assert_same_policy(_policy(tmp_path / "two"), _policy(tmp_path / "one"),
                         load_file(nano_dir / "model.safetensors"))

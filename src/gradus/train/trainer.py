@@ -298,8 +298,10 @@ class Trainer:
         self.models.eval()
         mine = self.heldout[self.rank :: self.world]
         got = self.rollout.evaluate(self.engine, self.task, mine, self.cfg.rollout.max_new_tokens)
-        right, n = parallel.sum_over_ranks([got["accuracy"] * got["n"], got["n"]], self.device)
-        return {**got, "accuracy": round(right) / max(n, 1), "n": int(n)}
+        # every other key is a mean over the problems (episodes: `turns`), summed over ranks as counts too
+        means = [k for k in got if k != "n"]
+        *totals, n = parallel.sum_over_ranks([got[k] * got["n"] for k in means] + [got["n"]], self.device)
+        return {**{k: round(total) / max(n, 1) for k, total in zip(means, totals, strict=True)}, "n": int(n)}
 
     def save(self) -> Path | None:
         """Checkpoint the current step (every rank takes part; rank 0 gets the folder, the others None)."""
@@ -312,6 +314,9 @@ class Trainer:
             "wall_time_s": round(self.elapsed, 2), "heldout_accuracy_before": self.eval_before["accuracy"],
             "heldout_accuracy_after": final["accuracy"], "heldout_n": final["n"], "updates": t.updates,
             "skipped_updates": t.skipped, "tokens_trained": t.tokens, "learned": t.learned,
+            # episodes: model turns per held-out episode
+            **({"heldout_turns_before": self.eval_before.get("turns"), "heldout_turns_after": final["turns"]}
+               if "turns" in final else {}),
         }, title=f"{self.algo.name} on {self.cfg.task.name}")
 
     # ---- helpers ----------------------------------------------------------------------------------
