@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradus.envs.base import Step
@@ -258,22 +259,22 @@ class EpisodeRunner:
         pad = self.tokenizer.pad_token_id
         B, P = len(episodes), max(len(e.prompt) for e in episodes)
         T = max(1, max(len(e.ids) for e in episodes))
-        # padded rows built as lists, then one tensor each (row-by-row tensor writes cost ~4 ms a batch of 128)
+        # padded rows built as lists, then one array per field: ~0.1 ms each for 128 x 16, where torch.tensor of
+        # nested lists takes ~0.5 ms and row-by-row tensor writes ~4 ms in all (measured on 2 cores)
         live = [e.failure is None for e in episodes]
-        prompt_ids = torch.tensor([[pad] * (P - len(e.prompt)) + e.prompt for e in episodes])  # [B, P]
-        prompt_mask = torch.tensor([[0] * (P - len(e.prompt)) + [1] * len(e.prompt) for e in episodes])  # [B, P]
-        completion_ids = torch.tensor([e.ids + [pad] * (T - len(e.ids)) for e in episodes])  # [B, T]
-        completion_mask = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in episodes])  # [B, T]
+        prompt_ids = _tensor([[pad] * (P - len(e.prompt)) + e.prompt for e in episodes])  # [B, P]
+        prompt_mask = _tensor([[0] * (P - len(e.prompt)) + [1] * len(e.prompt) for e in episodes])  # [B, P]
+        completion_ids = _tensor([e.ids + [pad] * (T - len(e.ids)) for e in episodes])  # [B, T]
+        completion_mask = _tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in episodes])  # [B, T]
         # a failed episode's tokens leave the loss
-        action_mask = torch.tensor([(e.action if ok else [0] * len(e.ids)) + [0] * (T - len(e.ids))
-                                    for e, ok in zip(episodes, live, strict=True)])  # [B, T]
-        sampling_logp = torch.tensor([e.logp + [0.0] * (T - len(e.logp)) for e in episodes],
-                                     dtype=torch.float32)  # [B, T]
+        action_mask = _tensor([(e.action if ok else [0] * len(e.ids)) + [0] * (T - len(e.ids))
+                               for e, ok in zip(episodes, live, strict=True)])  # [B, T]
+        sampling_logp = _tensor([e.logp + [0.0] * (T - len(e.logp)) for e in episodes], np.float32)  # [B, T]
         paid = [[0.0] * T for _ in episodes]
         for row, e, ok in zip(paid, episodes, live, strict=True):
             for column, reward in e.paid if ok else ():
                 row[column] += reward
-        turn_rewards = torch.tensor(paid, dtype=torch.float32)  # [B, T]
+        turn_rewards = _tensor(paid, np.float32)  # [B, T]
         batch = RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampling_logp=sampling_logp,
@@ -294,6 +295,11 @@ class EpisodeRunner:
             **{f"env/{k}": float(v) for k, v in stats.items()},
         }
         return Episodes(batch, rewards, success, turns, failed, metrics)
+
+
+def _tensor(rows: list[list[Any]], dtype: type = np.int64) -> torch.Tensor:
+    """Equal-length rows as a [len(rows), len(row)] tensor (int64, or float32 rounded from Python's floats)."""
+    return torch.from_numpy(np.array(rows, dtype=dtype))
 
 
 def _last_line(text: str) -> str:
