@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from train.conftest import tiny_overrides
+from train.conftest import dies_at, tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradus.cli import main
@@ -225,17 +225,8 @@ def test_resume_of_a_lora_run_equals_an_uninterrupted_one(algo, nano_dir, tmp_pa
     straight.fit()
 
     killed = Trainer(load_config(overrides=_lora_run(nano_dir, tmp_path / "b", signal_reward, **extra)))
-    real_step = Trainer.train_step
-
-    def dies_at_step_2(self, step):
-        if step == 2:
-            raise SystemExit("killed")
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_2)
-    with pytest.raises(SystemExit):
+    with dies_at(monkeypatch, 2):
         killed.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     ckpt = latest_checkpoint(killed.run_dir)
     assert ckpt.name == "step-000001"
     policy = ckpt / "policy"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train.conftest import tiny_overrides
+from train.conftest import dies_at, tiny_overrides
 
 from gradus.cli import main
 from gradus.config import load_config
@@ -61,17 +61,8 @@ def test_resume_of_an_episode_run_equals_an_uninterrupted_run(nano_dir, tmp_path
     straight = Trainer(load_config(overrides=_overrides(nano_dir, tmp_path / "a", **extra)))
     straight.fit()
     killed = Trainer(load_config(overrides=_overrides(nano_dir, tmp_path / "b", **extra)))
-    real_step = Trainer.train_step
-
-    def dies_at_step_3(self, step):
-        if step == 3:
-            raise SystemExit("killed")
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(SystemExit):
+    with dies_at(monkeypatch, 3):
         killed.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert latest_checkpoint(killed.run_dir).name == "step-000002"
     resumed = Trainer(resume_config(killed.run_dir, []), run_dir=killed.run_dir, resume=True)
     resumed.fit()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from train.conftest import tiny_overrides
+from train.conftest import dies_at, tiny_overrides
 
 from gradus.config import ConfigError, load_config
 from gradus.models import build_char_tokenizer, build_tiny_model, save_pretrained
@@ -56,18 +56,9 @@ def test_a_one_process_checkpoint_resumes_under_fsdp2_and_the_reverse(nano_dir, 
     want = {k: v.detach().clone() for k, v in straight.policy.named_parameters()}
 
     def stop_after_step_2(layout: str, name: str) -> None:
-        real = Trainer.train_step
-
-        def dies_at_step_3(self, step):
-            if step == 3:
-                raise SystemExit("killed")
-            return real(self, step)
-
-        monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-        with _group_if(layout == "fsdp2", tmp_path / f"pg-{name}"), pytest.raises(SystemExit):
+        with _group_if(layout == "fsdp2", tmp_path / f"pg-{name}"), dies_at(monkeypatch, 3):
             Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **base, **{
                 "run.name": name, "run.parallel": layout}))).fit()
-        monkeypatch.setattr(Trainer, "train_step", real)
 
     for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # "ddp" in one process: no wrapper at all
         name = f"{first}-then-{then}"

@@ -1,4 +1,10 @@
-"""tiny_overrides; the nano_dir and signal_reward fixtures are in tests/conftest.py."""
+"""tiny_overrides and dies_at; the nano_dir and signal_reward fixtures are in tests/conftest.py."""
+
+from contextlib import contextmanager
+
+import pytest
+
+from gradus.train.trainer import Trainer
 
 
 def tiny_overrides(nano_dir, tmp_path, **extra):
@@ -11,3 +17,24 @@ def tiny_overrides(nano_dir, tmp_path, **extra):
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@contextmanager
+def dies_at(monkeypatch, step, error=None):
+    """While the block runs, `Trainer.train_step` raises `error` (default SystemExit("killed"): no checkpoint on
+    the way out, unlike KeyboardInterrupt) when step `step` starts; the block must end with it, and the real
+    step is back afterwards."""
+    error = SystemExit("killed") if error is None else error
+    real = Trainer.train_step
+
+    def dying(self, at):
+        if at == step:
+            raise error
+        return real(self, at)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    try:
+        with pytest.raises(type(error)):
+            yield
+    finally:
+        monkeypatch.setattr(Trainer, "train_step", real)

@@ -13,7 +13,7 @@ from gradus.compare.report import run_row
 from gradus.config import ConfigError
 from gradus.train.trainer import Trainer
 
-from .conftest import tiny_overrides
+from .conftest import dies_at, tiny_overrides
 
 
 def _plan(nano_dir, tmp_path, signal_reward, **extra):
@@ -101,17 +101,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(nano_dir, tmp_path, sign
     out = tmp_path / "cmp"
     plan = _plan(nano_dir, tmp_path, signal_reward, **{"run.save_every": 2, "run.steps": 4})
     plan.algos, plan.seeds = ["grpo"], 1
-    real_step = Trainer.train_step
-
-    def ctrl_c_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_at(monkeypatch, 3, KeyboardInterrupt()):
         run_compare(plan, out, echo=lambda m: None)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     messages = []
     run_compare(plan, out, resume=True, echo=messages.append)
     assert "resuming" in messages[0]

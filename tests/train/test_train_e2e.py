@@ -14,7 +14,7 @@ from gradus.train.resume import resume_config
 from gradus.train.runlog import read_metrics
 from gradus.train.trainer import Trainer, train
 
-from .conftest import tiny_overrides
+from .conftest import dies_at, tiny_overrides
 
 
 @pytest.mark.parametrize("algo", list(ALGORITHMS))
@@ -67,17 +67,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(algo, nano_dir, tmp_pat
     straight.fit()
 
     killed = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path / "b", **extra)))
-    real_step = Trainer.train_step
-
-    def dies_at_step_3(self, step):
-        if step == 3:
-            raise SystemExit("killed")  # not KeyboardInterrupt: no checkpoint on the way out
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(SystemExit):
+    with dies_at(monkeypatch, 3):
         killed.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert latest_checkpoint(killed.run_dir).name == "step-000002"
 
     resumed = Trainer(resume_config(killed.run_dir, []), run_dir=killed.run_dir, resume=True)
@@ -99,15 +90,7 @@ def test_a_keyboard_interrupt_inside_a_step_saves_nothing(nano_dir, tmp_path, mo
     (A first Ctrl-C finishes the step and saves it: tests/faults/test_interrupts.py.)"""
     trainer = Trainer(load_config(overrides=tiny_overrides(nano_dir, tmp_path, **{"run.steps": 5,
                                                                                   "run.save_every": 1})))
-    real_step = Trainer.train_step
-
-    def interrupted(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_at(monkeypatch, 3, KeyboardInterrupt()):
         trainer.fit()
     assert latest_checkpoint(trainer.run_dir).name == "step-000002"
     assert load_state(latest_checkpoint(trainer.run_dir))["step"] == 2
