@@ -11,7 +11,7 @@
 5. MoE settings a dense built-in model (`model.arch`) cannot use, and routing replay r3 with an engine that
    does not record the rollout's routing.
 6. The reward list parsed, its weights finite; multi-turn episodes (an environment) without what they cannot
-   run with (task.rewards, routing replay).
+   run with (task.rewards), and a token budget that holds its turns.
 
 What needs the machine, the model's config.json or the task's data (the device exists, prompt +
 completion fit the model's and the engine's positions, a held-out set is left, an MoE setting on a
@@ -155,9 +155,6 @@ def _check_env_rules(cfg: TrainConfig) -> None:
     if cfg.task.rewards:
         raise ConfigError(f"task.rewards: episodes of environment {env!r} are scored by the environment's rewards; "
                           "leave task.rewards unset (or add the reward to the environment's step)")
-    if cfg.algo.routing_replay == "r3":
-        raise ConfigError(f"algo.routing_replay=r3: replaying the rollout's routing is not supported for multi-turn "
-                          f"episodes (environment {env!r}) yet; use r2 (the old policy's routing) or none")
     if cfg.env.max_tokens < cfg.env.max_turns:
         raise ConfigError(f"env.max_tokens={cfg.env.max_tokens} cannot hold env.max_turns={cfg.env.max_turns} "
                           "turns of one token each; raise env.max_tokens")

@@ -169,3 +169,34 @@ def test_the_base_reset_costs_no_round_trip(counter, nano):
     finally:
         calls.close()
     assert counter.own_reset and counter.reset(examples) == [0, 0]
+
+
+def test_a_moe_engines_routing_is_spliced_per_position(tmp_path, counter):
+    """Mixture of experts: each position of an episode keeps the routing of the engine call that first read it
+    (turn 0 exactly as a one-turn rollout's); only each episode's last token and the padding are -1; and the
+    training forward replaying it (r3) gives the model's tokens their sampling log-probs."""
+    from conftest import save_untrained
+
+    from gradus.models.routing import replay
+
+    model, tokenizer = load_model(save_untrained(tmp_path / "moe", "nano", arch="qwen2_moe"), "float32",
+                                  torch.device("cpu"))
+    engine = LocalEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    prompts = _prompts(tokenizer, 2)
+    params = SamplingParams(max_new_tokens=5)
+    got = EpisodeRunner(counter, tokenizer, Limits(3, 40)).run(engine, prompts.ids, prompts.examples, 2, params,
+                                                               [5, 6])
+    b = got.batch
+    P = b.prompt_ids.shape[1]
+    first = engine.generate(prompts.ids, 2, params, seeds=[5, 6])  # turn 0 of every episode
+    for row in range(4):
+        start, end = P - len(prompts.ids[row // 2]), P + int(b.lengths[row])
+        routed = b.routed_experts[row]  # [P+T, L, k]
+        assert torch.all(routed[:start] == -1) and torch.all(routed[end - 1 :] == -1)
+        assert torch.all(routed[start : end - 1] >= 0)  # every position read by a later one is known
+        fed0 = P + int(first.lengths[row]) - 1  # turn 0's tokens up to its last (fed by the next turn's prefill)
+        assert torch.equal(routed[start:fed0], first.routed_experts[row, start:fed0])
+    with replay(model, b.routed_experts):
+        logp = completion_logprobs(model, b.input_ids, b.attention_mask, b.completion_start)  # [B, T]
+    model_tokens = b.loss_tokens.bool()
+    torch.testing.assert_close(logp[model_tokens], b.sampling_logp[model_tokens], atol=2e-5, rtol=0)
