@@ -37,6 +37,7 @@ from gradus.envs.render import TurnRenderer
 from gradus.envs.tools import Malformed, ToolCall, format_result, parse_tool_call, style_for
 from gradus.rewards.pool import Failure
 from gradus.rollout import RolloutBatch, RolloutEngine, SamplingParams
+from gradus.rollout.routing_record import not_read, splice_turn, with_episode_routing
 from gradus.tasks import Example
 
 log = logging.getLogger("gradus.envs")
@@ -162,8 +163,7 @@ class EpisodeRunner:
         ids, logp = batch.completion_ids.tolist(), batch.sampling_logp.tolist()
         for r, (e, row, lp, length) in enumerate(zip(group, ids, logp, batch.lengths.tolist(), strict=True)):
             take = min(length, e.budget - len(e.ids))
-            if batch.routed_experts is not None:
-                _splice_routing(e, batch, r, take)
+            e.routing = splice_turn(e.routing, batch, r, len(e.prompt) + len(e.ids), take)
             e.ids += row[:take]
             e.action += [1] * take
             e.logp += lp[:take]
@@ -231,8 +231,7 @@ class EpisodeRunner:
         e.ids += ids
         e.action += [0] * len(ids)
         e.logp += [0.0] * len(ids)
-        if e.routing is not None:  # routed when the next turn reads them
-            e.routing = torch.cat([e.routing, e.routing.new_full((len(ids), *e.routing.shape[1:]), -1)])
+        e.routing = not_read(e.routing, len(ids))  # routed when the next turn reads them
 
     def _tell(self, episodes: list[_Episode]) -> None:
         """Log each kind of failure once per run (the metrics count every one): how many episodes of this batch it
@@ -280,17 +279,12 @@ class EpisodeRunner:
             for column, reward in e.paid if ok else ():
                 row[column] += reward
         turn_rewards = _tensor(paid, np.float32)  # [B, T]
-        routed = None
-        if episodes[0].routing is not None:  # every episode sampled in turn 0, with the same engine
-            routed = episodes[0].routing.new_full((B, P + T, *episodes[0].routing.shape[1:]), -1)  # [B, P+T, L, k]
-            for i, e in enumerate(episodes):
-                routed[i, P - len(e.prompt) : P + len(e.ids)] = e.routing
         batch = RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampling_logp=sampling_logp,
             lengths=completion_mask.sum(-1), truncated=torch.tensor([e.truncated or e.cut for e in episodes]),
-            prompt_index=torch.arange(B) // n, pad_token_id=pad, action_mask=action_mask, turn_rewards=turn_rewards,
-            routed_experts=routed)
+            prompt_index=torch.arange(B) // n, pad_token_id=pad, action_mask=action_mask, turn_rewards=turn_rewards)
+        batch = with_episode_routing(batch, [e.routing for e in episodes])  # MoE: each turn's, spliced
         rewards = torch.tensor([e.reward if e.failure is None else 0.0 for e in episodes], dtype=torch.float32)
         success = torch.tensor([e.failure is None and (e.success if e.success is not None else e.reward >= 1.0)
                                 for e in episodes])
@@ -306,25 +300,6 @@ class EpisodeRunner:
             **{f"env/{k}": float(v) for k, v in stats.items()},
         }
         return Episodes(batch, rewards, success, turns, failed, metrics)
-
-
-def _splice_routing(e: _Episode, batch: RolloutBatch, row: int, take: int) -> None:
-    """Add row `row` of a turn's batch (episode `e`'s turn, `take` tokens kept) to the episode's routing.
-
-    Each position keeps the routing of the first engine call that read it as input: the prompt's from turn 0's
-    prefill; a model token's from the decoding step that fed it (the turn's last token, never fed in its turn,
-    and the environment's tokens, from the next turn's prefill). Later turns read the whole history again, and
-    their routing of positions already known is not kept: no single routing is every turn's
-    (docs/environments.md, Limits)."""
-    P = batch.prompt_ids.shape[1]
-    read = len(e.prompt) + len(e.ids)  # what this turn's call read as its prompt
-    prefill = batch.routed_experts[row, P - read : P]  # [read, L, k]
-    if e.routing is None:
-        e.routing = prefill.clone()
-    else:
-        unknown = e.routing[:, 0, 0] < 0  # [read]
-        e.routing[unknown] = prefill[unknown]
-    e.routing = torch.cat([e.routing, batch.routed_experts[row, P : P + take]])
 
 
 def _tensor(rows: list[list[Any]], dtype: type = np.int64) -> torch.Tensor:

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from gradus.models.routing import MoeLayout, RoutingCapture, capture
+from gradus.rollout.types import RolloutBatch
 
 
 class RolloutRouting:
@@ -79,6 +81,47 @@ class RolloutRouting:
         fed = torch.arange(steps, device=lengths.device) < (lengths - 1)[:, None]  # [B, t] fed back to the model
         known = torch.cat([prompt_mask.bool(), fed], dim=1)  # [B, P+t]
         return self._experts[:, : self._prompt_len + steps].masked_fill(~known[:, :, None, None], -1)
+
+
+# ---- multi-turn episodes (gradus.envs.episodes): one routing per episode, spliced from its turns' batches ----
+def splice_turn(known: torch.Tensor | None, batch: RolloutBatch, row: int, read: int, take: int) -> torch.Tensor | None:
+    """An episode's routing after one more turn: `known` ([read, L, k], -1 where no call has read the position
+    yet; None before turn 1) with row `row` of the turn's batch (whose prompt was the episode's `read` tokens so
+    far) and the `take` tokens of it the episode keeps. None when the engine records no routing.
+
+    Each position keeps the routing of the first engine call that read it as input: the prompt's from turn 1's
+    prefill; a model token's from the decoding step that fed it; the environment's tokens and each turn's last
+    token (never fed in its turn) from the next turn's prefill. A later turn reads the whole history again, and
+    its routing of positions already known is not kept: no single routing is every turn's (docs/environments.md,
+    Limits)."""
+    if batch.routed_experts is None:
+        return None
+    P = batch.prompt_ids.shape[1]
+    prefill = batch.routed_experts[row, P - read : P]  # [read, L, k]
+    if known is None:
+        known = prefill.clone()
+    else:
+        unknown = known[:, 0, 0] < 0  # [read]
+        known[unknown] = prefill[unknown]
+    return torch.cat([known, batch.routed_experts[row, P : P + take]])  # [read + take, L, k]
+
+
+def not_read(known: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """`known` with `n` positions no call has read yet (the environment's tokens) appended as -1."""
+    return None if known is None else torch.cat([known, known.new_full((n, *known.shape[1:]), -1)])
+
+
+def with_episode_routing(batch: RolloutBatch, routings: list[torch.Tensor | None]) -> RolloutBatch:
+    """`batch` of episodes (one row each, prompts left-padded) with their spliced routings as its
+    [B, P+T, L, k] routing, -1 at padding; the batch itself when there are none."""
+    if routings[0] is None:
+        return batch
+    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    routed = routings[0].new_full((len(routings), P + T, *routings[0].shape[1:]), -1)  # [B, P+T, L, k]
+    starts, ends = P - batch.prompt_mask.sum(-1), P + batch.lengths
+    for i, (known, start, end) in enumerate(zip(routings, starts.tolist(), ends.tolist(), strict=True)):
+        routed[i, start:end] = known
+    return replace(batch, routed_experts=routed)
 
 
 @contextmanager
