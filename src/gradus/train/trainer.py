@@ -314,9 +314,9 @@ class Trainer:
             "wall_time_s": round(self.elapsed, 2), "heldout_accuracy_before": self.eval_before["accuracy"],
             "heldout_accuracy_after": final["accuracy"], "heldout_n": final["n"], "updates": t.updates,
             "skipped_updates": t.skipped, "tokens_trained": t.tokens, "learned": t.learned,
-            # episodes: model turns per held-out episode
-            **({"heldout_turns_before": self.eval_before.get("turns"), "heldout_turns_after": final["turns"]}
-               if "turns" in final else {}),
+            # any other held-out measure of the rollout's evaluation (episodes: model turns per episode)
+            **{f"heldout_{k}_{when}": got.get(k) for k in final if k not in ("accuracy", "n")
+               for when, got in (("before", self.eval_before), ("after", final))},
         }, title=f"{self.algo.name} on {self.cfg.task.name}")
 
     # ---- helpers ----------------------------------------------------------------------------------
