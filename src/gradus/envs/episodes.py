@@ -123,9 +123,7 @@ class EpisodeRunner:
         lim = self.limits
         episodes = [_Episode(list(p), int(k), s, ex, lim.budget(p))
                     for p, k, ex in zip(prompts, seeds, examples, strict=True) for s in range(n)]
-        start = time.perf_counter()
-        states = self.env.reset(examples)
-        stats["env_s"] += time.perf_counter() - start
+        states = self._timed(stats, self.env.reset, examples)
         for i, e in enumerate(episodes):
             got = states[i // n]
             if isinstance(got, Failure):
@@ -251,9 +249,14 @@ class EpisodeRunner:
                         repr(first.example.prompt), first.sample, first.failure)
 
     def _call(self, stats: dict[str, float], items: list[tuple[str, Any]]) -> list[Any]:
+        return self._timed(stats, self.env.call, items)
+
+    @staticmethod
+    def _timed(stats: dict[str, float], call: Any, arg: Any) -> list[Any]:
+        """`call(arg)`, its time added to the step's environment seconds (`env/env_s`)."""
         start = time.perf_counter()
         try:
-            return self.env.call(items)
+            return call(arg)
         finally:
             stats["env_s"] += time.perf_counter() - start
 
