@@ -20,6 +20,14 @@
    uses `real`, so padding counts as waste. Attention-score FLOPs (about 12 x layers x context x hidden
    per token, a few percent at this length) and gradus' recompute of the logits in the backward of its
    chunked log-prob are not counted: this is model FLOPs, not hardware FLOPs.
+4. Matmul floor: the same FLOPs as `torch.mm` calls alone, at the model's own shapes. For every `nn.Linear`
+   of the model (the LM head with the head tokens, every other with the body tokens, padded as fed), the
+   forward's [T, in] x [in, out] and the backward's two, [T, out] x [out, in] and [out, T] x [T, in], each
+   into a preallocated output; an RL step's worth (its tokens split evenly over its updates, one sequence
+   of calls per update), median of `--repeats` after one warm-up. No norm, activation, attention, loss,
+   autograd or optimizer work: an fp32 update of this model on this machine cannot take less time than
+   this. `update / floor` is how much of the update is everything else, and the column `at its shapes`
+   gives the matmul rate these small shapes reach, against the n x n peak.
 
     python bench/efficiency.py [--steps 5] [--warmup 2] [--settings plain ref] [--no-trl] [--threads N]
 """
@@ -67,6 +75,50 @@ def _median_mm_rate(n: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def linear_shapes(model_dir: str) -> list[tuple[int, int, bool]]:
+    """(in, out, is the LM head) of every `nn.Linear` of the model in `model_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    head = model.get_output_embeddings()
+    return [(m.in_features, m.out_features, m is head) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matmul_floor(shapes: list[tuple[int, int, bool]], body_tokens: int, head_tokens: int, updates: int,
+                 repeats: int, threads: int) -> tuple[float, float]:
+    """(median seconds, FLOPs) of an RL step's update matmuls alone at the model's shapes (module docstring,
+    point 4): `updates` times the calls of one update with body_tokens / updates and head_tokens / updates
+    positions, on `threads` threads (torch's thread count is restored afterwards)."""
+    body_tokens, head_tokens = round(body_tokens / updates), round(head_tokens / updates)
+    g = torch.Generator().manual_seed(0)
+    calls = []  # (a, b, out) of each torch.mm, forward first, then the backward's two per layer
+    for backward in (False, True):
+        for n_in, n_out, is_head in shapes:
+            t = head_tokens if is_head else body_tokens
+            if not backward:
+                pairs = [((t, n_in), (n_in, n_out))]
+            else:
+                pairs = [((t, n_out), (n_out, n_in)), ((n_out, t), (t, n_in))]
+            for left, right in pairs:
+                a, b = torch.randn(*left, generator=g), torch.randn(*right, generator=g)
+                calls.append((a, b, torch.empty(left[0], right[1])))
+    calls = calls * updates
+    flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in calls)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for a, b, out in calls:
+                torch.mm(a, b, out=out)
+            if i:  # the first is the warm-up
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times), flops
+
+
 def head_parameters(model_dir: str) -> int:
     """vocab x hidden: the LM head's weight (tied to the input embedding in the tiny models)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -93,11 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="gradus-efficiency-") as tmp:
         workloads = workload.prepare_workloads(args, Path(tmp))
-        head = head_parameters(next(iter(workloads.values())).model_dir)
+        model_dir = next(iter(workloads.values())).model_dir
+        head, shapes = head_parameters(model_dir), linear_shapes(model_dir)
         for name, wl in workloads.items():
             raw = workload.run_setting(wl, args.warmup, args.steps, kinds)
             results[name] = {kind: workload.summarize(r, rows_per_step) for kind, r in raw.items()}
     after = {n: matmul_gflops(n, args.repeats, args.threads) for n in args.sizes}
+    floors = {(name, kind): matmul_floor(shapes, s["body_tokens"], s["head_tokens"], workloads[name].updates,
+                                         args.repeats, args.threads)
+              for name, by in results.items() for kind, s in by.items()}
     peak = max(max(before.values()), max(after.values()))
 
     print(f"\nfp32 matmul (torch.mm, n x n), median of {args.repeats}, {args.threads} threads\n")
@@ -112,16 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Update pass of the GRPO training step ({args.size} model), median of {args.steps} steps after "
           f"{args.warmup} warm-up; tokens and FLOPs per RL step (all its updates)\n")
     print("| setting | library | params | update s | body tokens padded / real | head tokens padded / real "
-          "| GFLOP (real) | GFLOP/s | % of peak | real / padded |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GFLOP (real) | GFLOP/s | % of peak | real / padded | matmul floor s | update / floor | at its shapes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, by in results.items():
         for kind, s in by.items():
             flops_real = update_flops(s["params"], head, s["body_real"], s["head_real"])
             flops_padded = update_flops(s["params"], head, s["body_tokens"], s["head_tokens"])
             rate = flops_real / s["update_s"] / 1e9
+            floor_s, floor_flops = floors[(name, kind)]
             print(f"| {name} | {kind} | {s['params']:,} | {s['update_s']:.3f} | {s['body_tokens']:,.0f} / "
                   f"{s['body_real']:,.0f} | {s['head_tokens']:,.0f} / {s['head_real']:,.0f} | {flops_real / 1e9:.2f} "
-                  f"| {rate:,.1f} | {100 * rate / peak:.1f}% | {flops_real / flops_padded:.2f} |")
+                  f"| {rate:,.1f} | {100 * rate / peak:.1f}% | {flops_real / flops_padded:.2f} "
+                  f"| {floor_s:.3f} | {s['update_s'] / floor_s:.2f}x "
+                  f"| {100 * floor_flops / floor_s / 1e9 / peak:.0f}% |")
     print(f"\n{workload.machine_line(args.threads)}; {workload.threads_line(results)}")
     print(f"command: PYTHONPATH=src python bench/efficiency.py {' '.join(sys.argv[1:])}".rstrip())
 

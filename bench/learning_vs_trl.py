@@ -33,8 +33,12 @@ accuracy is measured after training, on every saved policy, by the same code for
 (greedy, `--heldout-n` problems, default the task's 500): the curve is accuracy against training seconds
 at each saved step, the warm start at 0 s (for TRL: the policy as TRL loaded it, saved before its first
 step). Each library runs with the same fixed `--threads`, alone (one at a time; seeds alternate which goes
-first). Checks, per seed (printed and kept): both starts score the same; gradus' own before/after
-evaluations (summary.json) equal gradus eval's on the same weights; TRL's GRPOConfig holds the values given.
+first). On a machine with more cores than one run uses, invocations with different --seeds may run side by
+side on the same --out, each pinned to its own cores (`taskset -c 0 ... --threads 1` beside `taskset -c 1 ...
+--threads 1`): both libraries then train beside the same kind of neighbour; a last invocation over all the
+seeds reuses every curve and writes the tables. Checks, per seed (printed and kept): both starts score the
+same; gradus' own before/after evaluations (summary.json) equal gradus eval's on the same weights; TRL's
+GRPOConfig holds the values given.
 
 Resume: each (row, seed, library) lives in --out/ROW/seedS/LIB; one whose curve.json exists is reused, not
 rerun (its spec.json must match this command, or it stops naming what differs); an unfinished training is

@@ -70,6 +70,31 @@ def test_matmul_gflops_is_positive_and_restores_threads():
     assert torch.get_num_threads() == threads
 
 
+def test_matmul_floor_flops_by_hand():
+    import torch
+
+    threads = torch.get_num_threads()
+    # A body Linear 4 -> 3 and a head 3 -> 5; 14 body and 4 head positions over 2 updates, so 7 and 2 a update.
+    # Per Linear and update, forward + input grad + weight grad = 3 matmuls of 2 * T * in * out FLOPs:
+    # 2 updates x (3 * 2 * 7 * 4 * 3 + 3 * 2 * 2 * 3 * 5) = 2 x (504 + 180) = 1368.
+    seconds, flops = efficiency.matmul_floor([(4, 3, False), (3, 5, True)], 14, 4, updates=2, repeats=2,
+                                             threads=threads + 1)
+    assert flops == 1368
+    assert 0 < seconds < float("inf")
+    assert torch.get_num_threads() == threads
+
+
+def test_linear_shapes_name_every_projection_and_the_head(micro_dir):
+    import json
+
+    cfg = json.loads((Path(micro_dir) / "config.json").read_text())
+    shapes = efficiency.linear_shapes(str(micro_dir))
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    assert len(shapes) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the head
+    assert [s for s in shapes if s[2]] == [(h, cfg["vocab_size"], True)]
+    assert (h, i, False) in shapes and (i, h, False) in shapes
+
+
 def test_rollout_bench_model_config_is_valid_and_nothing_stops_early():
     vocab, B, T = 30, 3, 5
     model = rollout_bench.build_model(vocab, 16, 1, 2)
