@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_model  # noqa: E402  (a sibling module: bench/ is on sys.path as a script)
 
 POLICIES = {"2 threads (before)": "2", "1 thread": "1", "auto (default)": "auto"}
 
@@ -85,16 +86,6 @@ def run_case(threads: str, busy: bool, steps: int, sft_steps: int) -> dict[str, 
             hog.kill()
             hog.wait()
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -58,6 +57,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from machine import cpu_model  # noqa: E402  (a sibling module: bench/ is on sys.path as a script)
 
 TICK = os.sysconf("SC_CLK_TCK")
 QUIET_CORES = 0.3  # a step during which other work kept fewer cores busy than this is "quiet"
@@ -235,13 +236,6 @@ def run_case(case: Case, overrides: list[str], out_dir: Path, name: str, max_wai
             "loadavg_before": load0, "loadavg_after": load1,
             "fast_decoder_refused": "fast decoder cannot run" in log,
             "steps": steps, "others_per_step": monitor.per_step()[:len(steps)]}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:

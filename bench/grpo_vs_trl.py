@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model  # noqa: E402  (a sibling module: bench/ is on sys.path as a script)
+
 SETTINGS: dict[str, dict[str, float]] = {
     "plain": {"beta": 0.0, "updates": 1},
     "ref": {"beta": 0.04, "updates": 2},
@@ -459,8 +461,7 @@ def machine_line(threads: int) -> str:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    cpu = platform.processor() or platform.machine()
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
+    return (f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
             f"{threads} threads; transformers {transformers.__version__}; trl {trl_version}")
 
 

@@ -60,7 +60,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": "PYTHONPATH=src python bench/learning_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}; " + machine_line(args.threads),
+        "machine": machine_line(args.threads),
         "eval_every": args.eval_every, "settings": {}, "seeds": {}}
     failed = 0
     for row in args.rows:

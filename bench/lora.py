@@ -65,10 +65,10 @@ from data_parallel import (  # noqa: E402
     QUIET_CORES,
     children_cpu_seconds,
     cpu_busy_seconds,
-    cpu_model,
     loadavg,
     wait_for_quiet,
 )
+from machine import cpu_model  # noqa: E402
 
 MIB = 1 << 20
 

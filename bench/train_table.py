@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from contention import cpu_model  # bench/ is on sys.path when a bench script runs
+from machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 # Keys that may differ between a run kept in --out and this table without making it another run.
 _SAME_RUN_IGNORES = ("run.threads", "run.progress", "run.out_dir", "run.cache_dir")
