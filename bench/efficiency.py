@@ -24,12 +24,14 @@
    of the model (the LM head with the head tokens, every other with the body tokens, padded as fed), the
    forward's [T, in] x [in, out] and the backward's two, [T, out] x [out, in] and [out, T] x [T, in], each
    into a preallocated output; an RL step's worth (its tokens split evenly over its updates, one sequence
-   of calls per update), median of `--repeats` after one warm-up. No norm, activation, attention, loss,
+   of calls per update), the fastest of `--floor-repeats` after one warm-up (a floor: other work on the
+   machine only adds time, so the least time is the measure). No norm, activation, attention, loss,
    autograd or optimizer work: an fp32 update of this model on this machine cannot take less time than
    this. `update / floor` is how much of the update is everything else, and the column `at its shapes`
    gives the matmul rate these small shapes reach, against the n x n peak.
 
     python bench/efficiency.py [--steps 5] [--warmup 2] [--settings plain ref] [--no-trl] [--threads N]
+        [--floor-repeats 20]
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def linear_shapes(model_dir: str) -> list[tuple[int, int, bool]]:
 
 def matmul_floor(shapes: list[tuple[int, int, bool]], body_tokens: int, head_tokens: int, updates: int,
                  repeats: int, threads: int) -> tuple[float, float]:
-    """(median seconds, FLOPs) of an RL step's update matmuls alone at the model's shapes (module docstring,
+    """(least seconds, FLOPs) of an RL step's update matmuls alone at the model's shapes (module docstring,
     point 4): `updates` times the calls of one update with body_tokens / updates and head_tokens / updates
     positions, on `threads` threads (torch's thread count is restored afterwards)."""
     body_tokens, head_tokens = round(body_tokens / updates), round(head_tokens / updates)
@@ -116,7 +118,7 @@ def matmul_floor(shapes: list[tuple[int, int, bool]], body_tokens: int, head_tok
                 times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(times), flops
+    return min(times), flops
 
 
 def head_parameters(model_dir: str) -> int:
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     workload.add_arguments(ap)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="matmul sizes for the peak")
     ap.add_argument("--repeats", type=int, default=5, help="timed matmuls per size")
+    ap.add_argument("--floor-repeats", type=int, default=20, help="timed repeats of the matmul floor")
     ap.add_argument("--no-trl", action="store_true", help="measure gradus only")
     args = ap.parse_args(argv)
     workload.quiet()
@@ -151,9 +154,12 @@ def main(argv: list[str] | None = None) -> None:
             raw = workload.run_setting(wl, args.warmup, args.steps, kinds)
             results[name] = {kind: workload.summarize(r, rows_per_step) for kind, r in raw.items()}
     after = {n: matmul_gflops(n, args.repeats, args.threads) for n in args.sizes}
-    floors = {(name, kind): matmul_floor(shapes, s["body_tokens"], s["head_tokens"], workloads[name].updates,
-                                         args.repeats, args.threads)
-              for name, by in results.items() for kind, s in by.items()}
+    floors: dict[tuple[float, float, int], tuple[float, float]] = {}  # by (body, head tokens, updates)
+    for name, by in results.items():
+        for s in by.values():
+            key = (s["body_tokens"], s["head_tokens"], workloads[name].updates)
+            if key not in floors:
+                floors[key] = matmul_floor(shapes, *key, repeats=args.floor_repeats, threads=args.threads)
     peak = max(max(before.values()), max(after.values()))
 
     print(f"\nfp32 matmul (torch.mm, n x n), median of {args.repeats}, {args.threads} threads\n")
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             flops_real = update_flops(s["params"], head, s["body_real"], s["head_real"])
             flops_padded = update_flops(s["params"], head, s["body_tokens"], s["head_tokens"])
             rate = flops_real / s["update_s"] / 1e9
-            floor_s, floor_flops = floors[(name, kind)]
+            floor_s, floor_flops = floors[(s["body_tokens"], s["head_tokens"], workloads[name].updates)]
             print(f"| {name} | {kind} | {s['params']:,} | {s['update_s']:.3f} | {s['body_tokens']:,.0f} / "
                   f"{s['body_real']:,.0f} | {s['head_tokens']:,.0f} / {s['head_real']:,.0f} | {flops_real / 1e9:.2f} "
                   f"| {rate:,.1f} | {100 * rate / peak:.1f}% | {flops_real / flops_padded:.2f} "

@@ -353,7 +353,7 @@ def run_seed(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
     measured = {row: {int(s): r["measures"] for s, r in by.items()} for row, by in results["seeds"].items()}
-    lines = [f"command: {results['command']}", f"machine: {results['machine']}", ""]
+    lines = [f"command: {results['command']}", results["machine"], ""]
     for row, text in results["settings"].items():
         lines += [f"## {row}: settings", "", *text["table"], "", "What could not be made equal:", "",
                   *[f"- {d}" for d in text["differences"]], ""]
