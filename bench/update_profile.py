@@ -7,7 +7,7 @@
    default) and "eager", `--ab` steps each, in this one process; the median `time/update_s` of each. The
    two round differently, so this measures speed only.
 
-    PYTHONPATH=src python bench/update_profile.py [--steps 3] [--warmup 3] [--ab 6] [--top 12] [--threads N]
+    PYTHONPATH=src python bench/update_profile.py [--steps 5] [--warmup 2] [--ab 6] [--top 12] [--threads N]
 """
 
 from __future__ import annotations
